@@ -1,0 +1,53 @@
+# Everything runs in a project virtualenv (.venv by default). `make test` and `make demo` work on
+# a fresh clone with no GPU and no model hub: the fixtures come from PyPI wheels.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+# The CPU build of torch goes in first so nothing pulls a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export BENTOML_DO_NOT_TRACK := True
+export DO_NOT_TRACK := true
+# mlflow models serve (--env-manager local) and bentoml serve find their tools on PATH.
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: install test test-fast demo demo-finetune bench fixtures postgres clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)" || $(PY) -m pip install -q --index-url https://download.pytorch.org/whl/cpu "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[convert,serve,finetune,dev]"
+	$(PY) -m pip check
+	touch $(STAMP)
+
+fixtures: install
+	$(PY) -m tests.fixtures
+
+postgres:
+	bash .ci/postgres.sh
+
+test: install postgres
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not real_weights and not server"
+
+demo: install
+	$(PY) -m whisper_bento.demo
+
+demo-finetune: install
+	$(PY) -m whisper_registry.demo_finetune
+
+bench: install
+	$(PY) -m bench
+
+clean:
+	rm -rf .demo .bench mlflow.db mlartifacts

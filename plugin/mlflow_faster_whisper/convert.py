@@ -1,0 +1,256 @@
+"""Whisper source -> CTranslate2 directory faster-whisper can load, offline.
+
+One path for every transformers-shaped source: make it a transformers directory (saving in-memory
+models and merging adapters into a temporary one), convert with CTranslate2's
+``TransformersConverter``, then write ``tokenizer.json`` and ``preprocessor_config.json`` from
+the checkpoint's own processor and check the result.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from mlflow_faster_whisper import ct2, sources
+from mlflow_faster_whisper.constants import REQUIRED_CT2_FILES
+from mlflow_faster_whisper.errors import (
+    ConversionError,
+    InvalidSourceError,
+    UnsupportedQuantizationError,
+)
+
+_logger = logging.getLogger(__name__)
+
+# CTranslate2's quantizations; "none" keeps the checkpoint's dtype.
+QUANTIZATIONS = (
+    "int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16", "float16", "bfloat16", "float32", "none",
+)
+# The CPU-serving choice: ~4x smaller than float32 at nearly the same error.
+DEFAULT_QUANTIZATION = "int8"
+# Written identically by CTranslate2.
+_SAME_STORAGE = {"int8": "int8_float32"}
+
+
+@dataclass(frozen=True)
+class ConvertedModel:
+    """Facts about a written CTranslate2 directory."""
+
+    quantization: str
+    n_mels: int
+    multilingual: bool
+    transformers_version: Optional[str]
+
+
+def check_quantization(quantization: Optional[str], source: sources.WhisperSource) -> Optional[str]:
+    """Validate the requested quantization for a source; None means the default for that source.
+
+    Raises:
+        UnsupportedQuantizationError: a name CTranslate2 does not know.
+    """
+    if quantization is None:
+        return None if source.kind == sources.CTRANSLATE2 else DEFAULT_QUANTIZATION
+    name = str(quantization).strip().lower()
+    if name not in QUANTIZATIONS:
+        raise UnsupportedQuantizationError(
+            f"Unknown quantization {quantization!r}. Use one of: {', '.join(QUANTIZATIONS)}."
+        )
+    return name
+
+
+def convert(source: sources.WhisperSource, output_dir: Path, quantization: Optional[str]) -> ConvertedModel:
+    """Write the CTranslate2 model for ``source`` into ``output_dir`` (which must not exist).
+
+    Raises:
+        InvalidSourceError: the source cannot be loaded as Whisper (adapter/base mismatch, ...).
+        ConversionError: CTranslate2 failed or wrote a model faster-whisper cannot use.
+    """
+    quantization = check_quantization(quantization, source)
+    if source.kind == sources.CTRANSLATE2:
+        return _copy_ct2(Path(source.model), output_dir, quantization)
+    with tempfile.TemporaryDirectory(prefix="mlflow-faster-whisper-") as tmp:
+        checkpoint, processor = _transformers_checkpoint(source, Path(tmp))
+        _check_mel_bins(checkpoint, processor, source.revision)
+        _run_converter(checkpoint, output_dir, quantization, source.revision)
+    _write_processor_files(processor, output_dir)
+    return _inspect(output_dir, quantization)
+
+
+def _transformers_checkpoint(source: sources.WhisperSource, tmp: Path) -> tuple[str, Any]:
+    """A directory or hub id TransformersConverter can load, plus the checkpoint's processor."""
+    if source.kind in (sources.TRANSFORMERS, sources.HUB):
+        return source.model, _load_processor(source.model, source.revision)
+    if source.kind == sources.IN_MEMORY:
+        return _save_model(source.model, tmp), source.processor
+    model, processor = _merge_adapter(source)
+    return _save_model(model, tmp), processor
+
+
+def _merge_adapter(source: sources.WhisperSource) -> tuple[Any, Any]:
+    """Load the base, apply the adapter and fold its weights in (CT2 cannot convert LoRA layers)."""
+    from peft import PeftModel
+    from transformers import WhisperForConditionalGeneration
+
+    processor = source.processor
+    if isinstance(source.model, str):
+        base = _load(WhisperForConditionalGeneration.from_pretrained, source.base_model, source.revision)
+        try:
+            peft_model = PeftModel.from_pretrained(base, source.model)
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise InvalidSourceError(
+                f"The adapter at {source.model} does not fit the base model {source.base_model}: "
+                f"{_first_line(exc)}. Pass base_model= the checkpoint the adapter was trained on."
+            ) from None
+        adapter_dir = Path(source.model)
+        if processor is None and (adapter_dir / "preprocessor_config.json").is_file():
+            processor = _load_processor(str(adapter_dir), None)
+    else:
+        peft_model = source.model
+    if processor is None:
+        processor = _load_processor(source.base_model, source.revision)
+    return peft_model.merge_and_unload(), processor
+
+
+def _save_model(model: Any, tmp: Path) -> str:
+    target = tmp / "checkpoint"
+    model.save_pretrained(target)
+    return str(target)
+
+
+def _load_processor(name_or_path: str, revision: Optional[str]):
+    from transformers import WhisperProcessor
+
+    return _load(WhisperProcessor.from_pretrained, name_or_path, revision)
+
+
+def _load(loader, name_or_path: str, revision: Optional[str]):
+    kwargs = {"revision": revision} if revision else {}
+    try:
+        return loader(name_or_path, **kwargs)
+    except OSError as exc:
+        raise InvalidSourceError(
+            f"Could not load {name_or_path!r}: {_first_line(exc)}. Pass a local checkpoint directory, "
+            "or make the hub reachable (HF_HUB_OFFLINE unset) for a hub id."
+        ) from None
+
+
+def _check_mel_bins(checkpoint: str, processor: Any, revision: Optional[str]) -> None:
+    # A 128-mel (large-v3 style) model with an 80-mel feature extractor converts fine and then
+    # transcribes garbage: refuse it here.
+    from transformers import WhisperConfig
+
+    config = _load(WhisperConfig.from_pretrained, checkpoint, revision)
+    feature_size = processor.feature_extractor.feature_size
+    if config.num_mel_bins != feature_size:
+        raise InvalidSourceError(
+            f"The model expects {config.num_mel_bins} mel bins but its feature extractor makes "
+            f"{feature_size}: save the feature extractor that belongs to this checkpoint."
+        )
+
+
+def _run_converter(checkpoint: str, output_dir: Path, quantization: str, revision: Optional[str]) -> None:
+    import ctranslate2
+
+    converter = ctranslate2.converters.TransformersConverter(checkpoint, revision=revision, low_cpu_mem_usage=True)
+    try:
+        converter.convert(str(output_dir), quantization=None if quantization == "none" else quantization)
+    except Exception as exc:
+        shutil.rmtree(output_dir, ignore_errors=True)
+        raise ConversionError(f"CTranslate2 could not convert {checkpoint}: {_first_line(exc)}") from exc
+
+
+def _write_processor_files(processor: Any, output_dir: Path) -> None:
+    """Write the files faster-whisper reads beside model.bin (it goes to the hub without them)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        processor.tokenizer.save_pretrained(tmp)
+        processor.feature_extractor.save_pretrained(tmp)
+        for name in ("tokenizer.json", "preprocessor_config.json"):
+            if not (Path(tmp) / name).is_file():
+                raise ConversionError(
+                    f"The processor did not produce {name}; use a fast Whisper tokenizer "
+                    "(WhisperTokenizerFast) and a WhisperFeatureExtractor."
+                )
+            shutil.copyfile(Path(tmp) / name, output_dir / name)
+
+
+def _copy_ct2(source_dir: Path, output_dir: Path, quantization: Optional[str]) -> ConvertedModel:
+    """Validate an existing CTranslate2 directory and copy it as is."""
+    missing = [f for f in ("model.bin", "config.json", "tokenizer.json") if not (source_dir / f).is_file()]
+    if missing:
+        raise InvalidSourceError(
+            f"The CTranslate2 directory {source_dir} lacks {', '.join(missing)}. Copy tokenizer.json "
+            "from the original checkpoint (or convert with copy_files=['tokenizer.json', "
+            "'preprocessor_config.json']): faster-whisper would otherwise fetch it from the hub."
+        )
+    stored = ct2.stored_quantization(source_dir)
+    if quantization is not None and _SAME_STORAGE.get(quantization, quantization) != stored:
+        raise UnsupportedQuantizationError(
+            f"{source_dir} is stored as {stored} and a CTranslate2 directory is logged as is: "
+            f"pass quantization=None, or convert the transformers checkpoint to {quantization}."
+        )
+    shutil.copytree(source_dir, output_dir)
+    if not (output_dir / "preprocessor_config.json").is_file():
+        _write_default_feature_extractor(output_dir)
+    return _inspect(output_dir, stored)
+
+
+def _write_default_feature_extractor(output_dir: Path) -> None:
+    # The standard Whisper feature extractor, with the mel count the model itself was built for.
+    import ctranslate2
+
+    n_mels = ctranslate2.models.Whisper(str(output_dir), device="cpu").n_mels
+    _logger.info("No preprocessor_config.json in the CTranslate2 directory: writing the standard %d-mel one", n_mels)
+    config = {
+        "feature_extractor_type": "WhisperFeatureExtractor",
+        "feature_size": n_mels,
+        "sampling_rate": 16000,
+        "hop_length": 160,
+        "chunk_length": 30,
+        "n_fft": 400,
+        "n_samples": 480000,
+        "nb_max_frames": 3000,
+        "padding_side": "right",
+        "padding_value": 0.0,
+        "return_attention_mask": False,
+        "processor_class": "WhisperProcessor",
+    }
+    (output_dir / "preprocessor_config.json").write_text(json.dumps(config, indent=2))
+
+
+def _inspect(output_dir: Path, quantization: str) -> ConvertedModel:
+    missing = [f for f in REQUIRED_CT2_FILES if not (output_dir / f).is_file()]
+    if missing:
+        raise ConversionError(f"The converted model lacks {', '.join(missing)}.")
+    multilingual = ct2.is_multilingual(output_dir)
+    if multilingual and not ct2.lang_ids(output_dir):
+        raise ConversionError(
+            "The converted multilingual model has no language ids (config.json lang_ids is empty), "
+            "so language detection would crash. The checkpoint's generation_config.json lacks "
+            "lang_to_id: it was probably saved with _from_model_config=true. Save the model with the "
+            "generation config of the original Whisper checkpoint (lang_to_id, task_to_id, alignment_heads)."
+        )
+    feature_size = json.loads((output_dir / "preprocessor_config.json").read_text())["feature_size"]
+    return ConvertedModel(
+        quantization=quantization,
+        n_mels=int(feature_size),
+        multilingual=multilingual,
+        transformers_version=_transformers_version(),
+    )
+
+
+def _transformers_version() -> Optional[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("transformers")
+    except PackageNotFoundError:
+        return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]

@@ -1,0 +1,232 @@
+"""The one typed definition of faster-whisper's decoding options.
+
+``DecodingOptions`` produces the pyfunc ``ParamSchema``, the service's configuration and request
+schema, and the CLI's ``--decoding key=value`` parsing. Values resolve in layers: the defaults
+stored with a model version < the service configuration < a request. A layer only overrides the
+fields it sets explicitly (pydantic's ``model_fields_set``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from collections.abc import Mapping
+from typing import Any, Literal, Optional, Union, get_args, get_origin
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from mlflow_faster_whisper.errors import DecodingOptionsError
+
+# faster-whisper's own list, so a language code it rejects deep inside transcribe() is refused
+# up front with the list of valid codes.
+from faster_whisper.tokenizer import _LANGUAGE_CODES as WHISPER_LANGUAGES  # noqa: E402
+
+
+class VadParameters(BaseModel):
+    """Silero VAD settings (faster_whisper.vad.VadOptions)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    threshold: float = Field(0.5, ge=0.0, le=1.0, description="Speech probability threshold.")
+    neg_threshold: Optional[float] = Field(None, ge=0.0, le=1.0, description="Silence threshold.")
+    min_speech_duration_ms: int = Field(0, ge=0, description="Drop speech chunks shorter than this.")
+    max_speech_duration_s: float = Field(float("inf"), gt=0, description="Split longer chunks.")
+    min_silence_duration_ms: int = Field(2000, ge=0, description="Silence that ends a chunk.")
+    speech_pad_ms: int = Field(400, ge=0, description="Padding added to each side of a chunk.")
+
+
+class DecodingOptions(BaseModel):
+    """Options of ``faster_whisper.WhisperModel.transcribe``; defaults are faster-whisper's."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    language: Optional[str] = Field(None, description="Language code (e.g. 'en', 'zh'); None detects it.")
+    task: Literal["transcribe", "translate"] = Field("transcribe", description="Transcribe, or translate to English.")
+    beam_size: int = Field(5, ge=1, description="Beam width; 1 is greedy decoding.")
+    best_of: int = Field(5, ge=1, description="Candidates sampled at non-zero temperature.")
+    patience: float = Field(1.0, gt=0, description="Beam search patience factor.")
+    length_penalty: float = Field(1.0, description="Exponential length penalty.")
+    repetition_penalty: float = Field(1.0, gt=0, description="Penalty (>1) on previously generated tokens.")
+    no_repeat_ngram_size: int = Field(0, ge=0, description="Forbid repeating n-grams of this size (0 = off).")
+    temperature: tuple[float, ...] = Field(
+        (0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
+        description="Temperatures tried in turn when a decode fails the thresholds.",
+    )
+    compression_ratio_threshold: Optional[float] = Field(2.4, description="Retry above this gzip ratio.")
+    log_prob_threshold: Optional[float] = Field(-1.0, description="Retry below this average log probability.")
+    no_speech_threshold: Optional[float] = Field(0.6, description="Skip a window above this no-speech probability.")
+    condition_on_previous_text: bool = Field(True, description="Prompt each window with the previous text.")
+    prompt_reset_on_temperature: float = Field(0.5, ge=0, le=1, description="Drop the prompt above this temperature.")
+    initial_prompt: Optional[str] = Field(None, description="Text that primes the first window.")
+    prefix: Optional[str] = Field(None, description="Text the first window's transcript starts with.")
+    suppress_blank: bool = Field(True, description="Suppress blank outputs at the start of sampling.")
+    suppress_tokens: tuple[int, ...] = Field((-1,), description="Token ids to suppress (-1 = the model's default set).")
+    without_timestamps: bool = Field(False, description="Sample text tokens only.")
+    max_initial_timestamp: float = Field(1.0, ge=0, description="Latest allowed first timestamp.")
+    word_timestamps: bool = Field(False, description="Add word-level timestamps (cross-attention alignment).")
+    vad_filter: bool = Field(False, description="Drop non-speech with the Silero VAD first.")
+    vad_parameters: Optional[VadParameters] = Field(None, description="VAD settings (a JSON object).")
+    max_new_tokens: Optional[int] = Field(None, ge=1, description="Maximum new tokens per window.")
+    chunk_length: Optional[int] = Field(None, ge=1, le=30, description="Window length in seconds (default 30).")
+    hallucination_silence_threshold: Optional[float] = Field(
+        None, ge=0, description="Skip silent periods longer than this around suspected hallucinations."
+    )
+    hotwords: Optional[str] = Field(None, description="Hint phrases (ignored when prefix is set).")
+    language_detection_threshold: Optional[float] = Field(0.5, ge=0, le=1, description="Accept a detected language above this.")
+    language_detection_segments: int = Field(1, ge=1, description="Windows used to detect the language.")
+
+    @field_validator("language")
+    @classmethod
+    def _known_language(cls, value: Optional[str]) -> Optional[str]:
+        if value is None:
+            return None
+        code = value.strip().lower()
+        if code in ("", "auto"):
+            return None
+        if code not in WHISPER_LANGUAGES:
+            close = difflib.get_close_matches(code, WHISPER_LANGUAGES, n=3)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise ValueError(f"unknown language {value!r}; use a Whisper language code such as 'en' or 'zh'.{hint}")
+        return code
+
+    @field_validator("temperature", mode="before")
+    @classmethod
+    def _temperature_tuple(cls, value: Any) -> Any:
+        if isinstance(value, (int, float)):
+            return (float(value),)
+        return value
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature_range(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if not value or any(t < 0 for t in value):
+            raise ValueError("temperature must be one value >= 0 or a non-empty list of them")
+        return value
+
+    @field_validator("vad_parameters", mode="before")
+    @classmethod
+    def _vad_from_json(cls, value: Any) -> Any:
+        # Params and CLI values arrive as strings; a JSON object is the natural spelling there.
+        if isinstance(value, str):
+            value = value.strip()
+            if not value:
+                return None
+            try:
+                return json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"vad_parameters must be a JSON object: {exc}") from None
+        return value
+
+    @classmethod
+    def parse(cls, value: DecodingOptions | Mapping[str, Any] | None = None) -> DecodingOptions:
+        """Validate options given as an object, a mapping or None.
+
+        Raises:
+            DecodingOptionsError: an unknown option (with the closest valid names) or a bad value.
+        """
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, Mapping):
+            raise DecodingOptionsError(
+                f"Decoding options must be a dict or DecodingOptions, got {type(value).__name__}."
+            )
+        unknown = [k for k in value if k not in cls.model_fields]
+        if unknown:
+            raise DecodingOptionsError(_unknown_message(unknown))
+        try:
+            return cls.model_validate(dict(value))
+        except ValidationError as exc:
+            raise DecodingOptionsError(_validation_message(exc)) from None
+
+    @classmethod
+    def layered(cls, *layers: DecodingOptions | Mapping[str, Any] | None) -> DecodingOptions:
+        """Resolve layers, later ones winning; a layer only overrides the fields it set."""
+        merged: dict[str, Any] = {}
+        for layer in layers:
+            merged.update(cls.parse(layer).explicit())
+        return cls.parse(merged)
+
+    def explicit(self) -> dict[str, Any]:
+        """The fields set explicitly, JSON-ready (what a version stores as its defaults)."""
+        return self.model_dump(mode="json", exclude_unset=True)
+
+    def to_transcribe_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``WhisperModel.transcribe``."""
+        kwargs = self.model_dump()
+        kwargs["temperature"] = list(self.temperature)
+        kwargs["suppress_tokens"] = list(self.suppress_tokens)
+        return kwargs
+
+
+def parse_cli_assignments(assignments: list[str] | None) -> dict[str, Any]:
+    """Turn ``["beam_size=1", "language=zh"]`` into a mapping for ``DecodingOptions.parse``.
+
+    Values are read as JSON when they parse (numbers, booleans, lists, objects), else as strings.
+
+    Raises:
+        DecodingOptionsError: an item without '=' or an unknown option name.
+    """
+    result: dict[str, Any] = {}
+    for item in assignments or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise DecodingOptionsError(f"Decoding option {item!r} must be written key=value, e.g. beam_size=1.")
+        try:
+            result[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            result[key.strip()] = raw
+    return result
+
+
+def param_schema(defaults: DecodingOptions | None = None):
+    """The pyfunc ``ParamSchema``: one param per option, defaulting to the version's defaults."""
+    from mlflow.types.schema import ParamSchema, ParamSpec
+
+    options = defaults or DecodingOptions()
+    specs = []
+    for name, field in DecodingOptions.model_fields.items():
+        dtype, shape = _param_type(field.annotation)
+        value = getattr(options, name)
+        if isinstance(value, BaseModel):
+            value = value.model_dump_json()
+        elif isinstance(value, tuple):
+            value = list(value)
+        specs.append(ParamSpec(name, dtype, value, shape))
+    return ParamSchema(specs)
+
+
+_SCALAR_TYPES = {bool: "boolean", int: "long", float: "double", str: "string"}
+
+
+def _param_type(annotation: Any) -> tuple[str, tuple[int, ...] | None]:
+    """Map a field annotation to an MLflow param dtype and shape."""
+    if get_origin(annotation) is Union:  # Optional[X]
+        annotation = next(a for a in get_args(annotation) if a is not type(None))
+    if get_origin(annotation) is Literal:
+        return "string", None
+    if get_origin(annotation) is tuple:
+        return _SCALAR_TYPES[get_args(annotation)[0]], (-1,)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "string", None  # nested options travel as a JSON object string
+    return _SCALAR_TYPES[annotation], None
+
+
+def _unknown_message(unknown: list[str]) -> str:
+    parts = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, DecodingOptions.model_fields, n=1)
+        parts.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return (
+        f"Unknown decoding option {', '.join(parts)}. "
+        f"Valid options: {', '.join(DecodingOptions.model_fields)}."
+    )
+
+
+def _validation_message(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors():
+        where = ".".join(str(p) for p in error["loc"]) or "options"
+        problems.append(f"{where}: {error['msg']}")
+    return "Invalid decoding options: " + "; ".join(problems)

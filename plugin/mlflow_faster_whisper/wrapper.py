@@ -1,0 +1,90 @@
+"""The python_function wrapper: a column of audio in, one transcription per row out."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import pandas as pd
+
+from mlflow_faster_whisper.audio import audio_from_cell
+from mlflow_faster_whisper.constants import AUDIO_COLUMN
+from mlflow_faster_whisper.decoding import DecodingOptions
+from mlflow_faster_whisper.errors import AudioDecodeError, FasterWhisperFlavorError
+from mlflow_faster_whisper.transcription import transcribe
+
+_logger = logging.getLogger(__name__)
+
+
+class FasterWhisperPyfunc:
+    """``predict`` transcribes each row; a bad row gets an ``error`` instead of failing the batch."""
+
+    def __init__(self, model, defaults: DecodingOptions):
+        self.model = model
+        self.defaults = defaults
+
+    def get_raw_model(self):
+        """The ``faster_whisper.WhisperModel`` (MLflow's accessor for the underlying model)."""
+        return self.model
+
+    def predict(self, data: Any, params: Optional[dict[str, Any]] = None) -> list[dict[str, Any]]:
+        """Transcribe audio.
+
+        Args:
+            data: a DataFrame with an ``audio`` column (or a single column), a list, or one value;
+                each value raw bytes or a base64 string of any container PyAV decodes.
+            params: decoding options overriding the version's defaults (see the ParamSchema).
+
+        Returns:
+            One dict per row: text, language, language_probability, duration, segments, error.
+
+        Raises:
+            DecodingOptionsError: params that are not valid decoding options.
+        """
+        options = DecodingOptions.layered(self.defaults, _drop_none(params))
+        results = []
+        for index, cell in enumerate(_audio_cells(data)):
+            try:
+                audio = audio_from_cell(cell)
+            except AudioDecodeError as exc:
+                _logger.warning("Row %d: %s", index, exc.message)
+                results.append(_error_row(exc.message))
+                continue
+            results.append({**transcribe(self.model, audio, options).model_dump(), "error": None})
+        return results
+
+
+def _drop_none(params: Optional[dict[str, Any]]) -> dict[str, Any]:
+    # MLflow fills absent params with the schema's defaults (the version's defaults); None there
+    # means "not set", which must not override a non-None version default.
+    return {k: v for k, v in (params or {}).items() if v is not None}
+
+
+def _audio_cells(data: Any) -> list:
+    if isinstance(data, pd.DataFrame):
+        if AUDIO_COLUMN in data.columns:
+            return list(data[AUDIO_COLUMN])
+        if len(data.columns) == 1:
+            return list(data.iloc[:, 0])
+        raise FasterWhisperFlavorError(
+            f"Expected a column named {AUDIO_COLUMN!r}; got columns {list(data.columns)}."
+        )
+    if isinstance(data, pd.Series):
+        return list(data)
+    if isinstance(data, dict) and AUDIO_COLUMN in data:
+        value = data[AUDIO_COLUMN]
+        return list(value) if isinstance(value, (list, tuple)) else [value]
+    if isinstance(data, (list, tuple)):
+        return list(data)
+    return [data]
+
+
+def _error_row(message: str) -> dict[str, Any]:
+    return {
+        "text": None,
+        "language": None,
+        "language_probability": None,
+        "duration": None,
+        "segments": [],
+        "error": message,
+    }

@@ -1,0 +1,35 @@
+"""Test-wide settings: no model hub, no telemetry, a private MLflow store per test."""
+
+import os
+
+# Set before anything imports transformers/huggingface_hub/mlflow.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import mlflow  # noqa: E402
+import pytest  # noqa: E402
+
+pytest_plugins = ["tests.fixtures.pytest_plugin"]
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch):
+    """A real sqlite-backed tracking store and registry in tmp_path, with artifacts beside it.
+
+    Yields the tracking URI; MLFLOW_TRACKING_URI is set for subprocesses too.
+    """
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    experiment_id = mlflow.create_experiment("tests", artifact_location=(tmp_path / "mlartifacts").as_uri())
+    mlflow.set_experiment(experiment_id=experiment_id)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", experiment_id)
+    yield uri
+    if mlflow.active_run():
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)
