@@ -26,7 +26,7 @@ from mlflow.types.schema import ColSpec, DataType, Schema
 
 from mlflow_faster_whisper import _mlflow_compat as _mc
 from mlflow_faster_whisper import checksums, constants as c, sources
-from mlflow_faster_whisper.convert import QUANTIZATIONS, check_quantization, convert
+from mlflow_faster_whisper.conversion import QUANTIZATIONS, check_quantization, convert
 from mlflow_faster_whisper.decoding import DecodingOptions, param_schema
 from mlflow_faster_whisper.errors import FasterWhisperFlavorError
 from mlflow_faster_whisper.wrapper import FasterWhisperPyfunc

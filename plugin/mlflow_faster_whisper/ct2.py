@@ -23,7 +23,7 @@ def stored_quantization(model_dir: str | Path) -> str:
     for name, rank, dtype in _variables(Path(model_dir) / "model.bin"):
         if name.endswith("weight") and rank == 2:
             weight_dtypes.add(dtype)
-        elif dtype in _FLOAT_DTYPES:
+        elif dtype in _FLOAT_DTYPES and not name.endswith("weight_scale"):  # scales are float32
             other_dtypes.add(dtype)
     weight = _single(weight_dtypes)
     if weight in ("int8", "int16"):
@@ -32,12 +32,16 @@ def stored_quantization(model_dir: str | Path) -> str:
     return weight
 
 
+def vocabulary(model_dir: str | Path) -> list[str]:
+    """The model's tokens by id (vocabulary.json, or vocabulary.txt from older converters)."""
+    path = Path(model_dir) / "vocabulary.json"
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    return (Path(model_dir) / "vocabulary.txt").read_text(encoding="utf-8").splitlines()
+
+
 def is_multilingual(model_dir: str | Path) -> bool:
-    vocabulary = Path(model_dir) / "vocabulary.json"
-    if vocabulary.is_file():
-        return len(json.loads(vocabulary.read_text())) >= _MULTILINGUAL_VOCAB
-    with open(Path(model_dir) / "vocabulary.txt", encoding="utf-8") as f:
-        return sum(1 for _ in f) >= _MULTILINGUAL_VOCAB
+    return len(vocabulary(model_dir)) >= _MULTILINGUAL_VOCAB
 
 
 def lang_ids(model_dir: str | Path) -> list:

@@ -85,9 +85,10 @@ def _transformers_checkpoint(source: sources.WhisperSource, tmp: Path) -> tuple[
     if source.kind in (sources.TRANSFORMERS, sources.HUB):
         return source.model, _load_processor(source.model, source.revision)
     if source.kind == sources.IN_MEMORY:
-        return _save_model(source.model, tmp), source.processor
-    model, processor = _merge_adapter(source)
-    return _save_model(model, tmp), processor
+        model, processor = source.model, source.processor
+    else:
+        model, processor = _merge_adapter(source)
+    return _save_checkpoint(model, processor, tmp / "checkpoint"), processor
 
 
 def _merge_adapter(source: sources.WhisperSource) -> tuple[Any, Any]:
@@ -115,9 +116,12 @@ def _merge_adapter(source: sources.WhisperSource) -> tuple[Any, Any]:
     return peft_model.merge_and_unload(), processor
 
 
-def _save_model(model: Any, tmp: Path) -> str:
-    target = tmp / "checkpoint"
+def _save_checkpoint(model: Any, processor: Any, target: Path) -> str:
+    # The converter reads the vocabulary and language ids from the tokenizer beside the weights;
+    # save_pretrained of a model (merged or not) writes no tokenizer.
     model.save_pretrained(target)
+    processor.save_pretrained(target)
+    processor.feature_extractor.save_pretrained(target)
     return str(target)
 
 
@@ -233,6 +237,7 @@ def _inspect(output_dir: Path, quantization: str) -> ConvertedModel:
             "lang_to_id: it was probably saved with _from_model_config=true. Save the model with the "
             "generation config of the original Whisper checkpoint (lang_to_id, task_to_id, alignment_heads)."
         )
+    _check_vocabulary(output_dir)
     feature_size = json.loads((output_dir / "preprocessor_config.json").read_text())["feature_size"]
     return ConvertedModel(
         quantization=quantization,
@@ -240,6 +245,19 @@ def _inspect(output_dir: Path, quantization: str) -> ConvertedModel:
         multilingual=multilingual,
         transformers_version=_transformers_version(),
     )
+
+
+def _check_vocabulary(output_dir: Path) -> None:
+    """The special tokens must sit at the same ids in model vocabulary and tokenizer.json."""
+    tokenizer = json.loads((output_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    vocabulary = ct2.vocabulary(output_dir)
+    for token in tokenizer.get("added_tokens", []):
+        index = token["id"]
+        if index < len(vocabulary) and vocabulary[index] != token["content"]:
+            raise ConversionError(
+                f"The converted vocabulary has {vocabulary[index]!r} at id {index} where the tokenizer has "
+                f"{token['content']!r}: the tokenizer saved with the checkpoint does not belong to it."
+            )
 
 
 def _transformers_version() -> Optional[str]:
