@@ -1,0 +1,190 @@
+"""The main path on real weights: Whisper base rebuilt as a transformers checkpoint, logged as int8
+and float32, registered, and transcribing real English and Mandarin speech through the pyfunc,
+`mlflow models serve` and `mlflow models predict`."""
+
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import mlflow
+import pytest
+
+import mlflow_faster_whisper as mfw
+from whisper_registry.metrics import score
+
+pytestmark = pytest.mark.real_weights
+NAME = "whisper-base"
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory, whisper_base_hf):
+    """A sqlite store holding whisper-base v1 (int8, alias production) and v2 (float32)."""
+    root = tmp_path_factory.mktemp("registry")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.create_experiment("real", artifact_location=(root / "mlartifacts").as_uri())
+    mlflow.set_experiment(experiment_id=experiment)
+    with mlflow.start_run():
+        for quantization in ("int8", "float32"):
+            mfw.log_model(
+                str(whisper_base_hf), name=f"whisper-base-{quantization}", quantization=quantization,
+                registered_model_name=NAME, decoding={"beam_size": 5},
+            )
+    mlflow.MlflowClient().set_registered_model_alias(NAME, "production", "1")
+    yield uri
+    mlflow.set_tracking_uri(None)
+    if previous is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
+def _transcribe(model_uri, clips):
+    model = mlflow.pyfunc.load_model(model_uri)
+    texts = {}
+    for language in ("en", "zh"):
+        chosen = [c for c in clips if c.language == language]
+        rows = model.predict({"audio": [c.path.read_bytes() for c in chosen]}, params={"language": language})
+        assert all(r["error"] is None for r in rows)
+        texts[language] = ([c.text for c in chosen], [r["text"] for r in rows])
+    return texts
+
+
+def test_production_alias_transcribes_real_speech_and_int8_tracks_float32(registry, speech_clips):
+    int8 = _transcribe(f"models:/{NAME}@production", speech_clips)
+    float32 = _transcribe(f"models:/{NAME}/2", speech_clips)
+    en8, zh8 = score(*int8["en"], "en"), score(*int8["zh"], "zh")
+    en32, zh32 = score(*float32["en"], "en"), score(*float32["zh"], "zh")
+    print(f"\nint8: en WER {en8['wer']:.3f}, zh CER {zh8['cer']:.3f}; float32: en WER {en32['wer']:.3f}, zh CER {zh32['cer']:.3f}")
+    print("int8 zh:", int8["zh"][1], "float32 zh:", float32["zh"][1])
+    assert en8["wer"] == 0.0, int8["en"]
+    assert zh8["cer"] <= 0.35, int8["zh"]  # Whisper base's Mandarin on these clips (FIXTURES.md: 0.26)
+    assert abs(en8["wer"] - en32["wer"]) <= 0.01
+    assert abs(zh8["cer"] - zh32["cer"]) <= 0.01 + 1 / 30  # one point, or one character of ~30
+
+
+def test_versions_record_quantization_size_and_lineage(registry, whisper_base_hf):
+    int8, float32 = mfw.flavor_config(f"models:/{NAME}/1"), mfw.flavor_config(f"models:/{NAME}/2")
+    assert (int8["quantization"], float32["quantization"]) == ("int8", "float32")
+    assert int8["size_bytes"] < 0.3 * float32["size_bytes"]
+    assert int8["source"]["kind"] == "transformers" and int8["source"]["path"] == str(whisper_base_hf)
+    assert int8["source"]["run_id"] == float32["source"]["run_id"] is not None
+    assert int8["multilingual"] is True and int8["n_mels"] == 80
+    assert int8["decoding"] == {"beam_size": 5}
+
+
+def test_loading_and_predicting_imports_neither_torch_nor_transformers(registry, speech_clips):
+    clip = next(c for c in speech_clips if c.language == "en")
+    code = (
+        "import sys, mlflow\n"
+        f"m = mlflow.pyfunc.load_model('models:/{NAME}@production')\n"
+        f"rows = m.predict({{'audio': [open({str(clip.path)!r}, 'rb').read()]}}, params={{'language': 'en'}})\n"
+        "assert rows[0]['text'], rows\n"
+        "import mlflow_faster_whisper as mfw; mfw.load_model('models:/whisper-base/2')\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules)\n"
+        "print('HEAVY', heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy(), timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "HEAVY []" in out.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(registry):
+    """`mlflow models serve` on the production alias, as a real process."""
+    port = _free_port()
+    bin_dir = os.path.dirname(sys.executable)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    process = subprocess.Popen(
+        [os.path.join(bin_dir, "mlflow"), "models", "serve", "-m", f"models:/{NAME}@production",
+         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"mlflow models serve exited: {process.stdout.read()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/ping", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    else:
+        process.kill()
+        pytest.fail("mlflow models serve did not become ready in 180 s")
+    yield url
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def test_mlflow_models_serve_answers_base64_audio_with_params(served, speech_clips):
+    clips = [c for c in speech_clips if c.language == "zh"][:2]
+    payload = {
+        "dataframe_split": {"columns": ["audio"], "data": [[base64.b64encode(c.path.read_bytes()).decode()] for c in clips]},
+        "params": {"language": "zh", "beam_size": 1, "word_timestamps": True},
+    }
+    response = httpx.post(f"{served}/invocations", json=payload, timeout=120)
+    assert response.status_code == 200, response.text
+    rows = response.json()["predictions"]
+    assert [r["language"] for r in rows] == ["zh", "zh"]
+    assert score([c.text for c in clips], [r["text"] for r in rows], "zh")["cer"] <= 0.5
+    assert rows[0]["segments"][0]["words"], "word_timestamps=True must return words"
+
+
+def test_served_model_reports_a_bad_row_and_keeps_serving(served, speech_clips):
+    clip = next(c for c in speech_clips if c.name == "hello_world")
+    good = base64.b64encode(clip.path.read_bytes()).decode()
+    junk = base64.b64encode(b"RIFF\x00\x00\x00\x00WAVEfmt truncated").decode()
+    response = httpx.post(
+        f"{served}/invocations",
+        json={"dataframe_records": [{"audio": junk}, {"audio": good}], "params": {"language": "en"}},
+        timeout=120,
+    )
+    assert response.status_code == 200, response.text
+    bad_row, good_row = response.json()["predictions"]
+    assert "Could not decode the audio" in bad_row["error"]
+    assert score([clip.text], [good_row["text"]], "en")["wer"] == 0.0
+
+    wrong_type = httpx.post(
+        f"{served}/invocations",
+        json={"dataframe_records": [{"audio": good}], "params": {"beam_size": "wide"}},
+        timeout=60,
+    )
+    assert wrong_type.status_code == 400 and "beam_size" in wrong_type.text
+
+
+def test_mlflow_models_predict_cli(registry, speech_clips, tmp_path):
+    clip = next(c for c in speech_clips if c.name == "quick_brown_fox")
+    request = tmp_path / "input.json"
+    request.write_text(json.dumps({
+        "dataframe_split": {"columns": ["audio"], "data": [[base64.b64encode(clip.path.read_bytes()).decode()]]},
+        "params": {"language": "en"},
+    }))
+    output = tmp_path / "output.json"
+    bin_dir = os.path.dirname(sys.executable)
+    result = subprocess.run(
+        [os.path.join(bin_dir, "mlflow"), "models", "predict", "-m", f"models:/{NAME}@production",
+         "-i", str(request), "-o", str(output), "-t", "json", "--env-manager", "local"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    predictions = json.loads(output.read_text())["predictions"]
+    assert score([clip.text], [predictions[0]["text"]], "en")["wer"] == 0.0
