@@ -20,11 +20,11 @@ export PATH := $(abspath $(BIN)):$(PATH)
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)" || $(PY) -m pip install -q --index-url https://download.pytorch.org/whl/cpu "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[convert,serve,finetune,dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[convert,serve,finetune,dev]"
 	$(PY) -m pip check
 	touch $(STAMP)
 
