@@ -216,7 +216,9 @@ def log_model(
 
 def flavor_config(model_uri: str) -> dict[str, Any]:
     """The ``faster_whisper`` flavor configuration of a model, read from its MLmodel only."""
-    info = mlflow.models.get_model_info(model_uri)
+    # Model.load, not get_model_info: the latter also fetches the logged model from the tracking
+    # server, which a local copy (e.g. inside a bento) must not need.
+    info = Model.load(model_uri)
     if FLAVOR_NAME not in info.flavors:
         raise FasterWhisperFlavorError(
             f"{model_uri} has no {FLAVOR_NAME} flavor (flavors: {', '.join(info.flavors)}); "

@@ -27,6 +27,7 @@ def decode_audio(data: bytes | bytearray | memoryview | np.ndarray) -> np.ndarra
             raise AudioDecodeError("The audio is empty (0 bytes): send a wav, flac, mp3 or ogg file.")
         from faster_whisper.audio import decode_audio as _decode  # PyAV underneath
 
+        _check_wav_length(bytes(data[:_WAV_SCAN_BYTES]), len(data))
         try:
             samples = _decode(io.BytesIO(bytes(data)), sampling_rate=SAMPLE_RATE)
         except Exception as exc:  # PyAV raises many types (InvalidDataError, ValueError, ...)
@@ -37,6 +38,34 @@ def decode_audio(data: bytes | bytearray | memoryview | np.ndarray) -> np.ndarra
     if samples.size == 0:
         raise AudioDecodeError("The audio has no samples (0 seconds): send a non-empty recording.")
     return samples
+
+
+# How far into a file to look for the WAV data chunk's header.
+_WAV_SCAN_BYTES = 1 << 16
+# Streaming writers put these in the size fields when the length is not known up front.
+_UNKNOWN_SIZES = (0, 0xFFFFFFFF)
+
+
+def _check_wav_length(head: bytes, total: int) -> None:
+    """Refuse a WAV file cut short: PyAV would silently decode the part that is there.
+
+    Raises:
+        AudioDecodeError: the data chunk declares more bytes than the file holds.
+    """
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return
+    offset = 12
+    while offset + 8 <= len(head):
+        chunk_id, size = head[offset:offset + 4], int.from_bytes(head[offset + 4:offset + 8], "little")
+        if chunk_id == b"data":
+            available = total - (offset + 8)
+            if size not in _UNKNOWN_SIZES and size > available:
+                raise AudioDecodeError(
+                    f"The WAV file is truncated: its header declares {size} bytes of audio but only "
+                    f"{available} are there. Send the complete file."
+                )
+            return
+        offset += 8 + size + (size & 1)  # chunks are word-aligned
 
 
 def audio_from_cell(value: object) -> np.ndarray:

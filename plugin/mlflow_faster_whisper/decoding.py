@@ -173,11 +173,26 @@ def parse_cli_assignments(assignments: list[str] | None) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise DecodingOptionsError(f"Decoding option {item!r} must be written key=value, e.g. beam_size=1.")
-        try:
-            result[key.strip()] = json.loads(raw)
-        except json.JSONDecodeError:
-            result[key.strip()] = raw
+        result[key.strip()] = coerce_text_value(key.strip(), raw)
     return result
+
+
+def coerce_text_value(name: str, raw: str) -> Any:
+    """A value typed as text (CLI, form field) for option ``name``: text fields stay strings
+    (``initial_prompt=123`` is the prompt "123"), the rest is read as JSON when it parses."""
+    field = DecodingOptions.model_fields.get(name)
+    if field is not None and _is_text(field.annotation):
+        return raw
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw  # validation then names the field and the bad value
+
+
+def _is_text(annotation: Any) -> bool:
+    if get_origin(annotation) is Union:  # Optional[X]
+        annotation = next(a for a in get_args(annotation) if a is not type(None))
+    return annotation is str or get_origin(annotation) is Literal
 
 
 def param_schema(defaults: DecodingOptions | None = None):

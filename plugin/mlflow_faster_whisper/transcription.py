@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Optional
 
 import numpy as np
@@ -52,7 +51,7 @@ def stream_segments(model, audio: np.ndarray, options: DecodingOptions, *, batch
         segments, info = BatchedInferencePipeline(model).transcribe(audio, **kwargs)
     else:
         segments, info = model.transcribe(audio, **kwargs)
-    return (_segment(s) for s in segments), info
+    return (to_segment(s) for s in segments), info
 
 
 def transcribe(model, audio: np.ndarray, options: DecodingOptions, *, batch_size: int = 0) -> Transcription:
@@ -73,7 +72,8 @@ def join_text(segments: list[Segment]) -> str:
     return "".join(s.text for s in segments).strip()
 
 
-def _segment(s) -> Segment:
+def to_segment(s) -> Segment:
+    """A faster-whisper segment as our typed, JSON-ready Segment."""
     return Segment(
         id=s.id,
         start=round(float(s.start), 3),
@@ -89,7 +89,3 @@ def _segment(s) -> Segment:
         ],
     )
 
-
-def iter_texts(segments: Iterator[Segment]) -> Iterator[str]:
-    for segment in segments:
-        yield segment.text

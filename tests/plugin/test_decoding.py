@@ -1,6 +1,6 @@
 import pytest
 
-from mlflow_faster_whisper.decoding import DecodingOptions, param_schema, parse_cli_assignments
+from mlflow_faster_whisper.decoding import DecodingOptions, coerce_text_value, param_schema, parse_cli_assignments
 from mlflow_faster_whisper.errors import DecodingOptionsError
 
 
@@ -67,3 +67,13 @@ def test_cli_assignments_are_json_or_strings():
     assert parsed == {"beam_size": 1, "language": "zh", "temperature": [0.0, 0.2], "initial_prompt": "Hello"}
     with pytest.raises(DecodingOptionsError, match="key=value"):
         parse_cli_assignments(["beam_size"])
+
+
+def test_text_values_keep_strings_for_text_fields_and_read_the_rest_as_json():
+    assert coerce_text_value("initial_prompt", "123") == "123"
+    assert coerce_text_value("language", "en") == "en"
+    assert coerce_text_value("beam_size", "2") == 2
+    assert coerce_text_value("temperature", "[0.0, 0.4]") == [0.0, 0.4]
+    assert coerce_text_value("word_timestamps", "true") is True
+    assert coerce_text_value("vad_parameters", '{"threshold": 0.3}') == {"threshold": 0.3}
+    assert coerce_text_value("temperature", "hot") == "hot"  # validation rejects it, naming the field
