@@ -1,0 +1,19 @@
+"""The BentoML service for ``faster_whisper`` models: ``bentoml serve whisper_bento:Transcriber``.
+
+The service module reads its configuration and resolves its model when imported, so this package
+imports it only when ``Transcriber`` is asked for (``python -m whisper_bento.demo`` does not).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["Transcriber"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Transcriber":
+        from whisper_bento.service import Transcriber
+
+        return Transcriber
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

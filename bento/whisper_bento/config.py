@@ -1,0 +1,104 @@
+"""The service's configuration: one typed model read with ``bentoml.use_arguments``.
+
+Values come from ``bentoml serve ... --arg key=value`` (strings) or ``--arg-file config.yaml``
+(typed YAML). ``--arg`` values are strings, so list fields also accept "en,zh" and ``decoding``
+also accepts a JSON object string: ``--arg 'decoding={"beam_size": 1}'``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from mlflow_faster_whisper.decoding import DecodingOptions
+from mlflow_faster_whisper.errors import DecodingOptionsError
+
+
+class ServiceConfig(BaseModel):
+    """How the service loads its model, decodes, and bounds what a request may ask."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str = Field(
+        ...,
+        min_length=1,
+        description="The model to serve: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/..., or a path.",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks cuda when a GPU is visible.")
+    compute_type: Optional[str] = Field(
+        None,
+        description="CTranslate2 compute type; default int8 on CPU, float16 (int8_float16 for int8 "
+        "models) on GPU. A type the device cannot run falls back, with a warning in the log.",
+    )
+    cpu_threads: int = Field(0, ge=0, description="CTranslate2 intra-op threads (0: its default).")
+    num_workers: int = Field(1, ge=1, description="Parallel CTranslate2 workers (concurrent decodes).")
+    decoding: DecodingOptions = Field(
+        default_factory=DecodingOptions,
+        description="Decoding defaults; they override the model version's stored defaults.",
+    )
+    # Request bounds.
+    max_beam_size: int = Field(5, ge=1, description="Largest beam_size a request may ask.")
+    allowed_languages: Optional[tuple[str, ...]] = Field(
+        None, description="Languages a request may name (None: every Whisper language)."
+    )
+    allowed_tasks: tuple[Literal["transcribe", "translate"], ...] = Field(
+        ("transcribe", "translate"), description="Tasks a request may ask for."
+    )
+    max_audio_seconds: float = Field(1800.0, gt=0, description="Longer audio gets 413.")
+    max_upload_bytes: int = Field(100 * 1024 * 1024, gt=0, description="Bigger uploads get 413.")
+    # Adaptive batching (BentoML's dispatcher).
+    max_batch_size: int = Field(8, ge=1, description="Most requests decoded together in one batch.")
+    max_latency_ms: int = Field(
+        120_000,
+        ge=100,
+        description="BentoML sheds queued requests (503) that would wait longer than this; Whisper "
+        "on CPU takes seconds per batch, so keep it large.",
+    )
+    batch_size: int = Field(8, ge=1, description="30 s windows per forward pass in the batched pipeline.")
+    request_timeout_s: int = Field(600, ge=1, description="BentoML traffic timeout per request.")
+
+    @field_validator("decoding", mode="before")
+    @classmethod
+    def _decoding(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = json.loads(value) if value.strip() else {}
+        # Validate through the flavor's own parser so errors name the closest valid option.
+        return _parse_options(value)
+
+    @field_validator("allowed_languages", "allowed_tasks", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            items = [v.strip() for v in value.split(",") if v.strip()]
+            return tuple(items) or None
+        return value
+
+    @field_validator("allowed_languages")
+    @classmethod
+    def _known_languages(cls, value: Optional[tuple[str, ...]]) -> Optional[tuple[str, ...]]:
+        if value is None:
+            return None
+        return tuple(_parse_options({"language": code}).language for code in value)
+
+
+def _parse_options(value: Any) -> DecodingOptions:
+    # DecodingOptionsError is an MlflowException; pydantic reports only ValueErrors as field errors.
+    try:
+        return DecodingOptions.parse(value)
+    except DecodingOptionsError as exc:
+        raise ValueError(exc.message) from None
+
+
+def bound_violation(config: ServiceConfig, options: DecodingOptions) -> Optional[tuple[str, str]]:
+    """The first bound ``options`` break, as (field, message), or None."""
+    if options.beam_size > config.max_beam_size:
+        return "beam_size", f"beam_size={options.beam_size} is above this service's maximum of {config.max_beam_size}."
+    if config.allowed_languages is not None and options.language is not None:
+        if options.language not in config.allowed_languages:
+            allowed = ", ".join(config.allowed_languages)
+            return "language", f"language {options.language!r} is not served here; allowed: {allowed}."
+    if options.task not in config.allowed_tasks:
+        return "task", f"task {options.task!r} is not served here; allowed: {', '.join(config.allowed_tasks)}."
+    return None

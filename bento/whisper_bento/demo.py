@@ -1,0 +1,185 @@
+"""``make demo``: the main job end to end, offline, on the embedded defaults.
+
+Builds the real Whisper base checkpoint from the test fixtures, registers it as int8 and float32,
+evaluates both on real English and Mandarin clips, promotes int8 to ``production``, serves
+``models:/whisper-base@production`` with ``bentoml serve``, transcribes a real clip over HTTP and
+prints the transcript and the comparison table. Everything is written under ``.demo/`` (the
+registry's embedded ``mlflow.db`` + ``mlartifacts``, the BentoML home, the plot); run
+``mlflow ui --backend-store-uri sqlite:///.demo/mlflow.db`` afterwards to browse it.
+
+    python -m whisper_bento.demo [--workdir .demo] [--port 3000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Optional
+
+REPO = Path(__file__).resolve().parents[2]
+MODEL_NAME = "whisper-base"
+LANGUAGES = ("en", "zh")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m whisper_bento.demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", type=Path, default=REPO / ".demo", help="where everything is written (wiped first)")
+    parser.add_argument("--port", type=int, default=0, help="port of bentoml serve (default: a free one)")
+    args = parser.parse_args(argv)
+    workdir = args.workdir.resolve()
+    _prepare(workdir)
+
+    from tests.fixtures import real
+    from whisper_registry.compare import compare
+    from whisper_registry.evaluate import evaluate
+    from whisper_registry.promote import promote
+    from whisper_registry.register import register
+
+    _step("1/6 Building the real Whisper base checkpoint (transformers) from the PyPI fixtures")
+    checkpoint = real.whisper_base_hf()
+    clips = real.speech_clips(list(LANGUAGES))
+    print(f"    checkpoint: {checkpoint}\n    clips: {', '.join(f'{c.language}/{c.name}' for c in clips)}")
+
+    _step("2/6 Registering int8 and float32 versions (CTranslate2 conversion)")
+    registration = register(str(checkpoint), MODEL_NAME, ["int8", "float32"], decoding={"beam_size": 5})
+    for v in registration.versions:
+        print(f"    {v.model_uri}  {v.quantization:8s} {v.size_bytes / 1e6:7.1f} MB  sha256 {v.checksums_digest[:12]}")
+    by_quantization = {v.quantization: v for v in registration.versions}
+
+    _step("3/6 Evaluating both versions on the real clips")
+    manifest = _manifest(workdir / "eval.jsonl", clips)
+    results = {}
+    for quantization, version in by_quantization.items():
+        result = evaluate(version.model_uri, manifest)
+        results[quantization] = result
+        shown = {k: round(v, 4) for k, v in result.metrics.items() if k in ("wer", "cer", "rtf", "latency_p95_s")}
+        print(f"    {version.model_uri} ({quantization}): {shown}")
+
+    _step("4/6 Promoting int8 to production")
+    int8 = by_quantization["int8"]
+    gate = f"{results['int8'].headline}<=0.5"
+    promotion = promote(MODEL_NAME, int8.version, "production", gates=[gate])
+    print(f"    {MODEL_NAME}@production -> version {promotion.to_version} (gate {gate}: passed)")
+    comparison = compare(MODEL_NAME, output_dir=workdir)
+
+    _step("5/6 Serving models:/whisper-base@production with bentoml serve")
+    clip = next(c for c in clips if c.name == "quick_brown_fox")
+    with _serve(workdir, args.port or _free_port()) as url:
+        import httpx
+
+        with open(clip.path, "rb") as f:
+            response = httpx.post(f"{url}/transcribe", files={"file": (clip.path.name, f, "audio/wav")}, timeout=600)
+        response.raise_for_status()
+        body = response.json()
+        info = httpx.get(f"{url}/info", timeout=30).json()
+
+    _step("6/6 Result")
+    print(f"    served: {info['model']['name']} v{info['model']['version']} ({info['model']['quantization']}, "
+          f"compute_type {info['compute_type']}, aliases {info['model']['aliases']})")
+    print(f"    clip:       {clip.language}/{clip.name}.wav ({body['duration']:.2f} s)")
+    print(f"    reference:  {clip.text}")
+    print(f"    transcript: {body['text']}")
+    print()
+    _print_table(comparison.rows())
+    if comparison.plot_path:
+        print(f"\n    plot: {comparison.plot_path}")
+    print(f"    browse: mlflow ui --backend-store-uri sqlite:///{workdir / 'mlflow.db'}")
+    return 0
+
+
+def _prepare(workdir: Path) -> None:
+    """A fresh working dir on the embedded defaults: no tracking URI from the environment."""
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+    os.chdir(workdir)  # the registry's embedded default is ./mlflow.db + ./mlartifacts
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        os.environ.pop(name, None)
+    os.environ.update(
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        MLFLOW_DISABLE_TELEMETRY="true",
+        BENTOML_DO_NOT_TRACK="True",
+        BENTOML_HOME=str(workdir / "bentoml"),
+    )
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))  # tests.fixtures builds the real weights and speech
+
+
+def _manifest(path: Path, clips) -> Path:
+    rows = [{"audio": str(c.path), "text": c.text, "language": c.language} for c in clips]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@contextlib.contextmanager
+def _serve(workdir: Path, port: int) -> Iterator[str]:
+    import httpx
+
+    command = [
+        sys.executable, "-m", "bentoml", "serve", "whisper_bento:Transcriber",
+        "--host", "127.0.0.1", "--port", str(port),
+        "--arg", f"model=models:/{MODEL_NAME}@production",
+    ]
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    log_path = workdir / "bentoml-serve.log"
+    print(f"    $ {' '.join(command[2:])}\n    (log: {log_path})")
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        started = time.monotonic()
+        while True:
+            if process.poll() is not None or "Application startup failed" in log_path.read_text(errors="replace"):
+                raise SystemExit(f"bentoml serve failed; see {log_path}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() - started > 300:
+                raise SystemExit(f"bentoml serve not ready after 300 s; see {log_path}")
+            time.sleep(0.5)
+        print(f"    ready at {url} after {time.monotonic() - started:.1f} s")
+        yield url
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)  # the server's own process group
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+        print("    server stopped")
+
+
+def _print_table(rows: list[dict[str, str]]) -> None:
+    if not rows:
+        return
+    columns = list(rows[0])
+    widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in columns}
+    print("    " + "  ".join(c.ljust(widths[c]) for c in columns))
+    print("    " + "  ".join("-" * widths[c] for c in columns))
+    for row in rows:
+        print("    " + "  ".join(row[c].ljust(widths[c]) for c in columns))
+
+
+def _step(text: str) -> None:
+    print(f"\n== {text}", flush=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

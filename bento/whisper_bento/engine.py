@@ -1,0 +1,165 @@
+"""Load the model on the configured device and decode a batch of requests.
+
+A batch of one is decoded exactly as ``mlflow_faster_whisper.transcription.transcribe`` does
+(sequential long-form decoding, temperature fallback): a request alone is never slowed down or
+changed by batching. Several short requests with the same options are decoded together: their
+audio is laid end to end and each request becomes one window (``clip_timestamps``) of one call
+to faster-whisper's ``BatchedInferencePipeline``, so their encoder and decoder passes share
+batches. Requests the batched pipeline would decode differently (long audio, VAD, a prefix) are
+decoded on their own in the same batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from mlflow_faster_whisper import transcription
+from mlflow_faster_whisper.constants import SAMPLE_RATE
+from mlflow_faster_whisper.decoding import DecodingOptions
+from mlflow_faster_whisper.transcription import Segment, Transcription
+
+_logger = logging.getLogger(__name__)
+
+# What to try, in order, when a device cannot run the requested compute type.
+_FALLBACKS = {
+    "float16": ("float32",),
+    "bfloat16": ("float32",),
+    "int8_float16": ("int8_float32", "int8", "float32"),
+    "int8_bfloat16": ("int8_float32", "int8", "float32"),
+    "int8_float32": ("int8", "float32"),
+    "int16": ("int8", "float32"),
+    "int8": ("int8_float32", "float32"),
+    "float32": (),
+}
+
+
+@dataclass(frozen=True)
+class Placement:
+    device: str
+    compute_type: str
+    requested_compute_type: str
+
+
+def resolve_placement(device: str, compute_type: Optional[str], quantization: Optional[str]) -> Placement:
+    """Pick the device and a compute type it can run, logging any fallback."""
+    import ctranslate2
+
+    if device == "auto":
+        device = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
+    supported = set(ctranslate2.get_supported_compute_types(device))
+    requested = compute_type or default_compute_type(device, quantization)
+    chosen = requested
+    if requested not in supported and requested not in ("default", "auto"):
+        chosen = next((t for t in _FALLBACKS.get(requested, ()) if t in supported), "default")
+        _logger.warning(
+            "compute_type %r is not supported on %s (supported: %s); using %r instead",
+            requested,
+            device,
+            ", ".join(sorted(supported)),
+            chosen,
+        )
+    return Placement(device=device, compute_type=chosen, requested_compute_type=requested)
+
+
+def default_compute_type(device: str, quantization: Optional[str]) -> str:
+    """int8 on CPU; on GPU float16, or int8_float16 for a model stored in int8."""
+    if device == "cpu":
+        return "int8"
+    return "int8_float16" if (quantization or "").startswith("int8") else "float16"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One request in a batch: 16 kHz samples and its fully resolved options."""
+
+    audio: np.ndarray
+    options: DecodingOptions
+
+
+def decode_batch(model, jobs: list[Job], *, batch_size: int) -> list[Transcription]:
+    """Transcribe every job; results in job order."""
+    if len(jobs) == 1:
+        return [transcription.transcribe(model, jobs[0].audio, jobs[0].options)]
+    results: list[Optional[Transcription]] = [None] * len(jobs)
+    groups: dict[str, list[tuple[int, Job, float]]] = defaultdict(list)
+    for index, job in enumerate(jobs):
+        if not _fits_one_window(job):
+            results[index] = transcription.transcribe(model, job.audio, job.options)
+            continue
+        options, probability = job.options, 1.0
+        if options.language is None:  # one pipeline call has one language: detect per request
+            language, probability, _ = model.detect_language(job.audio)
+            options = DecodingOptions.layered(options, {"language": language})
+        groups[options.model_dump_json()].append((index, Job(job.audio, options), probability))
+    for members in groups.values():
+        if len(members) == 1:
+            index, job, _ = members[0]
+            results[index] = transcription.transcribe(model, job.audio, job.options)
+            continue
+        for (index, _, probability), result in zip(members, _decode_together(model, members, batch_size)):
+            results[index] = result.model_copy(update={"language_probability": float(probability)})
+    return results  # type: ignore[return-value]
+
+
+def _fits_one_window(job: Job) -> bool:
+    window = job.options.chunk_length or 30
+    return (
+        len(job.audio) <= window * SAMPLE_RATE
+        and not job.options.vad_filter
+        and job.options.prefix is None
+    )
+
+
+def _decode_together(model, members: list[tuple[int, Job, float]], batch_size: int) -> list[Transcription]:
+    from faster_whisper import BatchedInferencePipeline
+
+    options = members[0][1].options
+    offsets, position = [], 0
+    for _, job, _ in members:
+        offsets.append(position)
+        position += len(job.audio)
+    audio = np.concatenate([job.audio for _, job, _ in members])
+    clips = [
+        {"start": start / SAMPLE_RATE, "end": (start + len(job.audio)) / SAMPLE_RATE}
+        for start, (_, job, _) in zip(offsets, members)
+    ]
+    segments, info = BatchedInferencePipeline(model).transcribe(
+        audio, clip_timestamps=clips, batch_size=batch_size, **options.to_transcribe_kwargs()
+    )
+    seeks = [int(start / SAMPLE_RATE * model.frames_per_second) for start in offsets]
+    per_job: list[list[Segment]] = [[] for _ in members]
+    for raw in segments:
+        # Each clip is one window; faster-whisper tags a window's segments with its start frame.
+        owner = min(range(len(seeks)), key=lambda i: abs(seeks[i] - raw.seek))
+        shift = offsets[owner] / SAMPLE_RATE
+        per_job[owner].append(_shifted(transcription.to_segment(raw), shift, len(per_job[owner])))
+    return [
+        Transcription(
+            text=transcription.join_text(segs),
+            language=info.language,
+            language_probability=1.0,
+            duration=round(len(job.audio) / SAMPLE_RATE, 3),
+            segments=segs,
+        )
+        for (_, job, _), segs in zip(members, per_job)
+    ]
+
+
+def _shifted(segment: Segment, shift: float, index: int) -> Segment:
+    """A segment with times relative to its own request's audio."""
+    words = None
+    if segment.words is not None:
+        words = [w.model_copy(update={"start": round(w.start - shift, 3), "end": round(w.end - shift, 3)}) for w in segment.words]
+    return segment.model_copy(
+        update={
+            "id": index + 1,
+            "start": round(max(0.0, segment.start - shift), 3),
+            "end": round(max(0.0, segment.end - shift), 3),
+            "words": words,
+        }
+    )

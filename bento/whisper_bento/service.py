@@ -1,0 +1,305 @@
+"""The BentoML service: ``bentoml serve whisper_bento:Transcriber --arg model=models:/NAME@production``.
+
+Every HTTP route lives in one mounted FastAPI app (so every error is an OpenAI-style JSON body
+with a precise status), and every non-streaming transcription goes through one batchable
+BentoML API, ``decode``: the routes call it through BentoML's own client of this service, so
+concurrent requests from all endpoints are grouped by BentoML's adaptive batching dispatcher.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Optional
+
+import bentoml
+from fastapi import FastAPI, Request
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from whisper_bento import forms, formats, model_ref
+from whisper_bento.config import ServiceConfig, bound_violation
+from whisper_bento.errors import ApiError, bad_request, invalid_value, too_large
+
+with bentoml.importing():
+    import numpy as np
+
+    import mlflow_faster_whisper
+    from mlflow_faster_whisper import checksums, transcription
+    from mlflow_faster_whisper import constants as c
+    from mlflow_faster_whisper.audio import decode_audio
+    from mlflow_faster_whisper.constants import SAMPLE_RATE
+    from mlflow_faster_whisper.decoding import DecodingOptions
+    from mlflow_faster_whisper.errors import AudioDecodeError, DecodingOptionsError
+    from mlflow_faster_whisper.transcription import Transcription
+
+    from whisper_bento import engine
+
+_logger = logging.getLogger(__name__)
+# BentoML's server logging keeps the root at WARNING; the service's own lines (model loaded,
+# batch sizes) are part of what an operator reads.
+logging.getLogger("whisper_bento").setLevel(logging.INFO)
+
+CONFIG = bentoml.use_arguments(ServiceConfig)
+MODEL = model_ref.bento_model_for(CONFIG.model)
+_SPOOL_NAME = re.compile(r"^[0-9a-f]{32}\.npy$")
+
+app = FastAPI(title="whisper", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+@app.exception_handler(ApiError)
+async def _api_error(request: Request, exc: ApiError) -> Response:
+    _logger.info("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
+    return exc.response()
+
+
+@app.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    _logger.exception("%s %s failed", request.method, request.url.path)
+    return ApiError(500, f"Internal error ({type(exc).__name__}); see the server log.").response()
+
+
+class DecodeJob(BaseModel):
+    """One request's audio (a file in this worker's spool directory) and resolved options."""
+
+    samples: str
+    options: dict[str, Any]
+
+
+class DecodeOutput(BaseModel):
+    transcription: Optional[Transcription] = None
+    error: Optional[str] = None
+    batch_size: int = 1
+
+
+@bentoml.service(
+    name="whisper",
+    workers=1,
+    resources={"cpu": "2", "memory": "2Gi"},
+    traffic={"timeout": CONFIG.request_timeout_s, "max_concurrency": 64},
+)
+@bentoml.asgi_app(app, path="/")
+class Transcriber:
+    """Whisper speech-to-text on one registered model version."""
+
+    bento_model = MODEL.ref
+
+    def __init__(self) -> None:
+        started = time.perf_counter()
+        stored = self.bento_model
+        self.model_dir = model_ref.model_path(stored)
+        conf = mlflow_faster_whisper.flavor_config(self.model_dir)
+        self.placement = engine.resolve_placement(CONFIG.device, CONFIG.compute_type, conf.get(c.QUANTIZATION))
+        self.whisper = mlflow_faster_whisper.load_model(
+            self.model_dir,
+            device=self.placement.device,
+            compute_type=self.placement.compute_type,
+            cpu_threads=CONFIG.cpu_threads,
+            num_workers=CONFIG.num_workers,
+        )
+        self.version_defaults = DecodingOptions.parse(conf.get(c.DECODING))
+        self.defaults = DecodingOptions.layered(self.version_defaults, CONFIG.decoding)
+        problem = bound_violation(CONFIG, self.defaults)
+        if problem is not None:
+            raise ValueError(
+                f"The decoding defaults (model version + service config) break the service's bounds: "
+                f"{problem[1]} Lower the default or raise the bound."
+            )
+        self.model_info = _model_info(stored, conf, self.placement)
+        self.spool = Path(tempfile.mkdtemp(prefix="whisper-bento-"))
+        self.load_seconds = round(time.perf_counter() - started, 3)
+        _logger.info(
+            "Serving %s (%s) on %s/%s, loaded in %.2fs",
+            self.model_info["name"],
+            self.model_info["version"],
+            self.placement.device,
+            self.placement.compute_type,
+            self.load_seconds,
+        )
+
+    # The one decoding path of every non-streaming request; BentoML groups concurrent calls.
+    @bentoml.api(
+        batchable=True,
+        max_batch_size=CONFIG.max_batch_size,
+        max_latency_ms=CONFIG.max_latency_ms,
+        route="/internal/decode",
+    )
+    async def decode(self, jobs: list[DecodeJob]) -> list[DecodeOutput]:
+        return await run_in_threadpool(self._decode_jobs, jobs)
+
+    @app.post("/transcribe")
+    async def transcribe(self, request: Request) -> Response:
+        """Multipart ``file`` + optional decoding fields -> the full JSON result."""
+        return await self._serve(await forms.parse_native(request, CONFIG.max_upload_bytes), native=True)
+
+    @app.post("/v1/audio/transcriptions")
+    async def openai_transcriptions(self, request: Request) -> Response:
+        return await self._serve(await forms.parse_openai(request, CONFIG.max_upload_bytes, task="transcribe"))
+
+    @app.post("/v1/audio/translations")
+    async def openai_translations(self, request: Request) -> Response:
+        return await self._serve(await forms.parse_openai(request, CONFIG.max_upload_bytes, task="translate"))
+
+    @app.get("/v1/models")
+    async def openai_models(self) -> Response:
+        return JSONResponse({"object": "list", "data": [self._openai_model()]})
+
+    @app.get("/v1/models/{model_id}")
+    async def openai_model(self, model_id: str) -> Response:
+        return JSONResponse(self._openai_model())
+
+    @app.get("/info")
+    async def info(self) -> Response:
+        return JSONResponse(
+            {
+                "model": self.model_info,
+                "device": self.placement.device,
+                "compute_type": self.placement.compute_type,
+                "requested_compute_type": self.placement.requested_compute_type,
+                "config": CONFIG.model_dump(mode="json"),
+                "decoding": {
+                    "version_defaults": self.version_defaults.explicit(),
+                    "service_defaults": CONFIG.decoding.explicit(),
+                    "effective": self.defaults.model_dump(mode="json"),
+                },
+                "load_seconds": self.load_seconds,
+                # Serving must need neither torch nor transformers; this shows it in production.
+                "imports": {name: name in sys.modules for name in ("torch", "transformers")},
+            }
+        )
+
+    async def _serve(self, parsed: forms.ParsedRequest, *, native: bool = False) -> Response:
+        formats.check_format(parsed.response_format, native=native)
+        options = self._resolve(parsed.overrides)
+        audio = await run_in_threadpool(_decode_audio, parsed.audio)
+        if parsed.stream:
+            return StreamingResponse(self._events(audio, options), media_type="text/event-stream")
+        result, batch_size = await self._decode_batched(audio, options)
+        return formats.render(
+            parsed.response_format, formats.Result(result, options, self.model_info, batch_size)
+        )
+
+    def _resolve(self, overrides: dict[str, Any]) -> DecodingOptions:
+        """Version defaults < service config < request, then the service's bounds."""
+        try:
+            options = DecodingOptions.layered(self.defaults, overrides)
+        except DecodingOptionsError as exc:
+            param = next((name for name in overrides if repr(name) in exc.message or f"{name}:" in exc.message), None)
+            raise invalid_value(exc.message, param=param) from None
+        problem = bound_violation(CONFIG, options)
+        if problem is not None:
+            raise invalid_value(problem[1], param=problem[0], code="out_of_bounds")
+        return options
+
+    async def _decode_batched(self, audio: np.ndarray, options: DecodingOptions) -> tuple[Transcription, int]:
+        name = f"{uuid.uuid4().hex}.npy"
+        np.save(self.spool / name, audio)
+        try:
+            # ``self.decode`` is BentoML's client of this very service: the call enters the
+            # batching dispatcher like an HTTP request would.
+            outputs = await self.decode([DecodeJob(samples=name, options=options.explicit())])
+        finally:
+            (self.spool / name).unlink(missing_ok=True)
+        output = outputs[0]
+        if not isinstance(output, DecodeOutput):
+            output = DecodeOutput.model_validate(output)
+        if output.error is not None or output.transcription is None:
+            raise ApiError(500, f"Decoding failed: {output.error}")
+        return output.transcription, output.batch_size
+
+    def _decode_jobs(self, jobs: list[DecodeJob]) -> list[DecodeOutput]:
+        started = time.perf_counter()
+        ready: list[tuple[int, engine.Job]] = []
+        outputs = [DecodeOutput(batch_size=len(jobs)) for _ in jobs]
+        for index, job in enumerate(jobs):
+            if not _SPOOL_NAME.match(job.samples) or not (self.spool / job.samples).is_file():
+                outputs[index].error = "unknown audio reference"
+                continue
+            audio = np.load(self.spool / job.samples, allow_pickle=False)
+            ready.append((index, engine.Job(audio, DecodingOptions.parse(job.options))))
+        try:
+            results = engine.decode_batch(self.whisper, [j for _, j in ready], batch_size=CONFIG.batch_size)
+        except Exception as exc:  # one bad batch must not take the worker down
+            _logger.exception("Decoding a batch of %d failed", len(ready))
+            for index, _ in ready:
+                outputs[index].error = f"{type(exc).__name__}: {exc}"
+            return outputs
+        for (index, _), result in zip(ready, results):
+            outputs[index].transcription = result
+        _logger.info("Decoded a batch of %d request(s) in %.2fs", len(jobs), time.perf_counter() - started)
+        return outputs
+
+    def _events(self, audio: np.ndarray, options: DecodingOptions) -> Iterator[str]:
+        """Server-sent events as segments are decoded (OpenAI's transcript.text.* events)."""
+        try:
+            segments, info = transcription.stream_segments(self.whisper, audio, options)
+            done = []
+            for segment in segments:
+                done.append(segment)
+                yield _sse({"type": "transcript.text.delta", "delta": segment.text, "segment": segment.model_dump()})
+            yield _sse(
+                {
+                    "type": "transcript.text.done",
+                    "text": transcription.join_text(done),
+                    "language": info.language,
+                    "duration": float(info.duration),
+                    "decoding": options.model_dump(mode="json"),
+                    "model": self.model_info,
+                }
+            )
+        except Exception as exc:  # the status line is sent already: report in the stream
+            _logger.exception("Streaming transcription failed")
+            yield _sse({"type": "error", **ApiError(500, f"{type(exc).__name__}: {exc}").body()})
+
+    def _openai_model(self) -> dict[str, Any]:
+        return {"id": self.model_info["name"], "object": "model", "created": 0, "owned_by": "whisper-bento"}
+
+
+def _decode_audio(data: bytes) -> np.ndarray:
+    if not data:
+        raise bad_request("The file is empty (0 bytes): send a wav, flac, mp3 or ogg recording.", param="file")
+    try:
+        audio = decode_audio(data)
+    except AudioDecodeError as exc:
+        raise bad_request(exc.message, param="file", code="invalid_audio") from None
+    seconds = len(audio) / SAMPLE_RATE
+    if seconds > CONFIG.max_audio_seconds:
+        raise too_large(
+            f"The audio is {seconds:.1f} s long; this service transcribes at most {CONFIG.max_audio_seconds:g} s. "
+            "Split the recording.",
+            code="audio_too_long",
+        )
+    return audio
+
+
+def _sse(event: dict[str, Any]) -> str:
+    return f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+
+
+def _model_info(stored: bentoml.Model, conf: dict[str, Any], placement: engine.Placement) -> dict[str, Any]:
+    meta = stored.info.metadata
+    registry = MODEL.registry
+    return {
+        "name": registry.name if registry else meta.get(model_ref.META_NAME, stored.tag.name),
+        "version": registry.version if registry else meta.get(model_ref.META_VERSION),
+        "aliases": list(registry.aliases) if registry else meta.get(model_ref.META_ALIASES, []),
+        "run_id": registry.run_id if registry else meta.get(model_ref.META_RUN_ID),
+        "uri": CONFIG.model,
+        "source": MODEL.source,
+        "bento_model": str(stored.tag),
+        "quantization": conf.get(c.QUANTIZATION),
+        "compute_type": placement.compute_type,
+        "device": placement.device,
+        "size_bytes": conf.get(c.SIZE_BYTES),
+        "sha256": checksums.digest(conf.get(c.CHECKSUMS, {})),
+        "checksums": conf.get(c.CHECKSUMS, {}),
+        "lineage": conf.get(c.SOURCE),
+    }

@@ -1,0 +1,145 @@
+"""Helpers of the service tests: a registry with the real base model, a real ``bentoml serve``.
+
+Each server test module starts ONE server (module-scoped fixture) and reuses it: a start costs
+~10 s here, a transcription a few seconds on 2 cores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+import mlflow_faster_whisper
+
+REPO = Path(__file__).resolve().parents[2]
+MODEL_NAME = "whisper-base"
+# Stored with the version: the bottom layer of decoding options.
+VERSION_DECODING = {"beam_size": 2, "patience": 1.5, "temperature": 0.0}
+
+
+@dataclass(frozen=True)
+class Registry:
+    uri: str
+    root: Path
+    version: str
+
+
+def make_registry(root: Path, ct2_dir: Path, alias: str = "production") -> Registry:
+    """A sqlite registry in ``root`` holding the real base model (logged as is) under ``alias``."""
+    root.mkdir(parents=True, exist_ok=True)
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mlflow.set_tracking_uri(uri)
+        try:
+            experiment_id = mlflow.create_experiment("bento", artifact_location=(root / "mlartifacts").as_uri())
+            with mlflow.start_run(experiment_id=experiment_id):
+                info = mlflow_faster_whisper.log_model(
+                    str(ct2_dir), name="model", registered_model_name=MODEL_NAME, decoding=VERSION_DECODING
+                )
+            version = str(info.registered_model_version)
+            MlflowClient().set_registered_model_alias(MODEL_NAME, alias, version)
+        finally:
+            mlflow.set_tracking_uri(None)
+    return Registry(uri=uri, root=root, version=version)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_env(bentoml_home: Path, tracking_uri: str | None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        BENTOML_HOME=str(bentoml_home),
+        BENTOML_DO_NOT_TRACK="True",
+        MLFLOW_DISABLE_TELEMETRY="true",
+        HF_HUB_OFFLINE="1",
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+    )
+    env.pop("MLFLOW_EXPERIMENT_ID", None)
+    if tracking_uri is None:
+        env.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
+    return env
+
+
+@dataclass
+class Server:
+    url: str
+    log: Path
+    process: subprocess.Popen
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def client(self, timeout: float = 300) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=timeout)
+
+
+@contextlib.contextmanager
+def bentoml_serve(target: str, args: dict[str, str], env: dict[str, str], log: Path, cwd: Path = REPO) -> Iterator[Server]:
+    """``bentoml serve target --arg k=v ...`` as a real process; stopped (its whole group) after."""
+    port = free_port()
+    command = [sys.executable, "-m", "bentoml", "serve", target, "--host", "127.0.0.1", "--port", str(port)]
+    for key, value in args.items():
+        command += ["--arg", f"{key}={value}"]
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    server = Server(url=f"http://127.0.0.1:{port}", log=log, process=process)
+    try:
+        _wait_ready(server, timeout=240)
+        yield server
+    finally:
+        _stop(process)
+
+
+def _wait_ready(server: Server, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"bentoml serve exited with {server.process.returncode}:\n{server.log_text()[-4000:]}")
+        if "Application startup failed" in server.log_text():  # BentoML would restart it forever
+            raise RuntimeError(f"The service failed to start:\n{server.log_text()[-4000:]}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
+                return
+        time.sleep(0.5)
+    raise RuntimeError(f"bentoml serve not ready after {timeout}s:\n{server.log_text()[-4000:]}")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)  # the group this test started: arbiter + workers
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+
+
+def batches_observed(metrics_text: str, method: str = "decode") -> tuple[float, float]:
+    """(number of batches, number of requests in them) from BentoML's adaptive batch histogram."""
+    count = total = 0.0
+    for line in metrics_text.splitlines():
+        if line.startswith("bentoml_service_adaptive_batch_size_count") and f'method_name="{method}"' in line:
+            count += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("bentoml_service_adaptive_batch_size_sum") and f'method_name="{method}"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return count, total
