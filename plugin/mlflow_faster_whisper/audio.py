@@ -25,11 +25,11 @@ def decode_audio(data: bytes | bytearray | memoryview | np.ndarray) -> np.ndarra
     else:
         if not data:
             raise AudioDecodeError("The audio is empty (0 bytes): send a wav, flac, mp3 or ogg file.")
-        from faster_whisper.audio import decode_audio as _decode  # PyAV underneath
-
         _check_wav_length(bytes(data[:_WAV_SCAN_BYTES]), len(data))
         try:
-            samples = _decode(io.BytesIO(bytes(data)), sampling_rate=SAMPLE_RATE)
+            samples = _decode_container(bytes(data))
+        except AudioDecodeError:
+            raise
         except Exception as exc:  # PyAV raises many types (InvalidDataError, ValueError, ...)
             raise AudioDecodeError(
                 f"Could not decode the audio ({type(exc).__name__}: {exc}); "
@@ -38,6 +38,39 @@ def decode_audio(data: bytes | bytearray | memoryview | np.ndarray) -> np.ndarra
     if samples.size == 0:
         raise AudioDecodeError("The audio has no samples (0 seconds): send a non-empty recording.")
     return samples
+
+
+def _decode_container(data: bytes) -> np.ndarray:
+    """PyAV decode + resample to 16 kHz mono float32.
+
+    faster_whisper.decode_audio does the same but runs gc.collect() on every call (0.2-1 s in a
+    process holding a model and MLflow); here the resampler is freed by normal collection.
+    Frames FFmpeg cannot decode are skipped, as faster-whisper does.
+    """
+    import av
+
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+    chunks = []
+    with av.open(io.BytesIO(data), mode="r", metadata_errors="ignore") as container:
+        if not container.streams.audio:
+            raise AudioDecodeError("The file has no audio stream: send a wav, flac, mp3 or ogg recording.")
+        for frame in _valid_frames(container.decode(audio=0)):
+            chunks.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(frame))
+        chunks.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(None))  # flush
+    return np.concatenate(chunks).astype(np.float32, copy=False) if chunks else np.zeros(0, np.float32)
+
+
+def _valid_frames(frames):
+    import av
+
+    iterator = iter(frames)
+    while True:
+        try:
+            yield next(iterator)
+        except StopIteration:
+            return
+        except av.error.InvalidDataError:
+            continue
 
 
 # How far into a file to look for the WAV data chunk's header.
