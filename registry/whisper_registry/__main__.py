@@ -1,0 +1,5 @@
+import sys
+
+from whisper_registry.cli import main
+
+sys.exit(main())

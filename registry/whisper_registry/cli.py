@@ -1,0 +1,240 @@
+"""``whisper-registry``: register, evaluate, compare, promote and roll back Whisper versions.
+
+The CLI parses arguments, calls the library and prints; library errors become one-line messages
+and exit code 1 here, in one place (usage errors exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Optional
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow_faster_whisper.decoding import DecodingOptions, parse_cli_assignments
+
+# Functions, not modules: the package exports functions named like their modules.
+from whisper_registry.compare import COLUMNS, compare
+from whisper_registry.evaluate import evaluate
+from whisper_registry.finetune import add_finetune_parser
+from whisper_registry.promote import ALIASES, promote, rollback
+from whisper_registry.register import register
+from whisper_registry.errors import GateFailedError, RegistrationError, RegistryError
+
+PROG = "whisper-registry"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run one command; returns the exit code (0 ok, 1 error, 2 usage)."""
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits on usage errors and --help
+        return int(exc.code or 0)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.tracking_uri:
+            mlflow.set_tracking_uri(args.tracking_uri)  # the library resolves the rest (tracking.configure)
+        return args.handler(args) or 0
+    except GateFailedError as exc:
+        _print_gates(exc.results)
+        return _fail(exc)
+    except RegistrationError as exc:
+        if exc.result is not None:
+            _print_versions(exc.result)
+        return _fail(exc)
+    except (RegistryError, MlflowException) as exc:
+        return _fail(exc)
+
+
+# Library messages name library arguments; on the command line the flag is the fix.
+_CLI_WORDING = {"skip_bad=True": "--skip-bad"}
+
+
+def _fail(exc: Exception) -> int:
+    message = exc.message if isinstance(exc, MlflowException) else str(exc)
+    for library, flag in _CLI_WORDING.items():
+        message = message.replace(library, flag)
+    print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
+    return 1
+
+
+# ------------------------------------------------------------------------------------- commands
+
+
+def _register(args: argparse.Namespace) -> int:
+    source, base = _register_source(args)
+    result = register(
+        source,
+        args.name,
+        _split_commas(args.quantization),
+        base_model=base,
+        revision=args.revision,
+        decoding=parse_cli_assignments(args.decoding),
+        progress=not args.no_progress,
+    )
+    _print_versions(result)
+    return 0
+
+
+def _register_source(args: argparse.Namespace) -> tuple[str, Optional[str]]:
+    if args.adapter:
+        base = args.base or args.checkpoint
+        if args.base and args.checkpoint and args.base != args.checkpoint:
+            raise RegistryError("Give the base model once: either as CHECKPOINT or with --base, not both.")
+        if not base:
+            raise RegistryError("An adapter needs its base model: add --base BASE (a checkpoint directory or hub id).")
+        return args.adapter, base
+    if not args.checkpoint:
+        raise RegistryError("Nothing to register: give a CHECKPOINT, or --adapter ADAPTER --base BASE.")
+    return args.checkpoint, args.base
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    result = evaluate(
+        args.model_uri,
+        args.dataset,
+        decoding=parse_cli_assignments(args.decoding),
+        skip_bad=args.skip_bad,
+        split=args.split,
+        device=args.device,
+        compute_type=args.compute_type,
+        cpu_threads=args.cpu_threads,
+        progress=not args.no_progress,
+    )
+    print(f"{result.name} version {result.version}: {result.headline}={_num(result.headline_value)} "
+          f"on {result.metrics.get('n_utterances', 0):.0f} utterances (dataset {result.dataset_digest[:12]})")
+    for key in sorted(result.metrics):
+        print(f"  {key:<16} {_num(result.metrics[key])}")
+    for bad in result.skipped:
+        print(f"  skipped {bad.where}: {bad.reason}")
+    print(f"evaluation run: {result.run_id}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    comparison = compare(args.name, output_dir=args.output_dir, log_artifact=not args.no_log)
+    _print_table(comparison.rows(), COLUMNS)
+    if comparison.plot_path is not None:
+        print(f"plot: {comparison.plot_path}")
+    if comparison.run_id:
+        print(f"compare run: {comparison.run_id}")
+    return 0
+
+
+def _promote(args: argparse.Namespace) -> int:
+    result = promote(args.name, args.version, args.to, gates=args.gate, max_regression=args.max_regression, user=args.user)
+    _print_gates(result.gates)
+    if not result.moved:
+        print(f"{result.name}@{result.alias} is already version {result.to_version}: nothing moved")
+    else:
+        print(f"{result.name}@{result.alias}: {result.from_version or 'none'} -> {result.to_version}")
+    return 0
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    result = rollback(args.name, args.alias, user=args.user)
+    print(f"{result.name}@{result.alias}: rolled back {result.from_version} -> {result.to_version}")
+    return 0
+
+
+# -------------------------------------------------------------------------------------- parsing
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Registry workflows for faster-whisper models in MLflow.")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_finetune_parser(commands)
+
+    p = commands.add_parser("register", help="convert a checkpoint once per quantization and register each version")
+    p.add_argument("checkpoint", nargs="?", metavar="CHECKPOINT", help="transformers/CTranslate2 directory, hub id, or runs:/ URI")
+    p.add_argument("--name", required=True, help="registered model name")
+    p.add_argument("--quantization", action="append", metavar="Q[,Q...]",
+                   help="CTranslate2 quantizations, comma-separated (default int8; a CTranslate2 directory as stored)")
+    p.add_argument("--adapter", help="a PEFT/LoRA adapter directory or runs:/ URI to merge into --base")
+    p.add_argument("--base", help="the base checkpoint of the adapter")
+    p.add_argument("--revision", help="hub revision of a hub id")
+    _decoding_option(p, "default decoding options stored with every version")
+    _progress_option(p)
+    p.set_defaults(handler=_register)
+
+    p = commands.add_parser("evaluate", help="WER/CER and speed of a version on a dataset")
+    p.add_argument("model_uri", metavar="MODEL_URI", help="models:/<name>/<version> or models:/<name>@<alias>")
+    p.add_argument("--dataset", required=True, help=".jsonl/.csv manifest (audio, text, language) or a save_to_disk directory")
+    p.add_argument("--split", help="split of a DatasetDict (default: test, or the only one)")
+    p.add_argument("--skip-bad", action="store_true", help="skip rows with missing/undecodable audio and record them")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
+    p.add_argument("--compute-type", default="default", help="CTranslate2 compute type (default: as stored)")
+    p.add_argument("--cpu-threads", type=int, default=0)
+    _decoding_option(p, "overrides of the version's stored decoding options")
+    _progress_option(p)
+    p.set_defaults(handler=_evaluate)
+
+    p = commands.add_parser("compare", help="table and plot of every version: size, error, speed, aliases")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--output-dir", default=".", help="where to write <NAME>-compare.png (default: here)")
+    p.add_argument("--no-log", action="store_true", help="do not log the table and plot to an MLflow run")
+    p.set_defaults(handler=_compare)
+
+    p = commands.add_parser("promote", help="move an alias to a version if the gates hold")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("version", metavar="VERSION")
+    p.add_argument("--to", required=True, metavar="ALIAS", help=f"one of {', '.join(ALIASES)}")
+    p.add_argument("--gate", action="append", metavar="GATE", help='e.g. "cer<=0.08" (repeatable; all must hold)')
+    p.add_argument("--max-regression", type=float, metavar="DELTA",
+                   help="largest allowed increase of the headline error rate over the alias's current holder")
+    p.add_argument("--user", help="who to record in the audit trail (default: the OS user)")
+    p.set_defaults(handler=_promote)
+
+    p = commands.add_parser("rollback", help="give an alias back to its previous holder")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--alias", required=True, help=f"one of {', '.join(ALIASES)}")
+    p.add_argument("--user", help="who to record in the audit trail (default: the OS user)")
+    p.set_defaults(handler=_rollback)
+    return parser
+
+
+def _decoding_option(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--decoding", nargs="+", action="extend", metavar="KEY=VALUE",
+                   help=f"{what}, e.g. beam_size=1 temperature=0 language=zh; keys: {', '.join(DecodingOptions.model_fields)}")
+
+
+def _progress_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+# ------------------------------------------------------------------------------------- printing
+
+
+def _split_commas(values: Optional[list[str]]) -> Optional[list[str]]:
+    if not values:
+        return None
+    return [item.strip() for value in values for item in value.split(",") if item.strip()]
+
+
+def _print_versions(result) -> None:
+    for v in result.versions:
+        print(f"{v.name} version {v.version}: {v.quantization}, {v.size_bytes / 1e6:.1f} MB, {v.model_uri}")
+    for quantization, reason in result.failed.items():
+        print(f"{result.name} {quantization}: FAILED ({reason})")
+    print(f"registration run: {result.run_id}")
+
+
+def _print_gates(results) -> None:
+    for r in results:
+        print(f"  gate {r.gate:<20} {'PASS' if r.passed else 'FAIL'}  {r.detail}")
+
+
+def _print_table(rows: list[dict[str, str]], columns: Sequence[str]) -> None:
+    widths = {c: max([len(c)] + [len(r[c]) for r in rows]) for c in columns}
+    print("  ".join(c.ljust(widths[c]) for c in columns))
+    for row in rows:
+        print("  ".join(row[c].ljust(widths[c]) for c in columns))
+
+
+def _num(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.4g}"

@@ -1,0 +1,205 @@
+"""Evaluate a registered version on a dataset: error rates, speed, a per-utterance table.
+
+The evaluation is an MLflow run linked to the version: its metrics are logged against the
+version's logged model (``model_id``) and the dataset, its tags name the version, and the
+headline results are written back as ``eval.*`` tags on the version for the MLflow UI.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional
+
+import mlflow
+import mlflow_faster_whisper as mfw
+from mlflow_faster_whisper import constants as c
+from mlflow_faster_whisper.decoding import DecodingOptions
+from mlflow_faster_whisper.transcription import transcribe
+from tqdm.auto import tqdm
+
+from whisper_registry import metrics, tags, tracking, versions
+from whisper_registry.datasets import BadRow, EvaluationDataset, load_dataset
+from whisper_registry.errors import BadRowsError, DatasetError
+
+_logger = logging.getLogger(__name__)
+
+UTTERANCES_TABLE = "eval/utterances.json"
+SKIPPED_TABLE = "eval/skipped_rows.json"
+# Metrics copied onto the version as eval.<name> tags (the UI's version page shows them).
+VERSION_TAG_METRICS = ("cer", "wer", "rtf", "latency_p50_s", "latency_p95_s", "load_time_s", "n_utterances", "n_skipped")
+
+
+@dataclass
+class EvaluationResult:
+    name: str
+    version: str
+    run_id: str
+    dataset_digest: str
+    headline: str
+    metrics: dict[str, float]
+    utterances: list[dict[str, Any]] = field(repr=False, default_factory=list)
+    skipped: list[BadRow] = field(default_factory=list)
+
+    @property
+    def headline_value(self) -> Optional[float]:
+        return self.metrics.get(self.headline)
+
+
+def evaluate(
+    model_uri: str,
+    dataset: str | Path,
+    *,
+    decoding: DecodingOptions | dict | None = None,
+    skip_bad: bool = False,
+    split: Optional[str] = None,
+    device: str = "cpu",
+    compute_type: str = "default",
+    cpu_threads: int = 0,
+    progress: bool = False,
+) -> EvaluationResult:
+    """Transcribe every row of ``dataset`` with a registered version and score it.
+
+    Args:
+        model_uri: ``models:/<name>/<version>`` or ``models:/<name>@<alias>``.
+        dataset: a ``.jsonl``/``.csv`` manifest or a ``save_to_disk`` directory (see ``datasets``).
+        decoding: overrides of the version's stored decoding defaults; a row's language applies
+            unless these set one.
+        skip_bad: skip rows with missing or undecodable audio (recorded in the run) instead of
+            refusing the dataset.
+        split: the split of a ``DatasetDict``.
+        device, compute_type, cpu_threads: as in ``mlflow_faster_whisper.load_model``.
+        progress: show a progress bar over utterances on stderr.
+
+    Returns:
+        The metrics (wer, cer, rtf, latency_p50_s, latency_p95_s, load_time_s, n_utterances,
+        n_skipped, and per-language error rates), the run id and the per-utterance rows.
+
+    Raises:
+        ModelNotFoundError: the URI names no registered version.
+        BadRowsError: rows with unusable audio and ``skip_bad`` is False; nothing was run.
+        DatasetError: the dataset cannot be read, or no usable row is left.
+        DecodingOptionsError: invalid overrides.
+    """
+    setup = tracking.configure()
+    mv = versions.from_uri(model_uri)
+    name, version = mv.name, str(mv.version)
+    version_uri = f"models:/{name}/{version}"
+    overrides = DecodingOptions.parse(decoding).explicit()
+    data = load_dataset(dataset, split=split)
+    if data.bad_rows and not skip_bad:
+        raise BadRowsError(data.bad_rows)
+    if not data.rows:
+        raise DatasetError(f"No usable rows are left in {data.source}: every row's audio is missing or undecodable.")
+    stored = mfw.flavor_config(version_uri).get(c.DECODING) or {}
+    headline = metrics.headline_metric(data.languages)
+    with mlflow.start_run(experiment_id=setup.experiment_id, run_name=f"evaluate {name} v{version}") as run:
+        mlflow.set_tags({
+            tags.RUN_KIND: "evaluate",
+            tags.RUN_MODEL_NAME: name,
+            tags.RUN_MODEL_VERSION: version,
+            tags.RUN_MODEL_URI: version_uri,
+            tags.RUN_DATASET_DIGEST: data.digest,
+        })
+        mlflow.log_params({
+            "model_uri": version_uri,
+            "dataset": data.source,
+            "dataset_digest": data.digest,
+            "decoding": json.dumps({**stored, **overrides}, sort_keys=True),
+            "device": device,
+            "compute_type": compute_type,
+            "headline": headline,
+        })
+        started = time.perf_counter()
+        model = mfw.load_model(version_uri, device=device, compute_type=compute_type, cpu_threads=cpu_threads)
+        load_time = time.perf_counter() - started
+        scored, table = _transcribe_all(model, data, stored, overrides, progress)
+        results = metrics.compute_all(metrics.Measurements(scored, load_time_s=load_time, n_skipped=len(data.bad_rows)))
+        mlflow.log_metrics(results, model_id=versions.logged_model_id(mv), dataset=_mlflow_dataset(data))
+        mlflow.log_table(_columns(table), UTTERANCES_TABLE)
+        if data.bad_rows:
+            mlflow.log_table({"where": [b.where for b in data.bad_rows], "reason": [b.reason for b in data.bad_rows]}, SKIPPED_TABLE)
+            mlflow.set_tag("skipped_rows", "; ".join(b.where for b in data.bad_rows)[:5000])
+        run_id = run.info.run_id
+    _tag_version(name, version, results, headline, data, run_id)
+    return EvaluationResult(name, version, run_id, data.digest, headline, results, table, list(data.bad_rows))
+
+
+def _transcribe_all(model, data: EvaluationDataset, stored: dict, overrides: dict, progress: bool):
+    scored, table = [], []
+    for row in tqdm(data.rows, desc="evaluate", unit="utterance", disable=not progress):
+        language_layer = {"language": row.language} if row.language and "language" not in overrides else {}
+        options = DecodingOptions.layered(stored, language_layer, overrides)
+        samples = row.samples()
+        started = time.perf_counter()
+        hypothesis = transcribe(model, samples, options)
+        latency = time.perf_counter() - started
+        duration = len(samples) / c.SAMPLE_RATE
+        language = row.language or hypothesis.language
+        utterance = metrics.score_utterance(row.reference, hypothesis.text, language, duration_s=duration, latency_s=latency)
+        scored.append(utterance)
+        table.append({
+            "audio": row.where,
+            "language": language,
+            "reference": row.reference,
+            "hypothesis": hypothesis.text,
+            "reference_normalized": utterance.reference,
+            "hypothesis_normalized": utterance.hypothesis,
+            "errors": utterance.errors,
+            "unit": "char" if utterance.by_characters else "word",
+            "error_rate": utterance.error_rate,
+            "duration_s": round(duration, 3),
+            "latency_s": round(latency, 4),
+            "rtf": round(latency / duration, 4),
+        })
+    return scored, table
+
+
+def _tag_version(name: str, version: str, results: dict[str, float], headline: str, data: EvaluationDataset, run_id: str) -> None:
+    client = tracking.client()
+    values = {
+        f"{tags.EVAL_PREFIX}{k}": _fmt(v)
+        for k, v in results.items()
+        if k in VERSION_TAG_METRICS or k.startswith(("cer_", "wer_"))
+    }
+    values.update({
+        tags.EVAL_HEADLINE: headline,
+        tags.EVAL_DATASET: data.digest,
+        tags.EVAL_DATASET_NAME: data.name,
+        tags.EVAL_RUN_ID: run_id,
+        tags.EVAL_TIME: datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    })
+    # Results of an earlier evaluation on another dataset must not survive next to these.
+    for stale in client.get_model_version(name, version).tags:
+        if stale.startswith(tags.EVAL_PREFIX) and stale not in values:
+            client.delete_model_version_tag(name, version, stale)
+    for key, value in values.items():
+        client.set_model_version_tag(name, version, key, value)
+
+
+def _mlflow_dataset(data: EvaluationDataset):
+    import pandas as pd
+
+    frame = pd.DataFrame({
+        "audio": [r.where for r in data.rows],
+        "reference": [r.reference for r in data.rows],
+        "language": [r.language or "" for r in data.rows],
+    })
+    # MLflow stores at most 36 characters of a dataset digest.
+    with warnings.catch_warnings():
+        # A local path matches several of MLflow's source types; it picks the right one but warns.
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+        return mlflow.data.from_pandas(frame, source=data.source, name=data.name, digest=data.digest[:32])
+
+
+def _columns(table: list[dict[str, Any]]) -> dict[str, list]:
+    return {key: [row[key] for row in table] for key in table[0]} if table else {}
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.6g}"

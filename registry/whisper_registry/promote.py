@@ -1,0 +1,286 @@
+"""Move the ``staging``/``production`` aliases behind gates, with an audit trail and rollback.
+
+Gates read the candidate's own evaluation (the ``eval.*`` version tags): ``"cer<=0.08"``,
+``"wer<0.1"``, ``"rtf<=0.5"``. ``max_regression`` compares the candidate's headline error rate with
+that of the version currently holding the alias, on the same dataset (same digest). A failing gate
+moves nothing.
+
+Every move is an event in the registered model's tags, ``audit.<alias>.<NNNN>`` (JSON: action,
+from/to version, time, user, gate results); the promoted version also gets ``promoted.<alias>.*``
+tags. ``rollback`` replays the trail to find the holder before the latest promotion.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+import operator
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Optional
+
+from whisper_registry import metrics, tags, tracking, versions
+from whisper_registry.errors import (
+    GateFailedError,
+    GateSyntaxError,
+    NothingToRollBackError,
+    NotEvaluatedError,
+    UnknownAliasError,
+)
+
+_logger = logging.getLogger(__name__)
+
+ALIASES = ("staging", "production")
+_OPERATORS = {"<=": operator.le, "<": operator.lt, ">=": operator.ge, ">": operator.gt, "==": operator.eq}
+_GATE = re.compile(r"^\s*(?P<metric>[A-Za-z][\w]*)\s*(?P<op><=|>=|==|<|>)\s*(?P<value>[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?)\s*$")
+
+
+@dataclass(frozen=True)
+class Gate:
+    metric: str
+    op: str
+    threshold: float
+
+    def __str__(self) -> str:
+        return f"{self.metric}{self.op}{self.threshold:g}"
+
+    def holds(self, value: float) -> bool:
+        return _OPERATORS[self.op](value, self.threshold)
+
+
+@dataclass(frozen=True)
+class GateResult:
+    gate: str
+    value: Optional[float]
+    passed: bool
+    detail: str = ""
+
+
+@dataclass
+class PromotionResult:
+    name: str
+    alias: str
+    action: str  # promote | rollback
+    from_version: Optional[str]
+    to_version: str
+    time: str
+    user: str
+    moved: bool
+    gates: list[GateResult] = field(default_factory=list)
+
+
+def parse_gate(text: str) -> Gate:
+    """``"cer<=0.08"`` -> ``Gate("cer", "<=", 0.08)``.
+
+    Raises:
+        GateSyntaxError: not ``<metric><op><number>``.
+        UnknownMetricError: the metric is not in the metrics registry (the message lists them).
+    """
+    m = _GATE.match(text)
+    if not m:
+        raise GateSyntaxError(
+            f"Cannot read the gate {text!r}: write <metric><op><number>, e.g. cer<=0.08, wer<0.1 or rtf<=0.5 "
+            f"(operators: {', '.join(_OPERATORS)})."
+        )
+    metric = metrics.get_metric(m["metric"]).name
+    return Gate(metric, m["op"], float(m["value"]))
+
+
+def check_alias(alias: str) -> str:
+    """Raises UnknownAliasError unless ``alias`` is one of ``ALIASES``."""
+    if alias not in ALIASES:
+        raise UnknownAliasError(f"Unknown alias {alias!r}: use one of {', '.join(ALIASES)} (stages are deprecated; aliases only).")
+    return alias
+
+
+def promote(
+    name: str,
+    version: str | int,
+    alias: str,
+    *,
+    gates: Optional[list[str | Gate]] = None,
+    max_regression: Optional[float] = None,
+    user: Optional[str] = None,
+) -> PromotionResult:
+    """Point ``alias`` at ``version`` if every gate holds, and record the move.
+
+    Args:
+        name: the registered model.
+        version: a version number of ``name`` (or ``models:/<name>/<version>``).
+        alias: ``staging`` or ``production``.
+        gates: conditions on the version's own evaluation, e.g. ``["cer<=0.08"]``.
+        max_regression: the most the headline error rate may exceed that of the current holder
+            of ``alias`` on the same dataset (ignored when no version holds it).
+        user: recorded in the audit trail (default: MLFLOW_TRACKING_USERNAME or the OS user).
+
+    Returns:
+        The move (``moved`` is False when the version already held the alias) and the gate results.
+
+    Raises:
+        UnknownAliasError, GateSyntaxError, UnknownMetricError: bad arguments.
+        ModelNotFoundError, WrongModelError: the version is not a version of ``name``.
+        NotEvaluatedError: gates were given but the version was never evaluated.
+        GateFailedError: a gate did not hold; the alias did not move.
+    """
+    check_alias(alias)
+    parsed = [g if isinstance(g, Gate) else parse_gate(g) for g in gates or []]
+    tracking.configure()
+    candidate = versions.get(name, version)
+    holder = versions.holder(name, alias)
+    user = user or _user()
+    now = _now()
+    to_version = str(candidate.version)
+    from_version = None if holder is None else str(holder.version)
+    if from_version == to_version:
+        return PromotionResult(name, alias, "promote", from_version, to_version, now, user, moved=False)
+    t = candidate.tags or {}
+    if (parsed or max_regression is not None) and tags.EVAL_RUN_ID not in t:
+        raise NotEvaluatedError(
+            f"Version {to_version} of {name!r} has no evaluation to check gates against: "
+            f"evaluate models:/{name}/{to_version} on a dataset first."
+        )
+    results = [_check_gate(g, t) for g in parsed]
+    if max_regression is not None:
+        results.append(_check_regression(name, t, holder, alias, max_regression))
+    failed = [r for r in results if not r.passed]
+    if failed:
+        summary = "; ".join(f"{r.gate} ({r.detail})" for r in failed)
+        raise GateFailedError(
+            f"Not promoting version {to_version} of {name!r} to {alias}: {summary}. "
+            f"The alias stays on {_version_label(holder)}.",
+            results,
+        )
+    result = PromotionResult(name, alias, "promote", from_version, to_version, now, user, True, results)
+    _move(result)
+    return result
+
+
+def rollback(name: str, alias: str, *, user: Optional[str] = None) -> PromotionResult:
+    """Give ``alias`` back to the version that held it before the latest promotion.
+
+    Raises:
+        UnknownAliasError: not a supported alias.
+        ModelNotFoundError: no such model.
+        NothingToRollBackError: no promotion recorded, none before the first, or the alias was
+            moved outside the registry workflows since.
+    """
+    check_alias(alias)
+    tracking.configure()
+    holder = versions.holder(name, alias)
+    stack: list[dict] = []
+    for event in audit_trail(name, alias):
+        if event["action"] == "promote":
+            stack.append(event)
+        elif stack:
+            stack.pop()
+    if not stack:
+        raise NothingToRollBackError(f"No promotion of {name!r} to {alias} is recorded: there is nothing to roll back.")
+    last = stack[-1]
+    if holder is None or str(holder.version) != str(last["to_version"]):
+        raise NothingToRollBackError(
+            f"The {alias} alias of {name!r} is on {_version_label(holder)} but the audit trail ends with "
+            f"version {last['to_version']}: it was moved outside whisper-registry. Promote the version you want explicitly."
+        )
+    if last["from_version"] is None:
+        raise NothingToRollBackError(
+            f"Version {last['to_version']} was the first holder of {alias} for {name!r}: there is no earlier "
+            "version to restore. Promote another version instead."
+        )
+    versions.get(name, last["from_version"])  # it must still exist
+    result = PromotionResult(name, alias, "rollback", str(holder.version), str(last["from_version"]), _now(), user or _user(), True)
+    _move(result)
+    return result
+
+
+def audit_trail(name: str, alias: str) -> list[dict]:
+    """The recorded events of ``alias``, oldest first."""
+    model = tracking.client().get_registered_model(name)
+    prefix = f"{tags.AUDIT_PREFIX}{alias}."
+    keyed = sorted((int(k[len(prefix):]), v) for k, v in (model.tags or {}).items() if k.startswith(prefix) and k[len(prefix):].isdigit())
+    return [json.loads(v) for _, v in keyed]
+
+
+def _move(result: PromotionResult) -> None:
+    client = tracking.client()
+    client.set_registered_model_alias(result.name, result.alias, result.to_version)
+    sequence = len(audit_trail(result.name, result.alias)) + 1
+    event = {k: v for k, v in asdict(result).items() if k not in ("name", "moved")}
+    client.set_registered_model_tag(result.name, f"{tags.AUDIT_PREFIX}{result.alias}.{sequence:04d}", json.dumps(event))
+    prefix = f"{tags.PROMOTED_PREFIX}{result.alias}."
+    summary = {
+        "time": result.time,
+        "by": result.user,
+        "action": result.action,
+        "from_version": result.from_version or "none",
+        "gates": "; ".join(f"{g.gate}: {g.detail}" for g in result.gates) or "none",
+    }
+    for key, value in summary.items():
+        client.set_model_version_tag(result.name, result.to_version, prefix + key, value)
+    _logger.info("%s: %s %s -> version %s (was %s)", result.name, result.action, result.alias, result.to_version, result.from_version)
+
+
+def _check_gate(gate: Gate, version_tags: dict[str, str]) -> GateResult:
+    raw = version_tags.get(f"{tags.EVAL_PREFIX}{gate.metric}")
+    if raw is None:
+        return GateResult(str(gate), None, False, f"no {gate.metric} in the version's evaluation")
+    value = float(raw)
+    passed = gate.holds(value)
+    return GateResult(str(gate), value, passed, f"{gate.metric}={value:.4g} {'holds' if passed else 'fails'}")
+
+
+def _check_regression(name: str, candidate_tags: dict[str, str], holder, alias: str, limit: float) -> GateResult:
+    gate = f"regression<={limit:g}"
+    headline = candidate_tags.get(tags.EVAL_HEADLINE, "wer")
+    mine = candidate_tags.get(f"{tags.EVAL_PREFIX}{headline}")
+    if holder is None:
+        return GateResult(gate, None, True, f"no version holds {alias}")
+    dataset = candidate_tags.get(tags.EVAL_DATASET)
+    theirs = _holder_value(name, holder, headline, dataset)
+    if mine is None or theirs is None:
+        return GateResult(
+            gate, None, False,
+            f"version {holder.version} (holding {alias}) has no {headline} on dataset {str(dataset)[:12]}: "
+            f"evaluate models:/{name}/{holder.version} on the same dataset",
+        )
+    delta = float(mine) - theirs
+    passed = delta <= limit
+    return GateResult(gate, delta, passed, f"{headline} {float(mine):.4g} vs {theirs:.4g} of version {holder.version} ({delta:+.4g})")
+
+
+def _holder_value(name: str, holder, metric: str, dataset: Optional[str]) -> Optional[float]:
+    t = holder.tags or {}
+    if dataset and t.get(tags.EVAL_DATASET) == dataset and f"{tags.EVAL_PREFIX}{metric}" in t:
+        return float(t[f"{tags.EVAL_PREFIX}{metric}"])
+    # The holder's latest evaluation is on another dataset: look for an earlier run on this one.
+    client = tracking.client()
+    experiment_ids = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(
+        experiment_ids,
+        filter_string=(
+            f"tags.`{tags.RUN_MODEL_NAME}` = '{name}' and tags.`{tags.RUN_MODEL_VERSION}` = '{holder.version}' "
+            f"and tags.`{tags.RUN_DATASET_DIGEST}` = '{dataset}'"
+        ),
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if runs and metric in runs[0].data.metrics:
+        return float(runs[0].data.metrics[metric])
+    return None
+
+
+def _version_label(mv) -> str:
+    return "no version" if mv is None else f"version {mv.version}"
+
+
+def _user() -> str:
+    try:
+        return os.environ.get("MLFLOW_TRACKING_USERNAME") or getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

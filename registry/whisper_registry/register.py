@@ -1,0 +1,205 @@
+"""One source -> one registered version per quantization, all logged in one MLflow run.
+
+Each quantization is a separate conversion by the flavor (``mlflow_faster_whisper.log_model``
+with ``registered_model_name``); a conversion that fails registers nothing for that
+quantization, and the others still go through. Versions are tagged only once they are READY.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import mlflow
+import mlflow_faster_whisper as mfw
+from mlflow_faster_whisper import checksums, constants as c
+from mlflow_faster_whisper.decoding import DecodingOptions
+from mlflow_faster_whisper.errors import FasterWhisperFlavorError, UnsupportedQuantizationError
+from mlflow_faster_whisper.sources import resolve_source
+from tqdm.auto import tqdm
+
+from whisper_registry import tags, tracking
+from whisper_registry.errors import RegistrationError
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RegisteredVersion:
+    name: str
+    version: str
+    quantization: str
+    size_bytes: int
+    checksums_digest: str
+    model_id: Optional[str]
+
+    @property
+    def model_uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+@dataclass
+class RegistrationResult:
+    """The registration run, the versions that registered, and ``{quantization: reason}`` of those that did not."""
+
+    name: str
+    run_id: str
+    versions: list[RegisteredVersion] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+def register(
+    source: Any,
+    name: str,
+    quantizations: Optional[list[str]] = None,
+    *,
+    base_model: Optional[str] = None,
+    revision: Optional[str] = None,
+    decoding: DecodingOptions | dict | None = None,
+    progress: bool = False,
+) -> RegistrationResult:
+    """Convert ``source`` once per quantization and register each result as a version of ``name``.
+
+    Args:
+        source: a transformers checkpoint directory or hub id, a PEFT adapter directory (with
+            ``base_model``), a ``runs:/``/``models:/`` URI of one, a CTranslate2 directory, or an
+            in-memory model (see ``mlflow_faster_whisper.save_model``).
+        name: the registered model name.
+        quantizations: CTranslate2 quantizations, e.g. ``["int8", "float32"]``; None: the flavor's
+            default (int8; a CTranslate2 directory as stored).
+        base_model: the base checkpoint of an adapter.
+        revision: hub revision of a hub id.
+        decoding: default decoding options stored with every version.
+        progress: show a progress bar per conversion on stderr.
+
+    Returns:
+        The run and the registered versions, each tagged with quantization, size, lineage and
+        checksums digest.
+
+    Raises:
+        InvalidSourceError, UnsupportedQuantizationError, DecodingOptionsError: bad input,
+            refused before anything is created.
+        RegistrationError: one or more quantizations failed (``.result`` holds those that registered).
+    """
+    wanted = _check_quantizations(quantizations)
+    decoding = DecodingOptions.parse(decoding)
+    resolved = resolve_source(source, base_model=base_model, revision=revision)  # refuse bad input early
+    setup = tracking.configure()
+    label = _describe(source)
+    run = mlflow.start_run(experiment_id=setup.experiment_id, run_name=f"register {name}")
+    result = RegistrationResult(name=name, run_id=run.info.run_id)
+    status = "FAILED"
+    try:
+        mlflow.set_tags({tags.RUN_KIND: "register", tags.RUN_MODEL_NAME: name})
+        mlflow.log_params({
+            "source": label,
+            "source_kind": resolved.kind,
+            "base_model": resolved.base_model or "",
+            "quantizations": ",".join(q or "as-stored" for q in wanted),
+            "decoding": json.dumps(decoding.explicit(), sort_keys=True),
+        })
+        bar = tqdm(wanted, desc=f"register {name}", unit="quantization", disable=not progress)
+        for quantization in bar:
+            bar.set_postfix_str(f"converting {quantization or 'as stored'}")
+            _register_one(source, name, quantization, base_model, revision, decoding, label, result)
+        bar.close()
+        mlflow.set_tags({
+            "registered_versions": ",".join(v.version for v in result.versions),
+            "failed_quantizations": ",".join(result.failed),
+        })
+        status = "FINISHED" if not result.failed else "FAILED"
+    finally:
+        mlflow.end_run(status)
+    if result.failed:
+        raise RegistrationError(_failure_message(result), result)
+    return result
+
+
+def _register_one(source, name, quantization, base_model, revision, decoding, label, result) -> None:
+    key = quantization or "as-stored"
+    try:
+        info = mfw.log_model(
+            source,
+            name=f"{name}-{key}".replace("/", "-"),
+            quantization=quantization,
+            base_model=base_model,
+            revision=revision,
+            decoding=decoding,
+            registered_model_name=name,
+        )
+    except (FasterWhisperFlavorError, mlflow.exceptions.MlflowException, OSError, RuntimeError, ValueError) as exc:
+        # Conversion or upload failed: the flavor registered nothing for this quantization.
+        _logger.error("Registering %s as %s failed: %s", label, key, exc)
+        result.failed[key] = _first_line(exc)
+        return
+    client = tracking.client()
+    version = str(info.registered_model_version)
+    if client.get_model_version(name, version).status != "READY":
+        result.failed[key] = f"version {version} did not become READY"
+        return
+    conf = info.flavors[c.FLAVOR_NAME]
+    lineage = conf.get(c.SOURCE) or {}
+    registered = RegisteredVersion(
+        name=name,
+        version=version,
+        quantization=conf[c.QUANTIZATION],
+        size_bytes=int(conf[c.SIZE_BYTES]),
+        checksums_digest=checksums.digest(conf[c.CHECKSUMS]),
+        model_id=info.model_id,
+    )
+    version_tags = {
+        tags.QUANTIZATION: registered.quantization,
+        tags.SIZE_BYTES: str(registered.size_bytes),
+        tags.SIZE_MB: f"{registered.size_bytes / 1e6:.1f}",
+        tags.SOURCE: label,
+        tags.SOURCE_KIND: lineage.get(c.SOURCE_KIND) or "",
+        tags.BASE_MODEL: lineage.get(c.SOURCE_BASE_MODEL) or "",
+        tags.ADAPTER: lineage.get(c.SOURCE_ADAPTER) or "",
+        tags.CHECKSUMS_DIGEST: registered.checksums_digest,
+        tags.SOURCE_RUN: lineage.get(c.SOURCE_RUN_ID) or "",
+        tags.REGISTER_RUN: result.run_id,
+    }
+    for key_, value in version_tags.items():
+        if value:
+            client.set_model_version_tag(name, version, key_, value)
+    client.update_model_version(
+        name, version, description=f"{registered.quantization} CTranslate2 conversion of {label}"
+    )
+    result.versions.append(registered)
+
+
+def _check_quantizations(quantizations: Optional[list[str]]) -> list[Optional[str]]:
+    if not quantizations:
+        return [None]
+    wanted: list[Optional[str]] = []
+    for q in quantizations:
+        name = str(q).strip().lower()
+        if name not in mfw.QUANTIZATIONS:
+            raise UnsupportedQuantizationError(f"Unknown quantization {q!r}. Use one of: {', '.join(mfw.QUANTIZATIONS)}.")
+        if name not in wanted:
+            wanted.append(name)
+    return wanted
+
+
+def _describe(source: Any) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        text = os.fspath(source)
+        return text if "://" in text or text.startswith(("runs:/", "models:/")) or not os.path.exists(text) else os.path.abspath(text)
+    return type(source).__name__
+
+
+def _failure_message(result: RegistrationResult) -> str:
+    done = ", ".join(f"{v.quantization} as version {v.version}" for v in result.versions) or "nothing"
+    failed = "; ".join(f"{q}: {reason}" for q, reason in result.failed.items())
+    return (
+        f"Registered {done} of {result.name}; failed {failed}. Nothing was registered for the failed "
+        "quantizations: fix the cause and register those quantizations again."
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]

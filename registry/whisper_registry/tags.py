@@ -1,0 +1,37 @@
+"""Names of the tags the registry writes on model versions, registered models and runs.
+
+Version tags are the contract with MLflow UI users (they see quantization, size, lineage and
+evaluation results without this package) and between the workflows, so every key lives here.
+"""
+
+# Model version tags written by register().
+QUANTIZATION = "quantization"
+SIZE_BYTES = "size_bytes"
+SIZE_MB = "size_mb"
+SOURCE = "source"
+SOURCE_KIND = "source_kind"
+BASE_MODEL = "base_model"
+ADAPTER = "adapter"
+CHECKSUMS_DIGEST = "checksums_digest"
+SOURCE_RUN = "source_run"  # the run recorded in the flavor's lineage (training run for runs:/ sources)
+REGISTER_RUN = "register_run"  # the registration run that converted and logged this version
+
+# Model version tags written by evaluate(): "eval.<metric>" plus these.
+EVAL_PREFIX = "eval."
+EVAL_RUN_ID = "eval.run_id"
+EVAL_DATASET = "eval.dataset"  # the dataset digest
+EVAL_DATASET_NAME = "eval.dataset_name"
+EVAL_HEADLINE = "eval.headline"  # "cer" or "wer"
+EVAL_TIME = "eval.time"
+
+# Run tags of evaluation runs, linking them to the version (searchable).
+RUN_KIND = "whisper_registry.kind"  # register | evaluate | compare
+RUN_MODEL_NAME = "whisper_registry.model_name"
+RUN_MODEL_VERSION = "whisper_registry.model_version"
+RUN_MODEL_URI = "whisper_registry.model_uri"
+RUN_DATASET_DIGEST = "whisper_registry.dataset_digest"
+
+# Registered model tags of the audit trail: "audit.<alias>.<0001>" = JSON event.
+AUDIT_PREFIX = "audit."
+# Model version tags summarising the latest promotion to an alias: "promoted.<alias>.<field>".
+PROMOTED_PREFIX = "promoted."

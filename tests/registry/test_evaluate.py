@@ -1,0 +1,81 @@
+import json
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from tests.registry.conftest import clip_rows, write_manifest
+from whisper_registry import tags, versions
+from whisper_registry.errors import BadRowsError, ModelNotFoundError
+from whisper_registry.evaluate import UTTERANCES_TABLE, evaluate
+
+
+def test_evaluation_run_is_linked_to_the_version_and_tags_it(tiny_registered, two_clips_manifest):
+    result = evaluate("models:/tiny/1", two_clips_manifest)
+    client = MlflowClient()
+    run = client.get_run(result.run_id)
+    expected = {"wer", "cer", "rtf", "latency_p50_s", "latency_p95_s", "load_time_s", "n_utterances", "n_skipped"}
+    assert expected <= set(run.data.metrics)
+    assert run.data.metrics["n_utterances"] == 2 and run.data.metrics["n_skipped"] == 0
+    assert run.data.metrics["rtf"] > 0 and run.data.metrics["load_time_s"] > 0
+    assert run.data.tags[tags.RUN_MODEL_URI] == "models:/tiny/1"
+    # MLflow 3 links: the version's logged model is an input of the run and owns the metrics.
+    mv = client.get_model_version("tiny", "1")
+    model_id = versions.logged_model_id(mv)
+    assert model_id and [m.model_id for m in run.inputs.model_inputs] == [model_id]
+    logged = client.get_logged_model(model_id)
+    assert {m.key for m in logged.metrics} >= {"cer", "wer"}
+    assert {m.dataset_digest for m in logged.metrics} == {result.dataset_digest[:32]}
+    assert run.inputs.dataset_inputs[0].dataset.digest == result.dataset_digest[:32]
+    # The per-utterance table.
+    table = json.loads(open(mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path=UTTERANCES_TABLE)).read())
+    assert set(table["columns"]) >= {"audio", "reference", "hypothesis", "errors", "latency_s", "rtf"}
+    assert len(table["data"]) == 2
+    # Headline results on the version, for the MLflow UI.
+    t = mv.tags
+    assert float(t["eval.cer"]) == pytest.approx(result.metrics["cer"], rel=1e-5)
+    assert t[tags.EVAL_RUN_ID] == result.run_id and t[tags.EVAL_DATASET] == result.dataset_digest
+    assert t[tags.EVAL_HEADLINE] == "cer"  # a dataset with Chinese is headlined by CER
+
+
+def test_stored_decoding_and_overrides_are_used(tiny_registered, two_clips_manifest):
+    result = evaluate("models:/tiny/2", two_clips_manifest, decoding={"max_new_tokens": 3})
+    params = MlflowClient().get_run(result.run_id).data.params
+    decoding = json.loads(params["decoding"])
+    assert decoding["beam_size"] == 1 and decoding["max_new_tokens"] == 3
+
+
+def test_bad_rows_stop_the_evaluation_listing_every_path(tiny_registered, tmp_path, en_zh_clips):
+    broken = tmp_path / "broken.wav"
+    broken.write_bytes(b"not audio" * 50)
+    rows = clip_rows(en_zh_clips[:1]) + [{"audio": str(tmp_path / "gone.wav"), "text": "x"}, {"audio": str(broken), "text": "y"}]
+    manifest = write_manifest(tmp_path / "m.jsonl", rows)
+    with pytest.raises(BadRowsError) as info:
+        evaluate("models:/tiny/1", manifest)
+    assert str(tmp_path / "gone.wav") in str(info.value) and str(broken) in str(info.value)
+    assert "eval.run_id" not in MlflowClient().get_model_version("tiny", "1").tags  # nothing ran
+
+    result = evaluate("models:/tiny/1", manifest, skip_bad=True)
+    assert result.metrics["n_utterances"] == 1 and result.metrics["n_skipped"] == 2
+    assert {b.where for b in result.skipped} == {str(tmp_path / "gone.wav"), str(broken)}
+    run = MlflowClient().get_run(result.run_id)
+    assert str(broken) in run.data.tags["skipped_rows"]
+    assert "eval/skipped_rows.json" in [a.path for a in MlflowClient().list_artifacts(result.run_id, "eval")]
+
+
+def test_a_new_evaluation_replaces_the_version_tags(tiny_registered, two_clips_manifest, tmp_path, en_zh_clips):
+    evaluate("models:/tiny/1", two_clips_manifest)
+    en_only = write_manifest(tmp_path / "en.jsonl", clip_rows([c for c in en_zh_clips if c.language == "en"][:1]))
+    result = evaluate("models:/tiny/1", en_only)
+    t = MlflowClient().get_model_version("tiny", "1").tags
+    assert t[tags.EVAL_HEADLINE] == "wer" and t[tags.EVAL_DATASET] == result.dataset_digest
+    assert "eval.cer_zh" not in t  # from the earlier, mixed-language evaluation
+
+
+def test_unknown_version_or_uri(tiny_registered, two_clips_manifest):
+    with pytest.raises(ModelNotFoundError, match=r"no version 9 \(versions: 1, 2\)"):
+        evaluate("models:/tiny/9", two_clips_manifest)
+    with pytest.raises(ModelNotFoundError, match="promote a version to production first"):
+        evaluate("models:/tiny@production", two_clips_manifest)
+    with pytest.raises(ModelNotFoundError, match="models:/<name>/<version>"):
+        evaluate("runs:/abc/model", two_clips_manifest)

@@ -1,0 +1,130 @@
+import pytest
+from mlflow import MlflowClient
+
+from tests.registry.conftest import clip_rows, write_manifest
+from whisper_registry.errors import (
+    GateFailedError,
+    GateSyntaxError,
+    ModelNotFoundError,
+    NothingToRollBackError,
+    NotEvaluatedError,
+    UnknownAliasError,
+    UnknownMetricError,
+    WrongModelError,
+)
+from whisper_registry.evaluate import evaluate
+from whisper_registry.promote import Gate, audit_trail, parse_gate, promote, rollback
+
+
+def _holder(alias):
+    return MlflowClient().get_registered_model("tiny").aliases.get(alias)
+
+
+def test_parse_gate():
+    assert parse_gate("cer<=0.08") == Gate("cer", "<=", 0.08)
+    assert parse_gate(" wer < 1e-1 ") == Gate("wer", "<", 0.1)
+    assert parse_gate("cer_zh<=.3").metric == "cer_zh"
+    with pytest.raises(GateSyntaxError, match="cer<=0.08"):
+        parse_gate("cer is small")
+    with pytest.raises(UnknownMetricError, match="Valid metrics: wer, cer, rtf"):
+        parse_gate("accuracy>=0.9")
+
+
+def test_promote_with_gates_then_refuse_an_impossible_gate_then_roll_back(tiny_evaluated):
+    _, (eval1, eval2) = tiny_evaluated
+    cer1 = eval1.metrics["cer"]
+    result = promote("tiny", "1", "staging", gates=[f"cer<={cer1 + 0.01}", "rtf<=10"], user="alice")
+    assert result.moved and result.from_version is None and result.to_version == "1"
+    assert all(g.passed for g in result.gates) and _holder("staging") in ("1", 1)
+
+    with pytest.raises(GateFailedError) as info:
+        promote("tiny", "2", "staging", gates=["cer<0", "rtf<=10"], user="bob")
+    assert [g.passed for g in info.value.results] == [False, True]
+    assert "cer<0" in str(info.value) and "stays on version 1" in str(info.value)
+    assert str(_holder("staging")) == "1"  # nothing moved
+    assert len(audit_trail("tiny", "staging")) == 1  # and nothing recorded
+
+    promote("tiny", "2", "staging", gates=[f"cer<={eval2.metrics['cer'] + 0.01}"], user="bob")
+    assert str(_holder("staging")) == "2"
+    events = audit_trail("tiny", "staging")
+    assert [(e["action"], e["from_version"], e["to_version"], e["user"]) for e in events] == [
+        ("promote", None, "1", "alice"),
+        ("promote", "1", "2", "bob"),
+    ]
+    assert events[1]["gates"][0]["passed"] and events[1]["time"].endswith("+00:00")
+    version_tags = MlflowClient().get_model_version("tiny", "2").tags
+    assert version_tags["promoted.staging.by"] == "bob" and version_tags["promoted.staging.from_version"] == "1"
+
+    back = rollback("tiny", "staging", user="carol")
+    assert (back.from_version, back.to_version) == ("2", "1") and str(_holder("staging")) == "1"
+    assert audit_trail("tiny", "staging")[-1]["action"] == "rollback"
+    with pytest.raises(NothingToRollBackError, match="first holder"):
+        rollback("tiny", "staging")
+    assert str(_holder("staging")) == "1"
+
+
+def test_promoting_the_holder_again_moves_nothing(tiny_evaluated):
+    promote("tiny", "1", "production")
+    again = promote("tiny", "1", "production", gates=["cer<0"])
+    assert not again.moved and len(audit_trail("tiny", "production")) == 1
+
+
+def test_max_regression_compares_with_the_holder_on_the_same_dataset(tiny_evaluated):
+    client = MlflowClient()
+    promote("tiny", "1", "production")
+    cer1 = float(client.get_model_version("tiny", "1").tags["eval.cer"])
+    # Pin the candidate's result so the comparison is exact (the tiny model's error rates are noise).
+    client.set_model_version_tag("tiny", "2", "eval.cer", str(cer1 + 0.01))
+    with pytest.raises(GateFailedError, match=r"regression<=0.005.*\+0.01"):
+        promote("tiny", "2", "production", max_regression=0.005)
+    assert str(_holder("production")) == "1"
+    result = promote("tiny", "2", "production", max_regression=0.02)
+    assert result.moved and result.gates[0].value == pytest.approx(0.01)
+
+
+def test_max_regression_finds_the_holders_run_on_the_same_dataset(tiny_evaluated, tmp_path, en_zh_clips):
+    promote("tiny", "1", "production")
+    # v1's latest evaluation is now on another dataset; its earlier run on v2's dataset still counts.
+    english = write_manifest(tmp_path / "en.jsonl", clip_rows([c for c in en_zh_clips if c.language == "en"][:1]))
+    evaluate("models:/tiny/1", english)
+    result = promote("tiny", "2", "production", max_regression=10)
+    assert "of version 1" in result.gates[0].detail
+
+
+def test_max_regression_needs_the_holder_evaluated_on_the_same_dataset(tiny_evaluated, tmp_path, en_zh_clips):
+    promote("tiny", "1", "production")
+    english = write_manifest(tmp_path / "en.jsonl", clip_rows([c for c in en_zh_clips if c.language == "en"][:1]))
+    evaluate("models:/tiny/2", english)  # v2 now evaluated on a dataset v1 never saw
+    with pytest.raises(GateFailedError, match="evaluate models:/tiny/1 on the same dataset"):
+        promote("tiny", "2", "production", max_regression=10)
+
+
+def test_bad_arguments(tiny_evaluated):
+    with pytest.raises(UnknownAliasError, match="use one of staging, production"):
+        promote("tiny", "1", "prod")
+    with pytest.raises(UnknownAliasError):
+        rollback("tiny", "champion")
+    with pytest.raises(WrongModelError, match="version of 'other', not 'tiny'"):
+        promote("tiny", "models:/other/1", "staging")
+    with pytest.raises(ModelNotFoundError, match=r"no version 7 \(versions: 1, 2\)"):
+        promote("tiny", "7", "staging")
+    with pytest.raises(ModelNotFoundError, match="no registered model 'nope'"):
+        promote("nope", "1", "staging")
+    with pytest.raises(NothingToRollBackError, match="nothing to roll back"):
+        rollback("tiny", "production")
+
+
+def test_gates_need_an_evaluation(tiny_registered):
+    with pytest.raises(NotEvaluatedError, match="evaluate models:/tiny/1"):
+        promote("tiny", "1", "staging", gates=["cer<=0.1"])
+    assert promote("tiny", "1", "staging").moved  # no gates: allowed
+
+
+def test_rollback_refuses_when_the_alias_was_moved_outside(tiny_evaluated):
+    promote("tiny", "1", "staging")
+    promote("tiny", "2", "staging")
+    MlflowClient().set_registered_model_alias("tiny", "staging", "1")
+    MlflowClient().set_registered_model_alias("tiny", "staging", "2")
+    MlflowClient().delete_registered_model_alias("tiny", "staging")
+    with pytest.raises(NothingToRollBackError, match="moved outside"):
+        rollback("tiny", "staging")

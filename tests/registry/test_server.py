@@ -1,0 +1,162 @@
+"""The workflows against a real `mlflow server`: PostgreSQL backend store, artifacts served by the
+server (--artifacts-destination). PostgreSQL comes from .ci/postgres.sh (`make postgres`)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from urllib.parse import urlparse, urlunparse
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from tests.registry.conftest import TINY_DECODING
+from whisper_registry.cli import main
+from whisper_registry.compare import compare
+from whisper_registry.errors import GateFailedError
+from whisper_registry.evaluate import evaluate
+from whisper_registry.promote import promote, rollback
+from whisper_registry.register import register
+
+pytestmark = pytest.mark.server
+
+DEFAULT_POSTGRES_URI = "postgresql://mlflow:mlflow@127.0.0.1:5432/mlflow"
+URI_FILE = Path(os.environ.get("MFW_TEST_POSTGRES_URI_FILE", "/tmp/mfw-test-postgres-uri"))
+
+
+def _postgres_uri() -> str:
+    if os.environ.get("MFW_TEST_POSTGRES_URI"):
+        return os.environ["MFW_TEST_POSTGRES_URI"]
+    if URI_FILE.is_file():
+        return URI_FILE.read_text().strip()
+    return DEFAULT_POSTGRES_URI
+
+
+def _store_uri(uri: str, database: str) -> str:
+    # SQLAlchemy 2.1 maps plain postgresql:// to psycopg 3; the dev extra installs psycopg2.
+    parsed = urlparse(uri)
+    scheme = "postgresql+psycopg2" if parsed.scheme in ("postgresql", "postgres") else parsed.scheme
+    return urlunparse(parsed._replace(scheme=scheme, path=f"/{database}"))
+
+
+@pytest.fixture(scope="module")
+def postgres_database():
+    """A fresh database per test session, dropped at the end."""
+    psycopg2 = pytest.importorskip("psycopg2")
+    uri = _postgres_uri()
+    try:
+        admin = psycopg2.connect(uri, connect_timeout=3)
+    except psycopg2.OperationalError as exc:
+        pytest.skip(f"PostgreSQL is not reachable at {uri} ({str(exc).strip().splitlines()[0]}); run `make postgres` "
+                    "(.ci/postgres.sh) or set MFW_TEST_POSTGRES_URI")
+    admin.autocommit = True
+    name = f"mfw_test_{uuid.uuid4().hex[:10]}"
+    with admin.cursor() as cursor:
+        cursor.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield _store_uri(uri, name)
+    finally:
+        with admin.cursor() as cursor:
+            cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(postgres_database, tmp_path_factory):
+    """`mlflow server` as a real process; yields (tracking URI, artifacts destination)."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    artifacts = root / "artifacts"
+    port = _free_port()
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    log = open(root / "server.log", "w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", postgres_database,
+         "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"mlflow server exited with {process.returncode}:\n{(root / 'server.log').read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"mlflow server did not answer /health in 120 s:\n{(root / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url, artifacts
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)  # the server's own session: it and its workers
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        log.close()
+
+
+@pytest.fixture
+def server_uri(mlflow_server, monkeypatch):
+    url, artifacts = mlflow_server
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    mlflow.set_tracking_uri(url)
+    yield url, artifacts
+    if mlflow.active_run():
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)
+
+
+def test_register_evaluate_compare_promote_rollback_on_a_server(server_uri, tiny_whisper_hf, two_clips_manifest, tmp_path, capsys):
+    url, artifacts = server_uri
+    name = f"tiny-{uuid.uuid4().hex[:6]}"
+    result = register(tiny_whisper_hf, name, ["int8", "float32"], decoding=TINY_DECODING)
+    assert [v.version for v in result.versions] == ["1", "2"]
+    client = MlflowClient()
+    assert client.get_experiment_by_name("whisper-registry").artifact_location.startswith("mlflow-artifacts:")
+    # The artifacts went through the server to its destination, not to the local disk.
+    assert list(artifacts.rglob("model.bin")) and not Path("mlartifacts").exists()
+
+    evaluations = [evaluate(v.model_uri, two_clips_manifest) for v in result.versions]
+    assert client.get_model_version(name, "1").tags["eval.run_id"] == evaluations[0].run_id
+    comparison = compare(name, output_dir=tmp_path)
+    assert [r["quantization"] for r in comparison.rows()] == ["int8", "float32"]
+    assert {a.path for a in client.list_artifacts(comparison.run_id, "compare")} >= {f"compare/{name}-compare.png"}
+
+    cer1 = evaluations[0].metrics["cer"]
+    promote(name, "1", "staging", gates=[f"cer<={cer1 + 0.01}"])
+    promote(name, "1", "production", gates=[f"cer<={cer1 + 0.01}"])
+    with pytest.raises(GateFailedError):
+        promote(name, "2", "production", gates=["cer<0"])
+    assert str(client.get_registered_model(name).aliases["production"]) == "1"
+    promote(name, "2", "production", max_regression=10)
+    assert rollback(name, "production").to_version == "1"
+    assert str(client.get_registered_model(name).aliases["production"]) == "1"
+
+    # The CLI against the same server, through MLFLOW_TRACKING_URI.
+    assert main(["compare", name, "--no-log", "--output-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "production,staging" in out
+    assert main(["promote", name, "2", "--to", "staging", "--gate", "rtf<0"]) == 1
+    assert str(client.get_registered_model(name).aliases["staging"]) == "1"
