@@ -45,6 +45,8 @@ __all__ = [
 __version__ = "0.1.0"
 
 FLAVOR_NAME = c.FLAVOR_NAME
+# How the pyfunc loads the model; mlflow.pyfunc.load_model(..., model_config=...) overrides them.
+_LOAD_DEFAULTS = {"device": "auto", "compute_type": "default", "cpu_threads": 0, "num_workers": 1}
 _logger = logging.getLogger(__name__)
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -142,6 +144,8 @@ def _write_model_dir(source, path, quantization, decoding, mlflow_model, signatu
         code=code_subpath,
         conda_env=_mc._CONDA_ENV_FILE_NAME,
         python_env=_mc._PYTHON_ENV_FILE_NAME,
+        # Declared so mlflow.pyfunc.load_model(uri, model_config={...}) may override them.
+        model_config=dict(_LOAD_DEFAULTS),
     )
     lineage = source.lineage()
     if lineage[c.SOURCE_RUN_ID] is None and (run := mlflow.active_run()) is not None:
@@ -273,7 +277,8 @@ def _load_pyfunc(path: str, model_config: Optional[dict[str, Any]] = None) -> Fa
     cpu_threads and num_workers."""
     # MLflow passes the data sub-path; the flavor configuration lives one level up.
     model_dir = Path(path) if (Path(path) / _mc.MLMODEL_FILE_NAME).is_file() else Path(path).parent
-    load_options = {k: v for k, v in (model_config or {}).items() if k in ("device", "compute_type", "cpu_threads", "num_workers")}
+    # MLflow passes only the keys declared at save time (unknown ones are dropped with a warning).
+    load_options = {**_LOAD_DEFAULTS, **(model_config or {})}
     conf = _mc._get_flavor_configuration(model_path=str(model_dir), flavor_name=FLAVOR_NAME)
     model = _load_local(str(model_dir), **load_options)
     return FasterWhisperPyfunc(model, DecodingOptions.parse(conf.get(c.DECODING)))

@@ -192,3 +192,10 @@ def test_log_model_registers_with_lineage_of_the_active_run(tiny_whisper_hf, mlf
     assert flavor["quantization"] == "int8"
     requirements = Path(mlflow.pyfunc.get_model_dependencies(info.model_uri)).read_text()
     assert "ctranslate2==" in requirements and "torch" not in requirements
+
+
+def test_pyfunc_model_config_sets_how_the_model_loads(tiny_whisper_hf, tmp_path):
+    mfw.save_model(str(tiny_whisper_hf), tmp_path / "m", quantization="int8")
+    pyfunc = mlflow.pyfunc.load_model(str(tmp_path / "m"), model_config={"compute_type": "float32", "cpu_threads": 1})
+    assert pyfunc.get_raw_model().model.compute_type == "float32"
+    assert mlflow.pyfunc.load_model(str(tmp_path / "m")).get_raw_model().model.compute_type == "int8_float32"
