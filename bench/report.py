@@ -1,0 +1,144 @@
+"""Merge run results and render BENCHMARKS.md from them (never edit BENCHMARKS.md by hand:
+change this file or bench/readings.py and run ``python -m bench --render-only``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from bench import readings
+from bench.fmt import num, pct, sec, status, table
+from bench.common import write_json
+from bench.sections import SECTIONS
+
+TITLES = {
+    "single": "1. Single stream: raw faster-whisper vs pyfunc vs bento (HTTP)",
+    "concurrency": "2. Concurrency: 8 clients, bento adaptive batching vs raw sequential",
+    "quantization": "3. Quantization: size, RTF, WER/CER",
+    "conversion": "4. Conversion: log_model wall time and peak RSS",
+    "service": "5. Service: cold start and RSS growth",
+}
+
+
+def merge(path: Path, run: dict[str, Any]) -> None:
+    """Keep the latest result per section; a quick (smoke) result never replaces a full one."""
+    merged = json.loads(path.read_text()) if path.is_file() else {"runs": {}, "sections": {}}
+    meta = {k: v for k, v in run.items() if k != "sections"}
+    used = False
+    for name, result in run["sections"].items():
+        old = merged["sections"].get(name)
+        if old is not None and old.get("mode") == "full" and result.get("mode") != "full":
+            continue
+        merged["sections"][name] = result
+        used = True
+    if used:
+        merged["runs"][run["run_id"]] = meta
+    live = {s["run_id"] for s in merged["sections"].values()}
+    merged["runs"] = {k: v for k, v in merged["runs"].items() if k in live}
+    write_json(path, merged)
+
+
+def render_file(merged_path: Path, out: Path) -> None:
+    merged = json.loads(merged_path.read_text())
+    out.write_text(render(merged))
+
+
+# ------------------------------------------------------------------------------------- targets
+
+
+def targets(sections: dict[str, Any]) -> list[list[Any]]:
+    """(target, figure, status, section mode) rows for the summary table."""
+    rows = []
+    single = sections.get("single", {})
+    for model, body in (single.get("models") or {}).items():
+        for workload, fig in body.get("workloads", {}).items():
+            for key, baseline in (("ratios", "raw"), ("ratios_to_raw_samples", "raw on decoded samples")):
+                for path, value in fig.get(key, {}).items():
+                    rows.append([f"single stream {path} / {baseline} <= 1.03 ({model}, {workload})", num(value),
+                                 status(value is not None and value <= single["target_ratio_max"]), single.get("mode")])
+    conc = sections.get("concurrency", {})
+    if conc.get("throughput_ratio") is not None:
+        rows.append(["concurrency throughput bento/raw >= 2", num(conc["throughput_ratio"], 2),
+                     status(conc["throughput_ratio"] >= conc["target_ratio_min"]), conc.get("mode")])
+    quant = sections.get("quantization", {})
+    for model, body in (quant.get("models") or {}).items():
+        int8 = body["quantizations"].get("int8", {})
+        if int8.get("size_ratio_to_fp32_checkpoint") is not None:
+            r = int8["size_ratio_to_fp32_checkpoint"]
+            rows.append([f"int8 size / fp32 checkpoint <= 0.27 ({model})", num(r), status(r <= 0.27), quant.get("mode")])
+        for metric in ("wer", "cer"):
+            delta = int8.get(f"{metric}_delta_points")
+            if delta is not None:
+                rows.append([f"int8 {metric.upper()} within 0.3 points of float32 ({model})", f"{delta:+.2f} points",
+                             status(abs(delta) <= 0.3), quant.get("mode")])
+    conv = sections.get("conversion", {})
+    for model, body in (conv.get("models") or {}).items():
+        for q, row in body["quantizations"].items():
+            r = row.get("peak_rss_ratio_to_checkpoint")
+            rows.append([f"log_model peak RSS <= 2x checkpoint ({model}, {q})", num(r, 2), status(r is not None and r <= 2.0),
+                         conv.get("mode")])
+    svc = sections.get("service", {})
+    if "cold_start_s" in svc:
+        v = svc["cold_start_s"]["median"]
+        rows.append(["cold start to /readyz <= 5 s (base int8, CPU)", sec(v), status(v <= 5.0), svc.get("mode")])
+    if (svc.get("rss") or {}).get("growth_total") is not None:
+        rss = svc["rss"]
+        last = rss["samples"][-1]["requests"]
+        rows.append([f"server RSS growth 10 -> {last} requests < 5 %", f"{pct(rss['growth_total'])} (worker {pct(rss['growth_worker'])})",
+                     status(rss["growth_total"] < 0.05), svc.get("mode")])
+    return rows
+
+
+# ------------------------------------------------------------------------------------- sections
+
+
+def render(merged: dict[str, Any]) -> str:
+    sections, runs = merged["sections"], merged["runs"]
+    out = [readings.PREAMBLE, "## Machine, versions, command", _machine(runs)]
+    if any(s.get("mode") != "full" for s in sections.values()):
+        out.append("> **Smoke-test figures.** Sections marked *quick* come from `python -m bench --quick` "
+                   "(1-2 repetitions, 30 s audio) on a machine shared with other work: they show the "
+                   "harness runs, not how fast anything is. Run `make bench` on a quiet machine.")
+    out += ["## Targets", table(["target", "figure", "status", "mode"], targets(sections)) or "(none measured)"]
+    for name in SECTIONS:
+        out.append(f"## {TITLES[name]}")
+        result = sections.get(name)
+        if result is None:
+            out.append("Not measured yet: `python -m bench --only %s`." % name)
+            continue
+        out.append(f"*Run {result['run_id']}, mode {result['mode']}, {result.get('section_seconds', 0):.0f} s.*")
+        if result.get("error"):
+            out.append(f"Failed: `{result['error']}` (traceback in bench/results/{result['run_id']}.json).")
+            continue
+        if result.get("skipped"):
+            out.append(f"Skipped: {result['skipped'].splitlines()[0]}")
+            continue
+        out.append(getattr(readings, name)(result))
+    gpus = {meta["machine"].get("gpu") for meta in runs.values()} - {None}
+    out.append(readings.GPU if not gpus else readings.GPU_PRESENT.format(gpus=", ".join(sorted(gpus))))
+    return "\n\n".join(out) + "\n"
+
+
+def _machine(runs: dict[str, Any]) -> str:
+    rows = []
+    for run_id, meta in sorted(runs.items()):
+        m, v = meta["machine"], meta["versions"]
+        rows.append([
+            run_id, f"`{meta['command']}`",
+            f"{m['cpu_model']}, {m['affinity_cores']} cores ({', '.join(m['simd']) or 'no AVX2'}), {m['ram_gb']} GiB RAM, "
+            f"GPU: {m['gpu'] or 'none'}; load avg at start {m['load_average_at_start'][0]}",
+            ", ".join(f"{k} {v[k]}" for k in ("ctranslate2", "faster-whisper", "mlflow", "bentoml", "torch", "transformers")),
+            f"{v.get('git_commit')}{' (dirty)' if v.get('git_dirty') else ''}, Python {m['python']}",
+        ])
+    return table(["run", "command", "machine", "versions", "commit"], rows)
+
+
+def console_summary(run: dict[str, Any]) -> str:
+    lines = [f"bench {run['run_id']} ({run['mode']})"]
+    for row in targets(run["sections"]):
+        lines.append(f"  {row[2]:>10}  {row[0]}: {row[1]}")
+    for name, result in run["sections"].items():
+        if result.get("skipped") or result.get("error"):
+            lines.append(f"  {name}: {'SKIPPED ' + result['skipped'].splitlines()[0] if result.get('skipped') else 'ERROR ' + result['error']}")
+    return "\n".join(lines)

@@ -1,0 +1,155 @@
+"""Service: cold start to /readyz, and RSS growth from 10 to 1000 requests.
+
+Cold start is timed from spawning ``bentoml serve whisper_bento:Transcriber --arg
+model=models:/bench-base-int8@bench`` to the first 200 from /readyz. The very first start also
+imports the registered version into the BentoML model store (once per version): it is reported
+apart. RSS is read from /proc/<pid>/status of every process of the server (the ``bentoml serve``
+process and its worker), after 10 requests and at later checkpoints up to 1000, with a short real
+clip sent by 4 concurrent clients, on tiny.en int8 (the per-request code is the same for any model).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+from bench import models
+from bench.common import REPO, decoding_for, log, ratio, summary
+from bench.server import BentoServer, ServiceUnavailable, service_code_present, transcribe_http
+
+MODEL = "base"
+COMPUTE_TYPE = "int8"
+TARGET_COLD_START_S = 5.0
+TARGET_RSS_GROWTH = 0.05
+RSS_CLIENTS = 4
+RSS_MODEL = "tiny_en"
+RSS_CLIP = "hello_world"
+
+
+def run(settings) -> dict[str, Any]:
+    skip = service_code_present()
+    if skip:
+        return {"skipped": skip}
+    logged = models.ensure_logged(MODEL, COMPUTE_TYPE)
+    results: dict[str, Any] = {"model": MODEL, "registered_model": f"{logged.name}/{logged.version}",
+                               "compute_type": COMPUTE_TYPE, "cpu_threads": settings.cpu_threads,
+                               "targets": {"cold_start_s_max": TARGET_COLD_START_S, "rss_growth_max": TARGET_RSS_GROWTH}}
+    try:
+        first = BentoServer(logged.uri, cpu_threads=settings.cpu_threads, log_name="service-first")
+        results["first_start_s"] = first.start()  # may import into the BentoML model store
+        first.stop()
+        starts, load_s, first_request_s = [], [], []
+        for rep in range(settings.cold_starts):
+            log("service: cold start %d/%d", rep + 1, settings.cold_starts)
+            server = BentoServer(logged.uri, cpu_threads=settings.cpu_threads, log_name=f"service-cold-{rep}")
+            starts.append(server.start())
+            try:
+                load_s.append(float(server.info().get("load_seconds") or 0.0))
+                first_request_s.append(_first_request(server))
+            finally:
+                server.stop()
+        results["cold_start_s"] = summary(starts)
+        results["model_load_s_in_worker"] = summary(load_s)
+        results["first_request_s"] = summary(first_request_s)
+        results["import_floor_s"] = _import_floors()
+        results["resolve_in_fresh_process_s"] = summary([_seconds(_RESOLVE.format(uri=logged.uri))
+                                                         for _ in range(settings.cold_starts)])
+        # 1000 base requests would take ~15 min on 2 cores (one 30 s encoder window each); a leak in
+        # the service's per-request code shows the same on tiny.en, at a quarter of the cost.
+        rss_model = models.ensure_logged(RSS_MODEL, COMPUTE_TYPE)
+        results["rss_registered_model"] = f"{rss_model.name}/{rss_model.version}"
+        log("service: RSS over %d requests (%s)", settings.rss_requests[-1], rss_model.name)
+        server = BentoServer(rss_model.uri, cpu_threads=settings.cpu_threads, log_name="service-rss")
+        server.start()
+        try:
+            results["rss"] = _rss_growth(server, settings.rss_requests)
+        finally:
+            server.stop()
+    except ServiceUnavailable as exc:
+        log("service: skipped: %s", str(exc).splitlines()[0])
+        return {**results, "skipped": f"bento service did not start: {exc}"}
+    return results
+
+
+def _first_request(server: BentoServer) -> float:
+    import httpx
+
+    audio = models.clip(RSS_CLIP)
+    with httpx.Client(timeout=600) as client:
+        started = time.perf_counter()
+        transcribe_http(client, server.url, audio.data, decoding_for(audio.language))
+        return time.perf_counter() - started
+
+
+# What the service module does at import, in every process bentoml serve starts (the CLI process
+# and each worker): import the plugin and resolve the alias against the registry.
+_RESOLVE = "from whisper_bento import model_ref; model_ref.import_from_registry({uri!r})"
+
+
+def _seconds(code: str) -> float:
+    """Wall seconds of a fresh interpreter running ``code`` (pieces of every cold start)."""
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, capture_output=True)
+    return time.perf_counter() - started
+
+
+def _import_floors() -> dict[str, float]:
+    return {"python_bare_s": _seconds("import sys"),
+            "faster_whisper_s": _seconds("import faster_whisper"),
+            "mlflow_s": _seconds("import mlflow"),
+            "mlflow_faster_whisper_s": _seconds("import mlflow_faster_whisper"),
+            "bentoml_sdk_s": _seconds("import bentoml; bentoml.service; bentoml.importing")}
+
+
+def _rss_growth(server: BentoServer, checkpoints: tuple[int, ...]) -> dict[str, Any]:
+    import httpx
+
+    audio = models.clip(RSS_CLIP)
+    data, options = audio.data, decoding_for(audio.language)
+    samples: list[dict[str, Any]] = []
+    sent = 0
+    started = time.perf_counter()
+    for target in checkpoints:
+        remaining = target - sent
+        counter = iter(range(remaining))
+        lock = threading.Lock()
+        errors: list[BaseException] = []
+
+        def client_loop() -> None:
+            try:
+                with httpx.Client(timeout=600) as client:
+                    while True:
+                        with lock:
+                            if next(counter, None) is None:
+                                return
+                        transcribe_http(client, server.url, data, options)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=client_loop) for _ in range(min(RSS_CLIENTS, remaining))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
+        sent = target
+        rss = server.rss()
+        samples.append({"requests": sent, "elapsed_s": round(time.perf_counter() - started, 1),
+                        "total_bytes": rss["total_bytes"], "worker_bytes": rss["worker_bytes"],
+                        "processes": len(rss["processes"])})
+        log("service: %d requests, server RSS %.0f MB (worker %.0f MB)", sent, rss["total_bytes"] / 2**20,
+            (rss["worker_bytes"] or 0) / 2**20)
+    first, last = samples[0], samples[-1]
+    return {
+        "clip": audio.name,
+        "clients": RSS_CLIENTS,
+        "samples": samples,
+        "processes": server.rss()["processes"],
+        "growth_total": ratio(last["total_bytes"] - first["total_bytes"], first["total_bytes"]),
+        "growth_worker": ratio((last["worker_bytes"] or 0) - (first["worker_bytes"] or 0), first["worker_bytes"] or 0),
+        "requests_per_s": (last["requests"] - 0) / max(last["elapsed_s"], 1e-9),
+    }
