@@ -213,7 +213,7 @@ def log_model(
         model_type=model_type,
         step=step,
         model_id=model_id,
-        model=model,
+        model=source,  # resolved once: a runs:/ source is not downloaded again
         **save_kwargs,
     )
 

@@ -6,6 +6,7 @@ creates a logged model or a run artifact.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -32,17 +33,18 @@ class WhisperSource:
     adapter: Optional[str] = None
     revision: Optional[str] = None
     run_id: Optional[str] = None
+    origin: Optional[str] = None  # the runs:/ or models:/ URI a directory was downloaded from
 
     def lineage(self) -> dict[str, Optional[str]]:
         """The source lineage recorded in the flavor configuration."""
         from mlflow_faster_whisper import constants as c
 
-        path = self.model if isinstance(self.model, str) else None
+        path = self.origin or (self.model if isinstance(self.model, str) else None)
         return {
             c.SOURCE_KIND: self.kind,
             c.SOURCE_PATH: path,
             c.SOURCE_BASE_MODEL: self.base_model,
-            c.SOURCE_ADAPTER: self.adapter,
+            c.SOURCE_ADAPTER: self.origin if self.kind == PEFT and self.origin else self.adapter,
             c.SOURCE_REVISION: self.revision,
             c.SOURCE_RUN_ID: self.run_id,
         }
@@ -70,16 +72,17 @@ def resolve_source(
     Raises:
         InvalidSourceError: the input is not a Whisper checkpoint, adapter or CT2 directory.
     """
+    if isinstance(model, WhisperSource):  # resolved already (and downloaded, for a URI)
+        return model
     if isinstance(model, os.PathLike):
         model = os.fspath(model)
     if not isinstance(model, str):
         return _in_memory_source(model, processor, base_model)
-    run_id = None
     if _is_mlflow_uri(model):
-        run_id = _run_id_of(model)
-        model = _download(model)
+        source = _directory_source(_download(model), base_model, _run_id_of(model))
+        return dataclasses.replace(source, origin=model)
     if os.path.isdir(model):
-        return _directory_source(model, base_model, run_id)
+        return _directory_source(model, base_model, None)
     if os.path.exists(model) or model.startswith((".", "/", "~")) or model.count("/") > 1:
         raise InvalidSourceError(
             f"{model!r} is not a directory. Pass a Whisper checkpoint directory, a PEFT adapter "

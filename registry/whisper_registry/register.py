@@ -104,7 +104,7 @@ def register(
         bar = tqdm(wanted, desc=f"register {name}", unit="quantization", disable=not progress)
         for quantization in bar:
             bar.set_postfix_str(f"converting {quantization or 'as stored'}")
-            _register_one(source, name, quantization, base_model, revision, decoding, label, result)
+            _register_one(resolved, name, quantization, base_model, revision, decoding, label, result)
         bar.close()
         mlflow.set_tags({
             "registered_versions": ",".join(v.version for v in result.versions),
