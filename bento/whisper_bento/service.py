@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
 
+import aiohttp
 import bentoml
 from fastapi import FastAPI, Request
 from pydantic import BaseModel
@@ -205,7 +206,7 @@ class Transcriber:
         try:
             # ``self.decode`` is BentoML's client of this very service: the call enters the
             # batching dispatcher like an HTTP request would.
-            outputs = await self.decode([DecodeJob(samples=name, options=options.explicit())])
+            outputs = await self._call_decode(DecodeJob(samples=name, options=options.explicit()))
         finally:
             (self.spool / name).unlink(missing_ok=True)
         output = outputs[0]
@@ -214,6 +215,16 @@ class Transcriber:
         if output.error is not None or output.transcription is None:
             raise ApiError(500, f"Decoding failed: {output.error}")
         return output.transcription, output.batch_size
+
+    async def _call_decode(self, job: DecodeJob) -> list[Any]:
+        """One call into the batching dispatcher, retried once when the loopback connection it
+        reused was closed by the server's keep-alive timeout (aiohttp: "Cannot write to closing
+        transport"); the job is idempotent, its audio stays in the spool until we return."""
+        try:
+            return await self.decode([job])
+        except aiohttp.ClientConnectionError as exc:
+            _logger.warning("Internal decode call lost its connection (%s); retrying once", exc)
+            return await self.decode([job])
 
     def _decode_jobs(self, jobs: list[DecodeJob]) -> list[DecodeOutput]:
         started = time.perf_counter()
