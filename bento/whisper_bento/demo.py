@@ -16,7 +16,6 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -98,20 +97,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _prepare(workdir: Path) -> None:
-    """A fresh working dir on the embedded defaults: no tracking URI from the environment."""
-    if workdir.exists():
-        shutil.rmtree(workdir)
-    workdir.mkdir(parents=True)
-    os.chdir(workdir)  # the registry's embedded default is ./mlflow.db + ./mlartifacts
-    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
-        os.environ.pop(name, None)
-    os.environ.update(
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        MLFLOW_DISABLE_TELEMETRY="true",
-        BENTOML_DO_NOT_TRACK="True",
-        BENTOML_HOME=str(workdir / "bentoml"),
-    )
+    """A fresh working dir on the registry's embedded defaults, with its own BentoML home."""
+    from whisper_registry.tracking import fresh_embedded_workdir
+
+    fresh_embedded_workdir(workdir)
+    os.environ.update(BENTOML_DO_NOT_TRACK="True", BENTOML_HOME=str(workdir / "bentoml"))
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))  # tests.fixtures builds the real weights and speech
 

@@ -16,12 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
+
+from whisper_registry.tracking import fresh_embedded_workdir
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL_NAME = "whisper-base-zh-lora"
@@ -40,7 +41,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--steps", type=int, default=6, help="LoRA optimizer steps (default 6)")
     args = parser.parse_args(argv)
     workdir = args.workdir.resolve()
-    _prepare(workdir)
+    fresh_embedded_workdir(workdir)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     sys.path.insert(0, str(REPO))  # the fixtures live in the repository's tests package
 
     from tests.fixtures import real
@@ -78,17 +80,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"    CER {evaluation.metrics['cer']:.3f} (base model before fine-tuning: {result.before['cer']:.3f})")
     print(f"\nBrowse it: mlflow ui --backend-store-uri sqlite:///{workdir / 'mlflow.db'}")
     return 0
-
-
-def _prepare(workdir: Path) -> None:
-    """A fresh working dir on the embedded defaults: no tracking URI from the environment."""
-    if workdir.exists():
-        shutil.rmtree(workdir)
-    workdir.mkdir(parents=True)
-    os.chdir(workdir)  # the registry's embedded default is ./mlflow.db + ./mlartifacts
-    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
-        os.environ.pop(name, None)
-    os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", MLFLOW_DISABLE_TELEMETRY="true", TOKENIZERS_PARALLELISM="false")
 
 
 def _step(text: str) -> None:

@@ -95,3 +95,21 @@ def _experiment_id(uri: str) -> str:
 def client() -> MlflowClient:
     """A client on the configured tracking and registry URIs."""
     return MlflowClient()
+
+
+# Settings that would point MLflow somewhere other than the embedded default.
+_TRACKING_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
+
+
+def fresh_embedded_workdir(workdir: Path) -> None:
+    """Empty ``workdir``, make it the cwd and drop tracking settings from the environment, so the
+    embedded default (./mlflow.db + ./mlartifacts there) is what MLflow uses. For the demos."""
+    import shutil
+
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+    os.chdir(workdir)
+    for name in _TRACKING_ENV:
+        os.environ.pop(name, None)
+    os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", MLFLOW_DISABLE_TELEMETRY="true")
