@@ -84,7 +84,7 @@ class ServiceConfig(BaseModel):
 
 
 def _parse_options(value: Any) -> DecodingOptions:
-    # DecodingOptionsError is an MlflowException; pydantic reports only ValueErrors as field errors.
+    # pydantic reports only ValueErrors as field errors.
     try:
         return DecodingOptions.parse(value)
     except DecodingOptionsError as exc:

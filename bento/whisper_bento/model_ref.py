@@ -2,17 +2,21 @@
 
 In development (``bentoml serve whisper_bento:Transcriber --arg model=models:/NAME@ALIAS``) the
 alias is resolved against the MLflow registry at start-up and that version is imported into the
-BentoML model store (once: the tag carries the version and a content digest). ``bentoml build``
-runs the same code, so the bento records that model; serving the built bento reads the model
-from the bento's own record and never contacts the registry.
+BentoML model store (once: the tag carries the version and a content digest). The ``bentoml
+serve`` process resolves it; its workers, which import this module again, take that resolution
+from the environment they inherit, so every worker serves the same version and none imports
+MLflow or queries the registry. ``bentoml build`` runs the same code, so the bento records that
+model; serving the built bento reads the model from the bento's own record and never contacts
+the registry.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -33,6 +37,8 @@ META_NAME = "registered_model_name"
 META_VERSION = "registered_model_version"
 META_ALIASES = "aliases"
 META_RUN_ID = "run_id"
+# How the ``bentoml serve`` process hands its resolution to the workers it starts.
+RESOLVED_ENV = "WHISPER_BENTO_RESOLVED_MODEL"
 
 
 @dataclass(frozen=True)
@@ -64,8 +70,33 @@ def bento_model_for(model_uri: str) -> ModelChoice:
     bento_dir = running_bento_dir()
     if bento_dir is not None:
         return ModelChoice(ref=_model_recorded_in_bento(bento_dir, model_uri), source="bento")
-    tag, registered = import_from_registry(model_uri)
+    inherited = _resolved_by_parent(model_uri)
+    if inherited is not None:
+        tag, registered = inherited
+    else:
+        tag, registered = import_from_registry(model_uri)
+        os.environ[RESOLVED_ENV] = json.dumps(
+            {"uri": model_uri, "pid": os.getpid(), "tag": tag, "registry": asdict(registered) if registered else None}
+        )
     return ModelChoice(ref=bentoml.models.BentoModel(tag), source="registry", registry=registered)
+
+
+def _resolved_by_parent(model_uri: str) -> Optional[tuple[str, Optional[RegistryVersion]]]:
+    """The ``bentoml serve`` process's resolution of ``model_uri``, in one of its workers.
+
+    Only a BentoML worker whose parent wrote the resolution takes it; any other process (the
+    serve process itself, a test, a build) resolves afresh, so an alias moved since is seen.
+    """
+    from bentoml._internal.context import server_context
+
+    payload = json.loads(os.environ.get(RESOLVED_ENV) or "null")
+    if server_context.worker_index is None or not payload:
+        return None
+    if payload.get("uri") != model_uri or payload.get("pid") != os.getppid():
+        return None
+    registered = payload.get("registry")
+    _logger.info("Serving %s as resolved by the serving process: %s", model_uri, payload["tag"])
+    return payload["tag"], RegistryVersion(**{**registered, "aliases": tuple(registered["aliases"])}) if registered else None
 
 
 def running_bento_dir() -> Optional[Path]:

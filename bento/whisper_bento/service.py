@@ -172,8 +172,8 @@ class Transcriber:
                     "effective": self.defaults.model_dump(mode="json"),
                 },
                 "load_seconds": self.load_seconds,
-                # Serving must need neither torch nor transformers; this shows it in production.
-                "imports": {name: name in sys.modules for name in ("torch", "transformers")},
+                # Serving needs neither torch, transformers nor (once resolved) MLflow; this shows it live.
+                "imports": {name: name in sys.modules for name in ("torch", "transformers", "mlflow")},
             }
         )
 

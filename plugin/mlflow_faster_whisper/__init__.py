@@ -7,29 +7,19 @@ with CTranslate2, logged as an MLflow model that loads as a ``faster_whisper.Whi
                          registered_model_name="whisper-zh")
     model = mfw.load_model(f"models:/whisper-zh/{info.registered_model_version}")
 
-Loading and serving import neither torch nor transformers; only conversion does.
+Loading and serving import neither torch nor transformers; only conversion does. Loading a local
+model directory does not import MLflow either: ``saving`` (log_model, save_model), which needs
+MLflow, is imported on first use.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import shutil
-import sys
-from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
-import mlflow
-from mlflow import pyfunc
-from mlflow.models import Model, ModelSignature
-from mlflow.types.schema import ColSpec, DataType, Schema
-
-from mlflow_faster_whisper import _mlflow_compat as _mc
-from mlflow_faster_whisper import checksums, constants as c, sources
-from mlflow_faster_whisper.conversion import QUANTIZATIONS, check_quantization, convert
-from mlflow_faster_whisper.decoding import DecodingOptions, param_schema
-from mlflow_faster_whisper.errors import FasterWhisperFlavorError
-from mlflow_faster_whisper.wrapper import FasterWhisperPyfunc
+from mlflow_faster_whisper.constants import FLAVOR_NAME
+from mlflow_faster_whisper.conversion import QUANTIZATIONS
+from mlflow_faster_whisper.decoding import DecodingOptions
+from mlflow_faster_whisper.loading import _load_pyfunc, flavor_config, load_model  # noqa: F401 (_load_pyfunc: MLflow's loader_module hook)
 
 __all__ = [
     "FLAVOR_NAME",
@@ -44,250 +34,12 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-FLAVOR_NAME = c.FLAVOR_NAME
-# How the pyfunc loads the model; mlflow.pyfunc.load_model(..., model_config=...) overrides them.
-_LOAD_DEFAULTS = {"device": "auto", "compute_type": "default", "cpu_threads": 0, "num_workers": 1}
-_logger = logging.getLogger(__name__)
-_PACKAGE_DIR = Path(__file__).resolve().parent
+_SAVING = ("save_model", "log_model", "get_default_pip_requirements", "get_default_conda_env", "default_signature")
 
 
-def get_default_pip_requirements() -> list[str]:
-    """What serving a logged model needs: no torch, no transformers."""
-    return [_mc._get_pinned_requirement(p) for p in ("mlflow", "ctranslate2", "faster-whisper", "pydantic")]
+def __getattr__(name: str) -> Any:
+    if name in _SAVING:
+        from mlflow_faster_whisper import saving
 
-
-def get_default_conda_env() -> dict:
-    return _mc._mlflow_conda_env(additional_pip_deps=get_default_pip_requirements())
-
-
-def default_signature(decoding: Optional[DecodingOptions] = None) -> ModelSignature:
-    """Input: an ``audio`` column of bytes (base64 in JSON); params: the decoding options."""
-    return ModelSignature(
-        inputs=Schema([ColSpec(DataType.binary, c.AUDIO_COLUMN)]),
-        params=param_schema(decoding),
-    )
-
-
-def save_model(
-    model: Any,
-    path: str | os.PathLike,
-    *,
-    quantization: Optional[str] = None,
-    processor: Any = None,
-    base_model: Optional[str] = None,
-    revision: Optional[str] = None,
-    decoding: DecodingOptions | dict | None = None,
-    mlflow_model: Optional[Model] = None,
-    signature: Optional[ModelSignature] = None,
-    input_example: Any = None,
-    pip_requirements: Optional[list[str]] = None,
-    extra_pip_requirements: Optional[list[str]] = None,
-    conda_env: Any = None,
-    metadata: Optional[dict[str, Any]] = None,
-) -> None:
-    """Convert a Whisper source with CTranslate2 and save it as an MLflow model directory.
-
-    Args:
-        model: a transformers Whisper checkpoint directory or hub id; an in-memory
-            ``WhisperForConditionalGeneration`` (with ``processor``); a PEFT/LoRA adapter
-            directory or ``PeftModel`` (with ``base_model``, merged before conversion); a
-            ``runs:/``/``models:/`` URI of such a directory; or an existing CTranslate2 Whisper
-            directory (validated and saved as is).
-        path: the MLflow model directory to create; must not exist or be empty.
-        quantization: one of ``QUANTIZATIONS``; default int8 (a CTranslate2 directory: as stored).
-        processor: the ``WhisperProcessor`` of an in-memory model.
-        base_model: the base checkpoint of an adapter (default: the adapter's own record).
-        revision: hub revision for a hub id.
-        decoding: the version's default decoding options (dict or ``DecodingOptions``).
-        mlflow_model, signature, input_example, pip_requirements, extra_pip_requirements,
-            conda_env, metadata: as in every MLflow flavor.
-
-    Raises:
-        InvalidSourceError, UnsupportedQuantizationError, DecodingOptionsError: bad arguments;
-            nothing is written.
-        ConversionError: conversion failed; the partial directory is removed.
-    """
-    source = sources.resolve_source(model, processor=processor, base_model=base_model, revision=revision)
-    quantization = check_quantization(quantization, source)
-    decoding = DecodingOptions.parse(decoding)
-    _mc._validate_env_arguments(conda_env, pip_requirements, extra_pip_requirements)
-    path = os.path.abspath(path)
-    _mc._validate_and_prepare_target_save_path(path)
-    try:
-        _write_model_dir(
-            source, Path(path), quantization, decoding, mlflow_model or Model(), signature, input_example, metadata
-        )
-        _mc.write_environment_files(
-            path, conda_env, pip_requirements, extra_pip_requirements, get_default_pip_requirements()
-        )
-    except BaseException:
-        shutil.rmtree(path, ignore_errors=True)  # a failed save leaves nothing behind
-        raise
-
-
-def _write_model_dir(source, path, quantization, decoding, mlflow_model, signature, input_example, metadata):
-    data_dir = path / c.MODEL_DATA_SUBPATH
-    converted = convert(source, data_dir, quantization)
-    sums = checksums.compute(data_dir)
-    mlflow_model.signature = signature or default_signature(decoding)
-    if input_example is not None:
-        from mlflow.models.utils import _save_example
-
-        _save_example(mlflow_model, input_example, str(path))
-    if metadata is not None:
-        mlflow_model.metadata = metadata
-    code_subpath = _mc._validate_and_copy_code_paths([str(_PACKAGE_DIR)], str(path))
-    pyfunc.add_to_model(
-        mlflow_model,
-        loader_module=__name__,
-        data=c.MODEL_DATA_SUBPATH,
-        code=code_subpath,
-        conda_env=_mc._CONDA_ENV_FILE_NAME,
-        python_env=_mc._PYTHON_ENV_FILE_NAME,
-        # Declared so mlflow.pyfunc.load_model(uri, model_config={...}) may override them.
-        model_config=dict(_LOAD_DEFAULTS),
-    )
-    lineage = source.lineage()
-    if lineage[c.SOURCE_RUN_ID] is None and (run := mlflow.active_run()) is not None:
-        lineage[c.SOURCE_RUN_ID] = run.info.run_id
-    mlflow_model.add_flavor(
-        FLAVOR_NAME,
-        **{
-            c.DATA: c.MODEL_DATA_SUBPATH,
-            c.QUANTIZATION: converted.quantization,
-            c.CTRANSLATE2_VERSION: _version("ctranslate2"),
-            c.FASTER_WHISPER_VERSION: _version("faster-whisper"),
-            c.TRANSFORMERS_VERSION: converted.transformers_version,
-            c.SOURCE: lineage,
-            c.CHECKSUMS: sums,
-            c.SIZE_BYTES: checksums.total_size(data_dir),
-            c.N_MELS: converted.n_mels,
-            c.MULTILINGUAL: converted.multilingual,
-            c.DECODING: decoding.explicit(),
-        },
-    )
-    mlflow_model.model_size_bytes = checksums.total_size(path)
-    mlflow_model.save(str(path / _mc.MLMODEL_FILE_NAME))
-
-
-def log_model(
-    model: Any,
-    name: str = "model",
-    *,
-    registered_model_name: Optional[str] = None,
-    await_registration_for: int = 300,
-    params: Optional[dict[str, Any]] = None,
-    tags: Optional[dict[str, Any]] = None,
-    model_type: Optional[str] = None,
-    step: int = 0,
-    model_id: Optional[str] = None,
-    **save_kwargs: Any,
-):
-    """Convert and log a Whisper source as an MLflow model; optionally register it.
-
-    Takes ``save_model``'s arguments (``quantization``, ``processor``, ``base_model``,
-    ``revision``, ``decoding``, ``signature``, ...). Arguments are validated before MLflow creates
-    anything; a conversion that fails midway leaves the logged model marked FAILED and registers
-    no version.
-
-    Returns:
-        ``mlflow.models.model.ModelInfo`` (``registered_model_version`` set when registered).
-    """
-    source = sources.resolve_source(
-        model,
-        processor=save_kwargs.get("processor"),
-        base_model=save_kwargs.get("base_model"),
-        revision=save_kwargs.get("revision"),
-    )
-    check_quantization(save_kwargs.get("quantization"), source)
-    DecodingOptions.parse(save_kwargs.get("decoding"))
-    return Model.log(
-        artifact_path=None,
-        name=name,
-        metadata=save_kwargs.pop("metadata", None),
-        flavor=sys.modules[__name__],
-        registered_model_name=registered_model_name,
-        await_registration_for=await_registration_for,
-        params=params,
-        tags=tags,
-        model_type=model_type,
-        step=step,
-        model_id=model_id,
-        model=source,  # resolved once: a runs:/ source is not downloaded again
-        **save_kwargs,
-    )
-
-
-def flavor_config(model_uri: str) -> dict[str, Any]:
-    """The ``faster_whisper`` flavor configuration of a model, read from its MLmodel only."""
-    # Model.load, not get_model_info: the latter also fetches the logged model from the tracking
-    # server, which a local copy (e.g. inside a bento) must not need.
-    info = Model.load(model_uri)
-    if FLAVOR_NAME not in info.flavors:
-        raise FasterWhisperFlavorError(
-            f"{model_uri} has no {FLAVOR_NAME} flavor (flavors: {', '.join(info.flavors)}); "
-            "log it with mlflow_faster_whisper.log_model."
-        )
-    return info.flavors[FLAVOR_NAME]
-
-
-def load_model(
-    model_uri: str,
-    device: str = "auto",
-    compute_type: str = "default",
-    cpu_threads: int = 0,
-    num_workers: int = 1,
-    dst_path: Optional[str] = None,
-):
-    """Load a logged model as a ``faster_whisper.WhisperModel``, after verifying its checksums.
-
-    Args:
-        model_uri: ``models:/name@alias``, ``models:/name/version``, ``runs:/...``, a path, ...
-        device: "auto", "cpu" or "cuda".
-        compute_type: CTranslate2 compute type; "default" keeps the stored quantization where
-            the device supports it.
-        cpu_threads, num_workers: as in ``faster_whisper.WhisperModel``.
-        dst_path: where to download the artifacts.
-
-    Raises:
-        ChecksumError: a file is missing, extra or modified.
-    """
-    local_path = _mc._download_artifact_from_uri(artifact_uri=model_uri, output_path=dst_path)
-    return _load_local(local_path, device, compute_type, cpu_threads, num_workers)
-
-
-def _load_local(local_path, device="auto", compute_type="default", cpu_threads=0, num_workers=1):
-    from faster_whisper import WhisperModel
-
-    conf = _mc._get_flavor_configuration(model_path=local_path, flavor_name=FLAVOR_NAME)
-    data_dir = Path(local_path) / conf[c.DATA]
-    checksums.verify(data_dir, conf[c.CHECKSUMS])
-    return WhisperModel(
-        str(data_dir),
-        device=device,
-        compute_type=compute_type,
-        cpu_threads=cpu_threads,
-        num_workers=num_workers,
-        local_files_only=True,
-    )
-
-
-def _load_pyfunc(path: str, model_config: Optional[dict[str, Any]] = None) -> FasterWhisperPyfunc:
-    """Called by ``mlflow.pyfunc.load_model``; ``model_config`` may set device, compute_type,
-    cpu_threads and num_workers."""
-    # MLflow passes the data sub-path; the flavor configuration lives one level up.
-    model_dir = Path(path) if (Path(path) / _mc.MLMODEL_FILE_NAME).is_file() else Path(path).parent
-    # MLflow passes only the keys declared at save time (unknown ones are dropped with a warning).
-    load_options = {**_LOAD_DEFAULTS, **(model_config or {})}
-    conf = _mc._get_flavor_configuration(model_path=str(model_dir), flavor_name=FLAVOR_NAME)
-    model = _load_local(str(model_dir), **load_options)
-    return FasterWhisperPyfunc(model, DecodingOptions.parse(conf.get(c.DECODING)))
-
-
-def _version(distribution: str) -> Optional[str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(distribution)
-    except PackageNotFoundError:
-        return None
+        return getattr(saving, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,6 +5,7 @@ service: every key lives here so no module spells one as a string literal.
 """
 
 FLAVOR_NAME = "faster_whisper"
+MLMODEL_FILE_NAME = "MLmodel"
 
 # The CTranslate2 model directory inside the MLflow model directory.
 MODEL_DATA_SUBPATH = "model"

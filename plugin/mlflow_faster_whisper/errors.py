@@ -1,15 +1,29 @@
-"""Errors of the flavor. Each is an ``MlflowException`` so MLflow's CLI and scoring server turn it
-into a clear message (HTTP 400 for bad parameters) instead of a stack trace."""
+"""Errors of the flavor; each message names the fix.
 
-from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
+They are plain exceptions, so that loading and serving a model imports no MLflow (its import
+alone costs a serving process about 2 s and 150 MB). Where MLflow is the caller, the pyfunc's
+``predict``, they are re-raised as ``MlflowException`` with the same message and ``error_code``,
+which MLflow's scoring server turns into HTTP 400.
+"""
+
+from __future__ import annotations
 
 
-class FasterWhisperFlavorError(MlflowException):
+class FasterWhisperFlavorError(Exception):
     """Base class: bad input to the flavor; the message names the fix."""
 
-    def __init__(self, message: str, error_code: int = INVALID_PARAMETER_VALUE):
-        super().__init__(message, error_code=error_code)
+    error_code = "INVALID_PARAMETER_VALUE"  # the name of an MLflow ``ErrorCode``
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def to_mlflow(self):
+        """This error as an ``MlflowException`` (same message and error code)."""
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import ErrorCode
+
+        return MlflowException(self.message, error_code=ErrorCode.Value(self.error_code))
 
 
 class InvalidSourceError(FasterWhisperFlavorError):
@@ -31,8 +45,7 @@ class AudioDecodeError(FasterWhisperFlavorError):
 class ConversionError(FasterWhisperFlavorError):
     """CTranslate2 conversion failed or produced a model faster-whisper cannot use."""
 
-    def __init__(self, message: str):
-        super().__init__(message, error_code=INTERNAL_ERROR)
+    error_code = "INTERNAL_ERROR"
 
 
 class ChecksumError(FasterWhisperFlavorError):

@@ -39,11 +39,16 @@ class FasterWhisperPyfunc:
             One dict per row: text, language, language_probability, duration, segments, error.
 
         Raises:
-            DecodingOptionsError: params that are not valid decoding options.
+            MlflowException: params that are not valid decoding options, or ``data`` with no
+                audio column (INVALID_PARAMETER_VALUE: HTTP 400 from ``mlflow models serve``).
         """
-        options = DecodingOptions.layered(self.defaults, _drop_none(params))
+        try:
+            options = DecodingOptions.layered(self.defaults, _drop_none(params))
+            cells = _audio_cells(data)
+        except FasterWhisperFlavorError as exc:
+            raise exc.to_mlflow() from exc
         results = []
-        for index, cell in enumerate(_audio_cells(data)):
+        for index, cell in enumerate(cells):
             try:
                 audio = audio_from_cell(cell)
             except AudioDecodeError as exc:

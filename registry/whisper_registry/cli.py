@@ -15,6 +15,7 @@ from typing import Optional
 import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow_faster_whisper.decoding import DecodingOptions, parse_cli_assignments
+from mlflow_faster_whisper.errors import FasterWhisperFlavorError
 
 # Functions, not modules: the package exports functions named like their modules.
 from whisper_registry.compare import COLUMNS, compare
@@ -46,7 +47,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if exc.result is not None:
             _print_versions(exc.result)
         return _fail(exc)
-    except (RegistryError, MlflowException) as exc:
+    except (RegistryError, FasterWhisperFlavorError, MlflowException) as exc:
         return _fail(exc)
 
 

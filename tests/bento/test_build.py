@@ -45,7 +45,7 @@ def test_built_bento_serves_the_imported_version_without_the_registry(tmp_path, 
         assert info["model"]["source"] == "bento"
         assert info["model"]["version"] == registry.version and info["model"]["aliases"] == ["production"]
         assert info["config"]["allowed_languages"] == ["en", "zh"]
-        assert info["imports"] == {"torch": False, "transformers": False}
+        assert info["imports"] == {"torch": False, "transformers": False, "mlflow": False}
         with open(hello.path, "rb") as f:
             response = http.post("/v1/audio/transcriptions", files={"file": f}, data={"response_format": "text"})
         assert response.status_code == 200 and response.text.strip() == "Hello world."

@@ -96,6 +96,27 @@ def test_loading_and_predicting_imports_neither_torch_nor_transformers(registry,
     assert "HEAVY []" in out.stdout
 
 
+def test_a_local_model_directory_loads_and_transcribes_without_importing_mlflow(registry, speech_clips, tmp_path):
+    clip = next(c for c in speech_clips if c.name == "hello_world")
+    local = mlflow.artifacts.download_artifacts(f"models:/{NAME}@production", dst_path=str(tmp_path / "copy"))
+    code = (
+        "import sys\n"
+        "import mlflow_faster_whisper as mfw\n"
+        "from mlflow_faster_whisper.audio import decode_audio\n"
+        "from mlflow_faster_whisper.transcription import transcribe\n"
+        f"conf = mfw.flavor_config({local!r})\n"
+        f"model = mfw.load_model({local!r}, device='cpu')\n"
+        f"audio = decode_audio(open({str(clip.path)!r}, 'rb').read())\n"
+        "result = transcribe(model, audio, mfw.DecodingOptions.parse(conf['decoding']))\n"
+        "print('TEXT', result.text)\n"
+        "print('IMPORTED', sorted(m for m in ('mlflow', 'torch', 'transformers') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy(), timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.splitlines()[0].lower() == "text hello world."
+    assert "IMPORTED []" in out.stdout
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,0 +1,119 @@
+"""Loading: a logged ``faster_whisper`` model as a ``faster_whisper.WhisperModel`` or a pyfunc.
+
+A local model directory (a download, a bento's copy) is read without importing MLflow; only a
+URI (``models:/``, ``runs:/``, ...) imports it, to resolve and download.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+from mlflow_faster_whisper import checksums, constants as c
+from mlflow_faster_whisper.decoding import DecodingOptions
+from mlflow_faster_whisper.errors import FasterWhisperFlavorError
+
+if TYPE_CHECKING:
+    from faster_whisper import WhisperModel
+
+    from mlflow_faster_whisper.wrapper import FasterWhisperPyfunc
+
+# How the pyfunc loads the model; mlflow.pyfunc.load_model(..., model_config=...) overrides them.
+LOAD_DEFAULTS = {"device": "auto", "compute_type": "default", "cpu_threads": 0, "num_workers": 1}
+
+
+def flavor_config(model_uri: str) -> dict[str, Any]:
+    """The ``faster_whisper`` flavor configuration of a model, read from its MLmodel only."""
+    if os.path.isdir(model_uri):
+        return _local_flavor_config(Path(model_uri))
+    from mlflow.models import Model
+
+    # Model.load, not get_model_info: the latter also fetches the logged model from the tracking
+    # server, which a copy of the model must not need.
+    return _flavor_of(Model.load(model_uri).flavors, model_uri)
+
+
+def _local_flavor_config(model_dir: Path) -> dict[str, Any]:
+    """The flavor configuration in a model directory's MLmodel file."""
+    import yaml
+
+    mlmodel = model_dir / c.MLMODEL_FILE_NAME
+    if not mlmodel.is_file():
+        raise FasterWhisperFlavorError(
+            f"{model_dir} is not an MLflow model directory (it has no {c.MLMODEL_FILE_NAME}); "
+            "pass the directory log_model or save_model wrote."
+        )
+    return _flavor_of(yaml.safe_load(mlmodel.read_text()).get("flavors") or {}, str(model_dir))
+
+
+def _flavor_of(flavors: dict[str, Any], model_uri: str) -> dict[str, Any]:
+    if c.FLAVOR_NAME not in flavors:
+        raise FasterWhisperFlavorError(
+            f"{model_uri} has no {c.FLAVOR_NAME} flavor (flavors: {', '.join(flavors)}); "
+            "log it with mlflow_faster_whisper.log_model."
+        )
+    return flavors[c.FLAVOR_NAME]
+
+
+def load_model(
+    model_uri: str,
+    device: str = "auto",
+    compute_type: str = "default",
+    cpu_threads: int = 0,
+    num_workers: int = 1,
+    dst_path: Optional[str] = None,
+) -> WhisperModel:
+    """Load a logged model as a ``faster_whisper.WhisperModel``, after verifying its checksums.
+
+    Args:
+        model_uri: ``models:/name@alias``, ``models:/name/version``, ``runs:/...``, a path, ...
+        device: "auto", "cpu" or "cuda".
+        compute_type: CTranslate2 compute type; "default" keeps the stored quantization where
+            the device supports it.
+        cpu_threads, num_workers: as in ``faster_whisper.WhisperModel``.
+        dst_path: where to download the artifacts (a local directory without ``dst_path`` is
+            loaded in place).
+
+    Raises:
+        ChecksumError: a file is missing, extra or modified.
+    """
+    if os.path.isdir(model_uri) and dst_path is None:
+        local_path = str(model_uri)
+    else:
+        from mlflow_faster_whisper._mlflow_compat import _download_artifact_from_uri
+
+        local_path = _download_artifact_from_uri(artifact_uri=model_uri, output_path=dst_path)
+    return _load_local(local_path, device, compute_type, cpu_threads, num_workers)
+
+
+def _load_local(local_path, device="auto", compute_type="default", cpu_threads=0, num_workers=1) -> WhisperModel:
+    from faster_whisper import WhisperModel
+
+    conf = _local_flavor_config(Path(local_path))
+    data_dir = Path(local_path) / conf[c.DATA]
+    checksums.verify(data_dir, conf[c.CHECKSUMS])
+    return WhisperModel(
+        str(data_dir),
+        device=device,
+        compute_type=compute_type,
+        cpu_threads=cpu_threads,
+        num_workers=num_workers,
+        local_files_only=True,
+    )
+
+
+def _load_pyfunc(path: str, model_config: Optional[dict[str, Any]] = None) -> FasterWhisperPyfunc:
+    """Called by ``mlflow.pyfunc.load_model``; ``model_config`` may set device, compute_type,
+    cpu_threads and num_workers."""
+    from mlflow_faster_whisper.wrapper import FasterWhisperPyfunc
+
+    # MLflow passes the data sub-path; the flavor configuration lives one level up.
+    model_dir = Path(path) if (Path(path) / c.MLMODEL_FILE_NAME).is_file() else Path(path).parent
+    # MLflow passes only the keys declared at save time (unknown ones are dropped with a warning).
+    load_options = {**LOAD_DEFAULTS, **(model_config or {})}
+    conf = _local_flavor_config(model_dir)
+    model = _load_local(str(model_dir), **load_options)
+    return FasterWhisperPyfunc(model, DecodingOptions.parse(conf.get(c.DECODING)))
+
+
