@@ -25,20 +25,31 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-class BentoServer:
-    """One ``bentoml serve`` process group; ``start()`` returns the seconds until /readyz said 200."""
+SERVICE = "whisper_bento:Transcriber"
 
-    def __init__(self, model_uri: str, *, cpu_threads: int, compute_type: str = "int8", log_name: str = "bento",
-                 extra_args: Optional[dict[str, str]] = None) -> None:
+
+class BentoServer:
+    """One ``bentoml serve`` process group; ``start()`` returns the seconds until /readyz said 200.
+
+    Serves ``model_uri`` through the service in this checkout, or, with ``bento``, a built bento
+    (which carries its model; ``env`` may then point the tracking URI nowhere).
+    """
+
+    def __init__(self, model_uri: Optional[str], *, cpu_threads: int, compute_type: str = "int8", log_name: str = "bento",
+                 extra_args: Optional[dict[str, str]] = None, bento: Optional[str] = None,
+                 env: Optional[dict[str, str]] = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.args = {"model": model_uri, "cpu_threads": str(cpu_threads), "compute_type": compute_type,
-                     "device": "cpu", **(extra_args or {})}
+        self.target = bento or SERVICE
+        self.args = {"cpu_threads": str(cpu_threads), "compute_type": compute_type, "device": "cpu", **(extra_args or {})}
+        if model_uri is not None:
+            self.args["model"] = model_uri
+        self.env = env
         self.log_path = WORK / "logs" / f"{log_name}.log"
         self.proc: Optional[subprocess.Popen] = None
 
     def command(self) -> list[str]:
-        cmd = ["bentoml", "serve", "whisper_bento:Transcriber", "--host", "127.0.0.1", "--port", str(self.port)]
+        cmd = ["bentoml", "serve", self.target, "--host", "127.0.0.1", "--port", str(self.port)]
         for key, value in self.args.items():
             cmd += ["--arg", f"{key}={value}"]
         return cmd
@@ -51,7 +62,8 @@ class BentoServer:
         started = time.perf_counter()
         try:
             self.proc = subprocess.Popen(
-                self.command(), cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+                self.command(), cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+                env={**os.environ, **self.env} if self.env else None,
             )
         except FileNotFoundError as exc:
             raise ServiceUnavailable(f"bentoml is not on PATH ({exc}); install the serve extra.") from None

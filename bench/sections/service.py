@@ -1,9 +1,12 @@
 """Service: cold start to /readyz, and RSS growth from 10 to 1000 requests.
 
-Cold start is timed from spawning ``bentoml serve whisper_bento:Transcriber --arg
-model=models:/bench-base-int8@bench`` to the first 200 from /readyz. The very first start also
-imports the registered version into the BentoML model store (once per version): it is reported
-apart. RSS is read from /proc/<pid>/status of every process of the server (the ``bentoml serve``
+Cold start is timed from spawning ``bentoml serve`` to the first 200 from /readyz, in the two
+ways a version is served: a built bento (``bentoml build bento/ --arg model=...``, then
+``bentoml serve whisper:<version>`` with the tracking URI pointing at a dead port: what a
+deployment starts) and the service from source on a registry alias (``bentoml serve
+whisper_bento:Transcriber --arg model=models:/bench-base-int8@bench``, which resolves the alias
+first). The two are interleaved. The very first start also imports the registered version into
+the BentoML model store (once per version): it is reported apart. RSS is read from /proc/<pid>/status of every process of the server (the ``bentoml serve``
 process and its worker), after 10 requests and at later checkpoints up to 1000, with a short real
 clip sent by 4 concurrent clients, on tiny.en int8 (the per-request code is the same for any model).
 """
@@ -19,6 +22,9 @@ from typing import Any
 from bench import models
 from bench.common import REPO, decoding_for, log, ratio, summary
 from bench.server import BentoServer, ServiceUnavailable, service_code_present, transcribe_http
+
+BENTO_VERSION = "bench"
+UNREACHABLE_REGISTRY = "http://127.0.0.1:9"  # a built bento must start without its registry
 
 MODEL = "base"
 COMPUTE_TYPE = "int8"
@@ -41,19 +47,34 @@ def run(settings) -> dict[str, Any]:
         first = BentoServer(logged.uri, cpu_threads=settings.cpu_threads, log_name="service-first")
         results["first_start_s"] = first.start()  # may import into the BentoML model store
         first.stop()
-        starts, load_s, first_request_s = [], [], []
+        bento = _build_bento(logged.uri)
+        servers = {
+            "bento": lambda rep: BentoServer(None, bento=bento, cpu_threads=settings.cpu_threads,
+                                             log_name=f"service-cold-bento-{rep}",
+                                             env={"MLFLOW_TRACKING_URI": UNREACHABLE_REGISTRY}),
+            "registry": lambda rep: BentoServer(logged.uri, cpu_threads=settings.cpu_threads,
+                                                log_name=f"service-cold-registry-{rep}"),
+        }
+        cold: dict[str, dict[str, list[float]]] = {mode: {"start": [], "load": [], "first_request": [], "mlflow_in_worker": []}
+                                                   for mode in servers}
         for rep in range(settings.cold_starts):
-            log("service: cold start %d/%d", rep + 1, settings.cold_starts)
-            server = BentoServer(logged.uri, cpu_threads=settings.cpu_threads, log_name=f"service-cold-{rep}")
-            starts.append(server.start())
-            try:
-                load_s.append(float(server.info().get("load_seconds") or 0.0))
-                first_request_s.append(_first_request(server))
-            finally:
-                server.stop()
-        results["cold_start_s"] = summary(starts)
-        results["model_load_s_in_worker"] = summary(load_s)
-        results["first_request_s"] = summary(first_request_s)
+            for mode in (list(servers) if rep % 2 == 0 else list(reversed(servers))):
+                log("service: cold start %d/%d (%s)", rep + 1, settings.cold_starts, mode)
+                server = servers[mode](rep)
+                cold[mode]["start"].append(server.start())
+                try:
+                    info = server.info()
+                    cold[mode]["load"].append(float(info.get("load_seconds") or 0.0))
+                    cold[mode]["mlflow_in_worker"].append(float(bool((info.get("imports") or {}).get("mlflow"))))
+                    cold[mode]["first_request"].append(_first_request(server))
+                finally:
+                    server.stop()
+        results["bento"] = bento
+        results["cold_start"] = {
+            mode: {"cold_start_s": summary(v["start"]), "model_load_s_in_worker": summary(v["load"]),
+                   "first_request_s": summary(v["first_request"]), "mlflow_imported_in_worker": any(v["mlflow_in_worker"])}
+            for mode, v in cold.items()
+        }
         results["import_floor_s"] = _import_floors()
         results["resolve_in_fresh_process_s"] = summary([_seconds(_RESOLVE.format(uri=logged.uri))
                                                          for _ in range(settings.cold_starts)])
@@ -74,6 +95,17 @@ def run(settings) -> dict[str, Any]:
     return results
 
 
+def _build_bento(model_uri: str) -> str:
+    """``bentoml build bento/`` for ``model_uri`` (rebuilt each run): the bento tag."""
+    tag = f"whisper:{BENTO_VERSION}"
+    subprocess.run(["bentoml", "delete", "-y", tag], cwd=REPO, capture_output=True)  # absent the first time
+    build = subprocess.run(["bentoml", "build", "bento/", "--arg", f"model={model_uri}", "--version", BENTO_VERSION],
+                           cwd=REPO, capture_output=True, text=True)
+    if build.returncode != 0:
+        raise ServiceUnavailable(f"bentoml build failed:\n{build.stdout[-2000:]}{build.stderr[-2000:]}")
+    return tag
+
+
 def _first_request(server: BentoServer) -> float:
     import httpx
 
@@ -84,8 +116,8 @@ def _first_request(server: BentoServer) -> float:
         return time.perf_counter() - started
 
 
-# What the service module does at import, in every process bentoml serve starts (the CLI process
-# and each worker): import the plugin and resolve the alias against the registry.
+# What the service module does at import in the bentoml serve process (its workers inherit the
+# result): import the plugin and resolve the alias against the registry.
 _RESOLVE = "from whisper_bento import model_ref; model_ref.import_from_registry({uri!r})"
 
 
@@ -101,6 +133,8 @@ def _import_floors() -> dict[str, float]:
             "faster_whisper_s": _seconds("import faster_whisper"),
             "mlflow_s": _seconds("import mlflow"),
             "mlflow_faster_whisper_s": _seconds("import mlflow_faster_whisper"),
+            "service_module_deps_s": _seconds("import bentoml, whisper_bento.config, whisper_bento.engine, "
+                                              "whisper_bento.forms, whisper_bento.formats"),
             "bentoml_sdk_s": _seconds("import bentoml; bentoml.service; bentoml.importing")}
 
 
