@@ -47,9 +47,15 @@ def checkpoint(model: str) -> Path:
 
 
 def checkpoint_weights_bytes(model: str) -> int:
-    """Size of the float32 checkpoint's weight files (the denominator of "size / fp32")."""
+    """Size of the float32 checkpoint's weight files (what model.bin is compared with)."""
     path = checkpoint(model)
     return dir_size(path, "*.safetensors") or dir_size(path, "*.bin")
+
+
+def checkpoint_bytes(model: str) -> int:
+    """Size of the whole float32 checkpoint directory: weights, tokenizer and configs, as the
+    artifact's model/ directory holds model.bin, tokenizer, vocabulary and configs."""
+    return dir_size(checkpoint(model), "*")
 
 
 def registered_name(model: str, quantization: str) -> str:

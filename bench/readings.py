@@ -149,7 +149,8 @@ def quantization(r: dict[str, Any]) -> str:
                 pct(row.get("wer")), pct(row.get("cer")), pct(row.get("long_wer")),
                 _delta(row, "wer"), _delta(row, "cer"), row.get("decoding_skipped", row.get("device", "")),
             ])
-        parts.append(f"**{model}** (float32 checkpoint weights {mib(body['checkpoint_weights_bytes'])}; "
+        parts.append(f"**{model}** (float32 checkpoint {mib(body.get('checkpoint_bytes'))}, of which weights "
+                     f"{mib(body['checkpoint_weights_bytes'])}; "
                      f"{body['n_clips']} clips; long file {body['long_audio_seconds']:.0f} s)")
         parts.append(table(["quantization", "artifact", "size / fp32", "RTF long", "RTF clips", "WER clips", "CER clips",
                             "WER long", "dWER pts", "dCER pts", "device"], rows))
@@ -159,10 +160,11 @@ def quantization(r: dict[str, Any]) -> str:
             other_files = int8["size_bytes"] - int8["model_bin_bytes"]
             floats = sum(v for k, v in int8["bytes_by_dtype"].items() if k.startswith("float"))
             parts.append(
-                f"{model} int8: model.bin alone is {num(int8['model_bin_ratio_to_fp32_checkpoint'])} of the float32 "
-                f"checkpoint; the artifact's other files (tokenizer.json, vocabulary.json, configs: "
-                f"{mib(other_files)}, required by faster-whisper offline) bring it to "
-                f"{num(int8['size_ratio_to_fp32_checkpoint'])}. Inside model.bin, {mib(floats)} stay in float "
+                f"{model} int8: the artifact's model/ directory is {num(int8['size_ratio_to_fp32_checkpoint'])} of the "
+                f"float32 checkpoint directory; model.bin alone is {num(int8.get('model_bin_ratio_to_fp32_weights'))} "
+                f"of the checkpoint's weights. The other files (tokenizer.json, vocabulary.json, configs: "
+                f"{mib(other_files)}, required by faster-whisper offline, written compact) sit on both sides "
+                f"of the first ratio. Inside model.bin, {mib(floats)} stay in float "
                 "(per-channel scales, biases, layer norms, the encoder's position encodings "
                 f"{mib(dict(int8['largest_float_tensors']).get('encoder/position_encodings/encodings'))})."
             )

@@ -34,6 +34,9 @@ QUANTIZATIONS = (
 DEFAULT_QUANTIZATION = "int8"
 # Written identically by CTranslate2.
 _SAME_STORAGE = {"int8": "int8_float32"}
+# Written indented by transformers and CTranslate2; compact, they are 2.6 MB smaller (whisper-base:
+# 5.0 -> 2.4 MB, 3 % of an int8 artifact) with the same content.
+_JSON_TO_COMPACT = ("tokenizer.json", "vocabulary.json")
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,8 @@ def convert(source: sources.WhisperSource, output_dir: Path, quantization: Optio
         _check_mel_bins(checkpoint, processor, source.revision)
         _run_converter(checkpoint, output_dir, quantization, source.revision)
     _write_processor_files(processor, output_dir)
+    for name in _JSON_TO_COMPACT:
+        _compact_json(output_dir / name)
     return _inspect(output_dir, quantization)
 
 
@@ -179,6 +184,12 @@ def _write_processor_files(processor: Any, output_dir: Path) -> None:
                     "(WhisperTokenizerFast) and a WhisperFeatureExtractor."
                 )
             shutil.copyfile(Path(tmp) / name, output_dir / name)
+
+
+def _compact_json(path: Path) -> None:
+    if path.is_file():
+        data = json.loads(path.read_text(encoding="utf-8"))
+        path.write_text(json.dumps(data, ensure_ascii=False, separators=(",", ":")), encoding="utf-8")
 
 
 def _copy_ct2(source_dir: Path, output_dir: Path, quantization: Optional[str]) -> ConvertedModel:

@@ -53,6 +53,16 @@ def test_int8_is_about_a_quarter_of_float32(tiny_whisper_hf, tmp_path):
     assert sizes["int8"] < 0.4 * sizes["float32"]
 
 
+def test_tokenizer_and_vocabulary_are_written_compact_with_the_same_content(tiny_whisper_hf, tmp_path):
+    mfw.save_model(str(tiny_whisper_hf), tmp_path / "m", quantization="int8")
+    data = tmp_path / "m" / "model"
+    tokenizer = (data / "tokenizer.json").read_text(encoding="utf-8")
+    assert "\n" not in tokenizer and "\n" not in (data / "vocabulary.json").read_text(encoding="utf-8")
+    assert json.loads(tokenizer)["model"]["vocab"] == json.loads((tiny_whisper_hf / "tokenizer.json").read_text())["model"]["vocab"]
+    by_id = [t for t, _ in sorted(json.loads(tokenizer)["model"]["vocab"].items(), key=lambda kv: kv[1])]
+    assert ct2.vocabulary(data)[: len(by_id)] == by_id
+
+
 def test_loaded_model_transcribes_and_pyfunc_reports_bad_rows(tiny_whisper_hf, tmp_path, wav_bytes):
     mfw.save_model(str(tiny_whisper_hf), tmp_path / "m", quantization="int8", decoding=GREEDY)
     model = mfw.load_model(str(tmp_path / "m"), device="cpu")
