@@ -93,30 +93,36 @@ def _run_model(settings, logged: models.LoggedModel, workloads: list[models.Audi
                 reps = settings.reps_short if audio.seconds < 30 else settings.reps_long
                 log("single: %s on %s (%.0f s audio), %d reps x %s", logged.name, audio.name, audio.seconds, reps,
                     "/".join(runners))
+                log_start = len(server.log_tail(10**7)) if server is not None else 0
                 times = interleaved(reps, runners, warmup=1 if audio is workloads[0] else 0)
                 out["workloads"][audio.name] = _figures(audio, times, texts)
+                if server is not None:
+                    split = server_split(server.log_tail(10**7)[log_start:])
+                    out.setdefault("http_server_split_ms", {})[audio.name] = split
             out["pyfunc_overhead_ms"] = _pyfunc_overhead(pyfunc, workloads[0], settings.reps_short)
-        if server is not None:
-            out["http_server_split_ms"] = server_split(server.log_tail(10**7))
     finally:
         if server is not None:
             server.stop()
     return out
 
 
-_ACCESS = re.compile(r"path=(?P<path>/[\w/]+),.*\) (?P<ms>[\d.]+)ms \(trace=(?P<trace>[0-9a-f]+)")
+_ACCESS = re.compile(r"path=/transcribe,.*\) (?P<ms>[\d.]+)ms \(trace=")
+_DECODED = re.compile(r"Decoded a batch of 1 request\(s\) in (?P<s>[\d.]+)s")
 
 
 def server_split(log_text: str) -> dict[str, Any]:
-    """From BentoML's access log: time in /transcribe outside the batchable /internal/decode call
-    (multipart parsing, audio decoding, spool file, the loopback call), per request."""
-    by_trace: dict[str, dict[str, float]] = {}
-    for match in _ACCESS.finditer(log_text):
-        by_trace.setdefault(match["trace"], {})[match["path"]] = float(match["ms"])
-    outside = [t["/transcribe"] - t["/internal/decode"] for t in by_trace.values()
-               if "/transcribe" in t and "/internal/decode" in t]
+    """From the server log of one sequential client: per /transcribe (BentoML's access log), the
+    time outside its decode (the "Decoded a batch of 1" line just before it): multipart parsing,
+    audio decoding, batching. Lines are paired in order: BentoML reuses one trace id across requests."""
+    outside, decoded = [], None
+    for line in log_text.splitlines():
+        if match := _DECODED.search(line):
+            decoded = float(match["s"]) * 1000
+        elif (match := _ACCESS.search(line)) and decoded is not None:
+            outside.append(float(match["ms"]) - decoded)
+            decoded = None
     if not outside:
-        return {"skipped": "no paired /transcribe and /internal/decode lines in the server log"}
+        return {"skipped": "no /transcribe access line after a 'Decoded a batch of 1' line in the server log"}
     return {"transcribe_minus_decode": summary(outside)}
 
 

@@ -48,12 +48,12 @@ class ServiceConfig(BaseModel):
     )
     max_audio_seconds: float = Field(1800.0, gt=0, description="Longer audio gets 413.")
     max_upload_bytes: int = Field(100 * 1024 * 1024, gt=0, description="Bigger uploads get 413.")
-    # Adaptive batching (BentoML's dispatcher).
+    # Adaptive batching (whisper_bento.batching).
     max_batch_size: int = Field(8, ge=1, description="Most requests decoded together in one batch.")
     max_latency_ms: int = Field(
         120_000,
         ge=100,
-        description="BentoML sheds queued requests (503) that would wait longer than this; Whisper "
+        description="A queued request that waited longer than this for the model gets 503; Whisper "
         "on CPU takes seconds per batch, so keep it large.",
     )
     batch_size: int = Field(8, ge=1, description="30 s windows per forward pass in the batched pipeline.")

@@ -1,32 +1,25 @@
 """The BentoML service: ``bentoml serve whisper_bento:Transcriber --arg model=models:/NAME@production``.
 
 Every HTTP route lives in one mounted FastAPI app (so every error is an OpenAI-style JSON body
-with a precise status), and every non-streaming transcription goes through one batchable
-BentoML API, ``decode``: the routes call it through BentoML's own client of this service, so
-concurrent requests from all endpoints are grouped by BentoML's adaptive batching dispatcher.
+with a precise status), and every non-streaming transcription goes through one in-process
+batcher (``batching.Batcher``), so concurrent requests from all endpoints are decoded together.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 import sys
-import tempfile
 import time
-import uuid
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
-import aiohttp
 import bentoml
 from fastapi import FastAPI, Request
-from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from whisper_bento import forms, formats, model_ref
+from whisper_bento import batching, forms, formats, model_ref
 from whisper_bento.config import ServiceConfig, bound_violation
 from whisper_bento.errors import ApiError, bad_request, invalid_value, too_large
 
@@ -51,7 +44,11 @@ logging.getLogger("whisper_bento").setLevel(logging.INFO)
 
 CONFIG = bentoml.use_arguments(ServiceConfig)
 MODEL = model_ref.bento_model_for(CONFIG.model)
-_SPOOL_NAME = re.compile(r"^[0-9a-f]{32}\.npy$")
+BATCH_SIZE = bentoml.metrics.Histogram(
+    name="whisper_batch_size",
+    documentation="Requests decoded together per batch (whisper_bento.batching).",
+    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64),
+)
 
 app = FastAPI(title="whisper", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -66,19 +63,6 @@ async def _api_error(request: Request, exc: ApiError) -> Response:
 async def _unexpected(request: Request, exc: Exception) -> Response:
     _logger.exception("%s %s failed", request.method, request.url.path)
     return ApiError(500, f"Internal error ({type(exc).__name__}); see the server log.").response()
-
-
-class DecodeJob(BaseModel):
-    """One request's audio (a file in this worker's spool directory) and resolved options."""
-
-    samples: str
-    options: dict[str, Any]
-
-
-class DecodeOutput(BaseModel):
-    transcription: Optional[Transcription] = None
-    error: Optional[str] = None
-    batch_size: int = 1
 
 
 @bentoml.service(
@@ -115,7 +99,9 @@ class Transcriber:
                 f"{problem[1]} Lower the default or raise the bound."
             )
         self.model_info = _model_info(stored, conf, self.placement)
-        self.spool = Path(tempfile.mkdtemp(prefix="whisper-bento-"))
+        self.batcher = batching.Batcher(
+            self._decode_jobs, max_batch_size=CONFIG.max_batch_size, max_wait_s=CONFIG.max_latency_ms / 1000
+        )
         self.load_seconds = round(time.perf_counter() - started, 3)
         _logger.info(
             "Serving %s (%s) on %s/%s, loaded in %.2fs",
@@ -125,16 +111,6 @@ class Transcriber:
             self.placement.compute_type,
             self.load_seconds,
         )
-
-    # The one decoding path of every non-streaming request; BentoML groups concurrent calls.
-    @bentoml.api(
-        batchable=True,
-        max_batch_size=CONFIG.max_batch_size,
-        max_latency_ms=CONFIG.max_latency_ms,
-        route="/internal/decode",
-    )
-    async def decode(self, jobs: list[DecodeJob]) -> list[DecodeOutput]:
-        return await run_in_threadpool(self._decode_jobs, jobs)
 
     @app.post("/transcribe")
     async def transcribe(self, request: Request) -> Response:
@@ -201,52 +177,24 @@ class Transcriber:
         return options
 
     async def _decode_batched(self, audio: np.ndarray, options: DecodingOptions) -> tuple[Transcription, int]:
-        name = f"{uuid.uuid4().hex}.npy"
-        np.save(self.spool / name, audio)
+        """The one decoding path of every non-streaming request; concurrent ones share batches."""
         try:
-            # ``self.decode`` is BentoML's client of this very service: the call enters the
-            # batching dispatcher like an HTTP request would.
-            outputs = await self._call_decode(DecodeJob(samples=name, options=options.explicit()))
-        finally:
-            (self.spool / name).unlink(missing_ok=True)
-        output = outputs[0]
-        if not isinstance(output, DecodeOutput):
-            output = DecodeOutput.model_validate(output)
-        if output.error is not None or output.transcription is None:
-            raise ApiError(500, f"Decoding failed: {output.error}")
-        return output.transcription, output.batch_size
+            return await self.batcher.submit(engine.Job(audio, options))
+        except batching.Overloaded as exc:
+            raise ApiError(503, f"The service is overloaded ({exc}); retry later.") from None
+        except Exception as exc:
+            raise ApiError(500, f"Decoding failed: {type(exc).__name__}: {exc}") from None
 
-    async def _call_decode(self, job: DecodeJob) -> list[Any]:
-        """One call into the batching dispatcher, retried once when the loopback connection it
-        reused was closed by the server's keep-alive timeout (aiohttp: "Cannot write to closing
-        transport"); the job is idempotent, its audio stays in the spool until we return."""
-        try:
-            return await self.decode([job])
-        except aiohttp.ClientConnectionError as exc:
-            _logger.warning("Internal decode call lost its connection (%s); retrying once", exc)
-            return await self.decode([job])
-
-    def _decode_jobs(self, jobs: list[DecodeJob]) -> list[DecodeOutput]:
+    def _decode_jobs(self, jobs: list[engine.Job]) -> list[Transcription]:
         started = time.perf_counter()
-        ready: list[tuple[int, engine.Job]] = []
-        outputs = [DecodeOutput(batch_size=len(jobs)) for _ in jobs]
-        for index, job in enumerate(jobs):
-            if not _SPOOL_NAME.match(job.samples) or not (self.spool / job.samples).is_file():
-                outputs[index].error = "unknown audio reference"
-                continue
-            audio = np.load(self.spool / job.samples, allow_pickle=False)
-            ready.append((index, engine.Job(audio, DecodingOptions.parse(job.options))))
         try:
-            results = engine.decode_batch(self.whisper, [j for _, j in ready], batch_size=CONFIG.batch_size)
-        except Exception as exc:  # one bad batch must not take the worker down
-            _logger.exception("Decoding a batch of %d failed", len(ready))
-            for index, _ in ready:
-                outputs[index].error = f"{type(exc).__name__}: {exc}"
-            return outputs
-        for (index, _), result in zip(ready, results):
-            outputs[index].transcription = result
-        _logger.info("Decoded a batch of %d request(s) in %.2fs", len(jobs), time.perf_counter() - started)
-        return outputs
+            results = engine.decode_batch(self.whisper, jobs, batch_size=CONFIG.batch_size)
+        except Exception:  # one bad batch must not take the worker down
+            _logger.exception("Decoding a batch of %d failed", len(jobs))
+            raise
+        BATCH_SIZE.observe(len(jobs))
+        _logger.info("Decoded a batch of %d request(s) in %.3fs", len(jobs), time.perf_counter() - started)
+        return results
 
     def _events(self, audio: np.ndarray, options: DecodingOptions) -> Iterator[str]:
         """Server-sent events as segments are decoded (OpenAI's transcript.text.* events)."""

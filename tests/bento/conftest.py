@@ -134,12 +134,12 @@ def _stop(process: subprocess.Popen) -> None:
             process.wait(timeout=10)
 
 
-def batches_observed(metrics_text: str, method: str = "decode") -> tuple[float, float]:
-    """(number of batches, number of requests in them) from BentoML's adaptive batch histogram."""
+def batches_observed(metrics_text: str) -> tuple[float, float]:
+    """(number of batches, number of requests in them) from the service's whisper_batch_size histogram."""
     count = total = 0.0
     for line in metrics_text.splitlines():
-        if line.startswith("bentoml_service_adaptive_batch_size_count") and f'method_name="{method}"' in line:
+        if line.startswith("whisper_batch_size_count"):
             count += float(line.rsplit(" ", 1)[1])
-        elif line.startswith("bentoml_service_adaptive_batch_size_sum") and f'method_name="{method}"' in line:
+        elif line.startswith("whisper_batch_size_sum"):
             total += float(line.rsplit(" ", 1)[1])
     return count, total

@@ -85,3 +85,48 @@ def test_compute_type_defaults_and_fallback(caplog):
         placement = engine.resolve_placement("cpu", "float16", "float16")
     assert placement.compute_type == "float32" and placement.requested_compute_type == "float16"
     assert "not supported on cpu" in caplog.text
+
+
+def test_batcher_decodes_a_lone_job_at_once_and_groups_the_jobs_that_queue_behind_a_batch():
+    import asyncio
+    import threading
+
+    from whisper_bento.batching import Batcher, Overloaded
+
+    batches: list[list[int]] = []
+    release = threading.Event()
+
+    def decode(jobs: list[int]) -> list[int]:
+        batches.append(list(jobs))
+        if jobs[0] < 0:
+            raise ValueError("bad batch")
+        if jobs == [0]:
+            release.wait(5)  # the first batch holds the model while the others queue
+        return [job * 10 for job in jobs]
+
+    async def scenario():
+        batcher = Batcher(decode, max_batch_size=3, max_wait_s=60)
+        assert await batcher.submit(7) == (70, 1)  # alone: decoded at once, in a batch of one
+        first = asyncio.ensure_future(batcher.submit(0))
+        await asyncio.sleep(0.05)
+        queued = [asyncio.ensure_future(batcher.submit(n)) for n in (1, 2, 3, 4)]
+        await asyncio.sleep(0.05)
+        release.set()
+        results = await asyncio.gather(first, *queued)
+        assert results == [(0, 1), (10, 3), (20, 3), (30, 3), (40, 1)]
+        with pytest.raises(ValueError, match="bad batch"):
+            await batcher.submit(-1)
+        # A request that waited longer than max_wait_s is refused, not decoded.
+        release.clear()
+        slow = Batcher(decode, max_batch_size=3, max_wait_s=0.01)
+        holder = asyncio.ensure_future(slow.submit(0))
+        await asyncio.sleep(0.05)
+        late = asyncio.ensure_future(slow.submit(5))
+        await asyncio.sleep(0.05)
+        release.set()
+        assert await holder == (0, 1)
+        with pytest.raises(Overloaded):
+            await late
+
+    asyncio.run(scenario())
+    assert batches == [[7], [0], [1, 2, 3], [4], [-1], [0]]
