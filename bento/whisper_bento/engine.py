@@ -11,6 +11,8 @@ decoded on their own in the same batch.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 from collections import defaultdict
 from dataclasses import dataclass
@@ -163,3 +165,22 @@ def _shifted(segment: Segment, shift: float, index: int) -> Segment:
             "words": words,
         }
     )
+
+
+def release_free_memory() -> None:
+    """Give the malloc heap's free pages back to the OS (glibc's ``malloc_trim``; a no-op elsewhere).
+
+    A batch frees its features, encoder output and beams, but glibc keeps those pages mapped, so
+    the worker's RSS would read as its largest batch so far rather than what it holds.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
