@@ -93,7 +93,8 @@ class BentoServer:
     def rss(self) -> dict[str, Any]:
         """RSS of every process of the server (``bentoml serve`` spawns its workers as children)."""
         rows = process_tree_rss(self.proc.pid) if self.proc else []
-        worker = max(rows, key=lambda r: r["rss_bytes"], default=None)
+        # The worker by its command line: the serve process can be the larger of the two.
+        worker = next((r for r in rows if "_bentoml_impl.worker" in r["cmd"]), None)
         return {
             "total_bytes": sum(r["rss_bytes"] for r in rows),
             "worker_bytes": worker["rss_bytes"] if worker else None,
