@@ -302,7 +302,7 @@ def service(r: dict[str, Any]) -> str:
         "arena holding freed decoder buffers, and the worker grew in steps (+30 % from 10 to 1000 requests "
         "before). What still grows is bounded: BentoML's TimeoutMiddleware (bentoml 1.4) arms a "
         "`call_later(request_timeout_s)` timer per request and never cancels it, so each answered "
-        "request's context (about 9 KB) stays alive for `request_timeout_s` (600 s): a plateau at "
-        "600 s x request rate requests, reached after the 1000 requests here."
+        "request's context (about 9 KB) stays alive for `request_timeout_s` (600 s): it levels off "
+        "after 600 s of traffic, longer than the RSS run lasts when it serves fewer than ~2 requests/s."
     )
     return "\n\n".join(parts)
