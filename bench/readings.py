@@ -182,7 +182,7 @@ def quantization(r: dict[str, Any]) -> str:
         "because Whisper writes the counting clips as digits and whisper_registry's normaliser maps "
         "number words to digits for English only (digits to characters for Chinese): the es, fr, it, "
         "pt, pl and hi counting clips are scored as errors in every quantization alike. float32 on "
-        "this CPU is not bit-reproducible from run to run (CTranslate2's float GEMM): in two runs of "
+        "this CPU did not reproduce bit for bit between runs (cause not traced): in two runs of "
         "the same whisper-base float32 artifact (20261125T054422Z and 20261125T082138Z) base's "
         "garbled pl/witaj_swiecie came out 'Wytarzu jest tak.' and then 'Pytaj swy asi.', which "
         "moved float32's CER by 0.50 points while int8's transcripts were identical in both. On "
