@@ -4,7 +4,6 @@ MLflow's own flavors use these to write environment files and resolve artifacts;
 keeps a future MLflow rename a one-file change.
 """
 
-from mlflow.models.model import MLMODEL_FILE_NAME  # noqa: F401
 from mlflow.tracking.artifact_utils import _download_artifact_from_uri  # noqa: F401
 from mlflow.utils.environment import (  # noqa: F401
     _CONDA_ENV_FILE_NAME,
@@ -19,8 +18,6 @@ from mlflow.utils.environment import (  # noqa: F401
 )
 from mlflow.utils.file_utils import write_to  # noqa: F401
 from mlflow.utils.model_utils import (  # noqa: F401
-    _add_code_from_conf_to_system_path,
-    _get_flavor_configuration,
     _validate_and_copy_code_paths,
     _validate_and_prepare_target_save_path,
 )

@@ -84,13 +84,12 @@ def load_model(
         from mlflow_faster_whisper._mlflow_compat import _download_artifact_from_uri
 
         local_path = _download_artifact_from_uri(artifact_uri=model_uri, output_path=dst_path)
-    return _load_local(local_path, device, compute_type, cpu_threads, num_workers)
+    return _load_local(local_path, _local_flavor_config(Path(local_path)), device, compute_type, cpu_threads, num_workers)
 
 
-def _load_local(local_path, device="auto", compute_type="default", cpu_threads=0, num_workers=1) -> WhisperModel:
+def _load_local(local_path, conf, device="auto", compute_type="default", cpu_threads=0, num_workers=1) -> WhisperModel:
     from faster_whisper import WhisperModel
 
-    conf = _local_flavor_config(Path(local_path))
     data_dir = Path(local_path) / conf[c.DATA]
     checksums.verify(data_dir, conf[c.CHECKSUMS])
     return WhisperModel(
@@ -113,7 +112,7 @@ def _load_pyfunc(path: str, model_config: Optional[dict[str, Any]] = None) -> Fa
     # MLflow passes only the keys declared at save time (unknown ones are dropped with a warning).
     load_options = {**LOAD_DEFAULTS, **(model_config or {})}
     conf = _local_flavor_config(model_dir)
-    model = _load_local(str(model_dir), **load_options)
+    model = _load_local(str(model_dir), conf, **load_options)
     return FasterWhisperPyfunc(model, DecodingOptions.parse(conf.get(c.DECODING)))
 
 
