@@ -6,8 +6,8 @@ ways a version is served: a built bento (``bentoml build bento/ --arg model=...`
 deployment starts) and the service from source on a registry alias (``bentoml serve
 whisper_bento:Transcriber --arg model=models:/bench-base-int8@bench``, which resolves the alias
 first). The two are interleaved. The very first start also imports the registered version into
-the BentoML model store (once per version): it is reported apart. RSS is read from /proc/<pid>/status of every process of the server (the ``bentoml serve``
-process and its worker), after 10 requests and at later checkpoints up to 1000, with a short real
+the BentoML model store (once per version): it is reported apart. RSS is read from
+/proc/<pid>/status of every process of the server (the ``bentoml serve`` process and its worker), after 10 requests and at later checkpoints up to 1000, with a short real
 clip sent by 4 concurrent clients, on tiny.en int8 (the per-request code is the same for any model).
 """
 
@@ -55,7 +55,7 @@ def run(settings) -> dict[str, Any]:
             "registry": lambda rep: BentoServer(logged.uri, cpu_threads=settings.cpu_threads,
                                                 log_name=f"service-cold-registry-{rep}"),
         }
-        cold: dict[str, dict[str, list[float]]] = {mode: {"start": [], "load": [], "first_request": [], "mlflow_in_worker": []}
+        cold: dict[str, dict[str, list]] = {mode: {"start": [], "load": [], "first_request": [], "mlflow_in_worker": []}
                                                    for mode in servers}
         for rep in range(settings.cold_starts):
             for mode in (list(servers) if rep % 2 == 0 else list(reversed(servers))):
@@ -65,7 +65,7 @@ def run(settings) -> dict[str, Any]:
                 try:
                     info = server.info()
                     cold[mode]["load"].append(float(info.get("load_seconds") or 0.0))
-                    cold[mode]["mlflow_in_worker"].append(float(bool((info.get("imports") or {}).get("mlflow"))))
+                    cold[mode]["mlflow_in_worker"].append(bool((info.get("imports") or {}).get("mlflow")))
                     cold[mode]["first_request"].append(_first_request(server))
                 finally:
                     server.stop()
