@@ -22,6 +22,16 @@ from mlflow_faster_whisper.errors import DecodingOptionsError
 from faster_whisper.tokenizer import _LANGUAGE_CODES as WHISPER_LANGUAGES  # noqa: E402
 
 
+# Bounds on what one request may ask. Every value inside them decodes (CTranslate2 and
+# faster-whisper accept it and finish in bounded time); outside them some crash the decoder,
+# loop for minutes, or overflow (patience=1e308, best_of=1000, length_penalty=5e16).
+MAX_LENGTH = 448  # tokens per window of every Whisper model (faster-whisper's max_length)
+MAX_BEAMS = 32  # beam_size and best_of
+MAX_TEMPERATURES = 16
+MAX_TEXT_CHARS = 10_000  # initial_prompt, prefix, hotwords (faster-whisper keeps <= 223 tokens)
+MAX_MS = 3_600_000  # VAD durations
+
+
 class VadParameters(BaseModel):
     """Silero VAD settings (faster_whisper.vad.VadOptions)."""
 
@@ -29,25 +39,34 @@ class VadParameters(BaseModel):
 
     threshold: float = Field(0.5, ge=0.0, le=1.0, description="Speech probability threshold.")
     neg_threshold: Optional[float] = Field(None, ge=0.0, le=1.0, description="Silence threshold.")
-    min_speech_duration_ms: int = Field(0, ge=0, description="Drop speech chunks shorter than this.")
+    min_speech_duration_ms: int = Field(0, ge=0, le=MAX_MS, description="Drop speech chunks shorter than this.")
+    # inf (the default) is meaningful here: never split a chunk; NaN fails gt.
     max_speech_duration_s: float = Field(float("inf"), gt=0, description="Split longer chunks.")
-    min_silence_duration_ms: int = Field(2000, ge=0, description="Silence that ends a chunk.")
-    speech_pad_ms: int = Field(400, ge=0, description="Padding added to each side of a chunk.")
+    min_silence_duration_ms: int = Field(2000, ge=0, le=MAX_MS, description="Silence that ends a chunk.")
+    speech_pad_ms: int = Field(400, ge=0, le=MAX_MS, description="Padding added to each side of a chunk.")
 
 
 class DecodingOptions(BaseModel):
-    """Options of ``faster_whisper.WhisperModel.transcribe``; defaults are faster-whisper's."""
+    """Options of ``faster_whisper.WhisperModel.transcribe``; defaults are faster-whisper's.
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    Every number is finite and within the bounds the decoder accepts; what depends on the model
+    (token ids, prompt length) is checked by ``transcription.check_options``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     language: Optional[str] = Field(None, description="Language code (e.g. 'en', 'zh'); None detects it.")
     task: Literal["transcribe", "translate"] = Field("transcribe", description="Transcribe, or translate to English.")
-    beam_size: int = Field(5, ge=1, description="Beam width; 1 is greedy decoding.")
-    best_of: int = Field(5, ge=1, description="Candidates sampled at non-zero temperature.")
-    patience: float = Field(1.0, gt=0, description="Beam search patience factor.")
-    length_penalty: float = Field(1.0, description="Exponential length penalty.")
-    repetition_penalty: float = Field(1.0, gt=0, description="Penalty (>1) on previously generated tokens.")
-    no_repeat_ngram_size: int = Field(0, ge=0, description="Forbid repeating n-grams of this size (0 = off).")
+    beam_size: int = Field(5, ge=1, le=MAX_BEAMS, description="Beam width; 1 is greedy decoding.")
+    best_of: int = Field(5, ge=1, le=MAX_BEAMS, description="Candidates sampled at non-zero temperature.")
+    patience: float = Field(1.0, gt=0, le=10, description="Beam search patience factor.")
+    length_penalty: float = Field(1.0, ge=0, le=10, description="Exponential length penalty.")
+    repetition_penalty: float = Field(
+        1.0, ge=0.01, le=100, description="Penalty (>1) on previously generated tokens."
+    )
+    no_repeat_ngram_size: int = Field(
+        0, ge=0, le=MAX_LENGTH, description="Forbid repeating n-grams of this size (0 = off)."
+    )
     temperature: tuple[float, ...] = Field(
         (0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
         description="Temperatures tried in turn when a decode fails the thresholds.",
@@ -57,23 +76,33 @@ class DecodingOptions(BaseModel):
     no_speech_threshold: Optional[float] = Field(0.6, description="Skip a window above this no-speech probability.")
     condition_on_previous_text: bool = Field(True, description="Prompt each window with the previous text.")
     prompt_reset_on_temperature: float = Field(0.5, ge=0, le=1, description="Drop the prompt above this temperature.")
-    initial_prompt: Optional[str] = Field(None, description="Text that primes the first window.")
-    prefix: Optional[str] = Field(None, description="Text the first window's transcript starts with.")
+    initial_prompt: Optional[str] = Field(
+        None, max_length=MAX_TEXT_CHARS, description="Text that primes the first window."
+    )
+    prefix: Optional[str] = Field(
+        None, max_length=MAX_TEXT_CHARS, description="Text the first window's transcript starts with."
+    )
     suppress_blank: bool = Field(True, description="Suppress blank outputs at the start of sampling.")
-    suppress_tokens: tuple[int, ...] = Field((-1,), description="Token ids to suppress (-1 = the model's default set).")
+    suppress_tokens: tuple[int, ...] = Field(
+        (-1,), description="Token ids to suppress (-1 = the model's default set)."
+    )
     without_timestamps: bool = Field(False, description="Sample text tokens only.")
-    max_initial_timestamp: float = Field(1.0, ge=0, description="Latest allowed first timestamp.")
+    max_initial_timestamp: float = Field(1.0, ge=0, le=30, description="Latest allowed first timestamp (s).")
     word_timestamps: bool = Field(False, description="Add word-level timestamps (cross-attention alignment).")
     vad_filter: bool = Field(False, description="Drop non-speech with the Silero VAD first.")
     vad_parameters: Optional[VadParameters] = Field(None, description="VAD settings (a JSON object).")
-    max_new_tokens: Optional[int] = Field(None, ge=1, description="Maximum new tokens per window.")
+    max_new_tokens: Optional[int] = Field(
+        None, ge=1, le=MAX_LENGTH, description="Maximum new tokens per window."
+    )
     chunk_length: Optional[int] = Field(None, ge=1, le=30, description="Window length in seconds (default 30).")
     hallucination_silence_threshold: Optional[float] = Field(
         None, ge=0, description="Skip silent periods longer than this around suspected hallucinations."
     )
-    hotwords: Optional[str] = Field(None, description="Hint phrases (ignored when prefix is set).")
+    hotwords: Optional[str] = Field(
+        None, max_length=MAX_TEXT_CHARS, description="Hint phrases (ignored when prefix is set)."
+    )
     language_detection_threshold: Optional[float] = Field(0.5, ge=0, le=1, description="Accept a detected language above this.")
-    language_detection_segments: int = Field(1, ge=1, description="Windows used to detect the language.")
+    language_detection_segments: int = Field(1, ge=1, le=30, description="Windows used to detect the language.")
 
     @field_validator("language")
     @classmethod
@@ -99,9 +128,19 @@ class DecodingOptions(BaseModel):
     @field_validator("temperature")
     @classmethod
     def _temperature_range(cls, value: tuple[float, ...]) -> tuple[float, ...]:
-        if not value or any(t < 0 for t in value):
-            raise ValueError("temperature must be one value >= 0 or a non-empty list of them")
+        if not value or len(value) > MAX_TEMPERATURES or any(not 0 <= t <= 5 for t in value):
+            raise ValueError(
+                f"temperature must be one value from 0 to 5 or a list of 1 to {MAX_TEMPERATURES} of them"
+            )
         return value
+
+    @field_validator("suppress_tokens")
+    @classmethod
+    def _token_ids(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        # Ids above the vocabulary depend on the model: transcription.check_options.
+        if any(t < -1 for t in value):
+            raise ValueError("suppress_tokens holds token ids >= 0, or -1 for the model's default set")
+        return tuple(dict.fromkeys(value))  # a repeated id suppresses nothing more
 
     @field_validator("vad_parameters", mode="before")
     @classmethod
@@ -134,11 +173,11 @@ class DecodingOptions(BaseModel):
             )
         unknown = [k for k in value if k not in cls.model_fields]
         if unknown:
-            raise DecodingOptionsError(_unknown_message(unknown))
+            raise DecodingOptionsError(_unknown_message(unknown), field=unknown[0])
         try:
             return cls.model_validate(dict(value))
         except ValidationError as exc:
-            raise DecodingOptionsError(_validation_message(exc)) from None
+            raise DecodingOptionsError(_validation_message(exc), field=_first_field(exc)) from None
 
     @classmethod
     def layered(cls, *layers: DecodingOptions | Mapping[str, Any] | None) -> DecodingOptions:
@@ -237,6 +276,11 @@ def _unknown_message(unknown: list[str]) -> str:
         f"Unknown decoding option {', '.join(parts)}. "
         f"Valid options: {', '.join(DecodingOptions.model_fields)}."
     )
+
+
+def _first_field(exc: ValidationError) -> Optional[str]:
+    errors = exc.errors()
+    return str(errors[0]["loc"][0]) if errors and errors[0]["loc"] else None
 
 
 def _validation_message(exc: ValidationError) -> str:

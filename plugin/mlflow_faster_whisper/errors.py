@@ -35,11 +35,29 @@ class UnsupportedQuantizationError(FasterWhisperFlavorError):
 
 
 class DecodingOptionsError(FasterWhisperFlavorError):
-    """Decoding options that faster-whisper would reject or that do not exist."""
+    """Decoding options that faster-whisper would reject or that do not exist.
+
+    Attributes:
+        field: the option at fault (the first one, where several are), or None.
+    """
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 class AudioDecodeError(FasterWhisperFlavorError):
     """Bytes that are not decodable audio, or audio with no samples."""
+
+
+class AudioTooLongError(AudioDecodeError):
+    """Audio longer than the caller's limit (found before or while decoding it)."""
+
+    def __init__(self, seconds: float, limit: float, *, at_least: bool = False):
+        length = f"at least {seconds:.1f}" if at_least else f"{seconds:.1f}"
+        super().__init__(f"The audio is {length} s long; the limit here is {limit:g} s. Split the recording.")
+        self.seconds = seconds
+        self.limit = limit
 
 
 class ConversionError(FasterWhisperFlavorError):

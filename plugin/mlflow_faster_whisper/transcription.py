@@ -8,6 +8,11 @@ import numpy as np
 from pydantic import BaseModel
 
 from mlflow_faster_whisper.decoding import DecodingOptions
+from mlflow_faster_whisper.errors import DecodingOptionsError
+
+# Whisper's vocabulary ends with the timestamp tokens <|0.00|> .. <|30.00|> (0.02 s apart) right
+# after <|notimestamps|>: every model's vocabulary size follows from its tokenizer.
+_TIMESTAMP_TOKENS = 1501
 
 
 class Word(BaseModel):
@@ -37,12 +42,64 @@ class Transcription(BaseModel):
     segments: list[Segment]
 
 
+def check_options(model, options: DecodingOptions) -> None:
+    """Refuse options that fit the option bounds but not this model, before they reach CTranslate2.
+
+    A token id past the vocabulary is read out of bounds by CTranslate2 (it corrupts the output
+    or kills the process), and a ``max_new_tokens`` that does not fit beside the longest prompt
+    these options can build fails faster-whisper mid-transcription, windows into a long file.
+
+    Raises:
+        DecodingOptionsError: naming the field and the range this model accepts.
+    """
+    tokenizer = model.hf_tokenizer
+    vocabulary = tokenizer.token_to_id("<|notimestamps|>") + 1 + _TIMESTAMP_TOKENS
+    outside = [t for t in options.suppress_tokens if t >= vocabulary]
+    if outside:
+        raise DecodingOptionsError(
+            f"suppress_tokens: token id {outside[0]} is outside this model's vocabulary; "
+            f"use ids from 0 to {vocabulary - 1}, or -1 for the model's default set.",
+            field="suppress_tokens",
+        )
+    if options.max_new_tokens is None:
+        return
+    longest = _longest_prompt(model, options)
+    if longest + options.max_new_tokens > model.max_length:
+        raise DecodingOptionsError(
+            f"max_new_tokens: {options.max_new_tokens} does not fit; with these options the prompt can "
+            f"take {longest} of the model's {model.max_length} tokens per window, so use at most "
+            f"{model.max_length - longest} (or a shorter initial_prompt, hotwords or prefix, or "
+            "condition_on_previous_text=false).",
+            field="max_new_tokens",
+        )
+
+
+def _longest_prompt(model, options: DecodingOptions) -> int:
+    """The most tokens faster-whisper's ``get_prompt`` can build for one window with these options."""
+    kept = model.max_length // 2 - 1  # previous text, hotwords and prefix are each cut to this
+
+    def tokens(text: Optional[str]) -> int:
+        if not text:
+            return 0
+        return min(len(model.hf_tokenizer.encode(" " + text.strip(), add_special_tokens=False).ids), kept)
+
+    previous = kept if options.condition_on_previous_text else tokens(options.initial_prompt)
+    hotwords = 0 if options.prefix else tokens(options.hotwords)
+    prefix = tokens(options.prefix) + (0 if options.without_timestamps or not options.prefix else 1)
+    start = 3 if model.model.is_multilingual else 1  # <|startoftranscript|> [language, task]
+    return (1 if previous or hotwords else 0) + previous + hotwords + start + int(options.without_timestamps) + prefix
+
+
 def stream_segments(model, audio: np.ndarray, options: DecodingOptions, *, batch_size: int = 0):
     """Start decoding; returns (segments iterator, faster-whisper TranscriptionInfo).
 
     Segments are decoded lazily as the iterator is consumed, which is what lets the service stream.
     With ``batch_size`` > 0 the audio's 30 s windows go through faster-whisper's batched pipeline.
+
+    Raises:
+        DecodingOptionsError: options this model cannot decode with (``check_options``).
     """
+    check_options(model, options)
     kwargs = options.to_transcribe_kwargs()
     if batch_size > 0:
         from faster_whisper import BatchedInferencePipeline

@@ -11,7 +11,7 @@ from mlflow_faster_whisper.audio import audio_from_cell
 from mlflow_faster_whisper.constants import AUDIO_COLUMN
 from mlflow_faster_whisper.decoding import DecodingOptions
 from mlflow_faster_whisper.errors import AudioDecodeError, FasterWhisperFlavorError
-from mlflow_faster_whisper.transcription import transcribe
+from mlflow_faster_whisper.transcription import check_options, transcribe
 
 _logger = logging.getLogger(__name__)
 
@@ -39,11 +39,13 @@ class FasterWhisperPyfunc:
             One dict per row: text, language, language_probability, duration, segments, error.
 
         Raises:
-            MlflowException: params that are not valid decoding options, or ``data`` with no
-                audio column (INVALID_PARAMETER_VALUE: HTTP 400 from ``mlflow models serve``).
+            MlflowException: params that are not valid decoding options (for this model), or
+                ``data`` with no audio column (INVALID_PARAMETER_VALUE: HTTP 400 from
+                ``mlflow models serve``).
         """
         try:
             options = DecodingOptions.layered(self.defaults, _drop_none(params))
+            check_options(self.model, options)
             cells = _audio_cells(data)
         except FasterWhisperFlavorError as exc:
             raise exc.to_mlflow() from exc

@@ -20,7 +20,7 @@ import mlflow
 import mlflow_faster_whisper as mfw
 from mlflow_faster_whisper import constants as c
 from mlflow_faster_whisper.decoding import DecodingOptions
-from mlflow_faster_whisper.transcription import transcribe
+from mlflow_faster_whisper.transcription import check_options, transcribe
 from tqdm.auto import tqdm
 
 from whisper_registry import metrics, tags, tracking, versions
@@ -84,7 +84,8 @@ def evaluate(
         ModelNotFoundError: the URI names no registered version.
         BadRowsError: rows with unusable audio and ``skip_bad`` is False; nothing was run.
         DatasetError: the dataset cannot be read, or no usable row is left.
-        DecodingOptionsError: invalid overrides.
+        DecodingOptionsError: invalid overrides, or ones the model cannot decode with; no run is
+            started.
     """
     setup = tracking.configure()
     mv = versions.from_uri(model_uri)
@@ -98,6 +99,10 @@ def evaluate(
         raise DatasetError(f"No usable rows are left in {data.source}: every row's audio is missing or undecodable.")
     stored = mfw.flavor_config(version_uri).get(c.DECODING) or {}
     headline = metrics.headline_metric(data.languages)
+    started = time.perf_counter()
+    model = mfw.load_model(version_uri, device=device, compute_type=compute_type, cpu_threads=cpu_threads)
+    load_time = time.perf_counter() - started
+    check_options(model, DecodingOptions.layered(stored, overrides))  # before a run is started for it
     with mlflow.start_run(experiment_id=setup.experiment_id, run_name=f"evaluate {name} v{version}") as run:
         mlflow.set_tags({
             tags.RUN_KIND: "evaluate",
@@ -115,9 +120,6 @@ def evaluate(
             "compute_type": compute_type,
             "headline": headline,
         })
-        started = time.perf_counter()
-        model = mfw.load_model(version_uri, device=device, compute_type=compute_type, cpu_threads=cpu_threads)
-        load_time = time.perf_counter() - started
         scored, table = _transcribe_all(model, data, stored, overrides, progress)
         results = metrics.compute_all(metrics.Measurements(scored, load_time_s=load_time, n_skipped=len(data.bad_rows)))
         mlflow.log_metrics(results, model_id=versions.logged_model_id(mv), dataset=_mlflow_dataset(data))

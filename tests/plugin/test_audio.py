@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from mlflow_faster_whisper.audio import audio_from_cell, decode_audio
-from mlflow_faster_whisper.errors import AudioDecodeError
+from mlflow_faster_whisper.errors import AudioDecodeError, AudioTooLongError
+from tests.fixtures import audio as wav
 
 
 def test_wav_bytes_and_base64_decode_to_16k_samples(wav_bytes):
@@ -40,25 +41,6 @@ def test_strings_are_never_read_as_paths(tmp_path, wav_bytes):
         audio_from_cell(str(path))
 
 
-def _encode(samples: np.ndarray, container: str, codec: str, rate: int) -> bytes:
-    import io
-
-    import av
-
-    buffer = io.BytesIO()
-    with av.open(buffer, mode="w", format=container) as out:
-        stream = out.add_stream(codec, rate=rate, layout="stereo")
-        frame = av.AudioFrame.from_ndarray(
-            np.stack([samples, samples]).astype(np.float32).reshape(1, -1), format="flt", layout="stereo"
-        )
-        frame.sample_rate = rate
-        for packet in stream.encode(frame):
-            out.mux(packet)
-        for packet in stream.encode(None):
-            out.mux(packet)
-    return buffer.getvalue()
-
-
 @pytest.mark.parametrize("container, codec", [("flac", "flac"), ("ogg", "libvorbis"), ("mp3", "libmp3lame"), ("ogg", "libopus")])
 def test_other_containers_decode_to_16k_mono(container, codec):
     import av
@@ -69,6 +51,23 @@ def test_other_containers_decode_to_16k_mono(container, codec):
         pytest.skip(f"this PyAV build has no {codec} encoder")
     rate = 48000
     tone = 0.3 * np.sin(2 * np.pi * 440 * np.arange(rate) / rate)
-    samples = decode_audio(_encode(tone, container, codec, rate))
+    samples = decode_audio(wav.encode(tone, container, codec, rate))
     assert abs(len(samples) - 16000) < 2000  # encoder padding/priming
     assert 0.15 < float(np.abs(samples).max()) < 0.5
+
+
+def test_a_silence_bomb_is_refused_by_its_declared_duration_before_decoding():
+    bomb = wav.silence_bomb(3 * 3600)  # 3 h of FLAC in about 2 MB
+    with pytest.raises(AudioTooLongError, match=r"1079\d.\d s long; the limit here is 1800 s") as caught:
+        decode_audio(bomb, max_seconds=1800)
+    assert caught.value.limit == 1800
+
+
+def test_audio_past_the_limit_is_cut_while_decoding(wav_bytes):
+    # One second declared and decoded: past a 0.5 s limit, decoding stops (the declared
+    # duration is within its 1 s rounding slack, so the decoded samples decide).
+    with pytest.raises(AudioTooLongError, match="limit here is 0.5 s"):
+        decode_audio(wav_bytes, max_seconds=0.5)
+    with pytest.raises(AudioTooLongError):
+        decode_audio(np.zeros(16001, np.float32), max_seconds=1)
+    assert len(decode_audio(wav_bytes, max_seconds=1)) == 16000

@@ -190,6 +190,15 @@ def test_served_model_reports_a_bad_row_and_keeps_serving(served, speech_clips):
     )
     assert wrong_type.status_code == 400 and "beam_size" in wrong_type.text
 
+    # A token id past the vocabulary killed the process inside CTranslate2; now it is a 400.
+    outside = httpx.post(
+        f"{served}/invocations",
+        json={"dataframe_records": [{"audio": good}], "params": {"suppress_tokens": [99999999]}},
+        timeout=60,
+    )
+    assert outside.status_code == 400 and "from 0 to 51864" in outside.text
+    assert httpx.post(f"{served}/invocations", json={"dataframe_records": [{"audio": good}]}, timeout=120).status_code == 200
+
 
 def test_mlflow_models_predict_cli(registry, speech_clips, tmp_path):
     clip = next(c for c in speech_clips if c.name == "quick_brown_fox")

@@ -53,6 +53,15 @@ def test_evaluate_bad_rows_then_skip_them(tiny_registered, tmp_path, en_zh_clips
     assert f"skipped {missing}: audio file not found" in out and "n_skipped        1" in out
 
 
+def test_evaluate_refuses_a_token_id_past_the_vocabulary_before_running(tiny_registered, two_clips_manifest, capsys):
+    runs_before = len(MlflowClient().search_runs([r.experiment_id for r in MlflowClient().search_experiments()]))
+    assert main(["evaluate", "models:/tiny/1", "--dataset", str(two_clips_manifest), "--no-progress",
+                 "--decoding", "suppress_tokens=[99999999]"]) == 1
+    line = _error_line(capsys)
+    assert "suppress_tokens" in line and "from 0 to" in line
+    assert len(MlflowClient().search_runs([r.experiment_id for r in MlflowClient().search_experiments()])) == runs_before
+
+
 def test_promote_gates_rollback_and_errors(tiny_evaluated, capsys):
     assert main(["promote", "tiny", "1", "--to", "staging", "--gate", "cer<=100"]) == 0
     assert "tiny@staging: none -> 1" in capsys.readouterr().out
