@@ -58,6 +58,12 @@ class ServiceConfig(BaseModel):
     )
     batch_size: int = Field(8, ge=1, description="30 s windows per forward pass in the batched pipeline.")
     request_timeout_s: int = Field(600, ge=1, description="BentoML traffic timeout per request.")
+    api_key: Optional[str] = Field(
+        None,
+        pattern=r"^(env|file):.+$",
+        description="Where the API keys are, env:VARIABLE or file:PATH (comma/space/newline-separated); "
+        "set, every route but /livez and /readyz needs 'Authorization: Bearer KEY'.",
+    )
 
     @field_validator("decoding", mode="before")
     @classmethod

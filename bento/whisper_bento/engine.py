@@ -94,7 +94,9 @@ def decode_batch(model, jobs: list[Job], *, batch_size: int) -> list[Transcripti
             results[index] = transcription.transcribe(model, job.audio, job.options)
             continue
         options, probability = job.options, 1.0
-        if options.language is None:  # one pipeline call has one language: detect per request
+        if not model.model.is_multilingual:  # English-only: faster-whisper's transcribe forces "en"
+            options = DecodingOptions.layered(options, {"language": "en", "task": "transcribe"})
+        elif options.language is None:  # one pipeline call has one language: detect per request
             language, probability, _ = model.detect_language(job.audio)
             options = DecodingOptions.layered(options, {"language": language})
         groups[options.model_dump_json()].append((index, Job(job.audio, options), probability))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ from fastapi import FastAPI, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from whisper_bento import batching, forms, formats, model_ref
+from whisper_bento import auth, batching, forms, formats, model_ref
 from whisper_bento.config import ServiceConfig, bound_violation
 from whisper_bento.errors import ApiError, bad_request, invalid_value, too_large
 
@@ -30,9 +31,8 @@ with bentoml.importing():
     from mlflow_faster_whisper import checksums, transcription
     from mlflow_faster_whisper import constants as c
     from mlflow_faster_whisper.audio import decode_audio
-    from mlflow_faster_whisper.constants import SAMPLE_RATE
     from mlflow_faster_whisper.decoding import DecodingOptions
-    from mlflow_faster_whisper.errors import AudioDecodeError, DecodingOptionsError
+    from mlflow_faster_whisper.errors import AudioDecodeError, AudioTooLongError, DecodingOptionsError
     from mlflow_faster_whisper.transcription import Transcription
 
     from whisper_bento import engine
@@ -92,6 +92,7 @@ class Transcriber:
         )
         self.version_defaults = DecodingOptions.parse(conf.get(c.DECODING))
         self.defaults = DecodingOptions.layered(self.version_defaults, CONFIG.decoding)
+        transcription.check_options(self.whisper, self.defaults)
         problem = bound_violation(CONFIG, self.defaults)
         if problem is not None:
             raise ValueError(
@@ -141,7 +142,8 @@ class Transcriber:
                 "device": self.placement.device,
                 "compute_type": self.placement.compute_type,
                 "requested_compute_type": self.placement.requested_compute_type,
-                "config": CONFIG.model_dump(mode="json"),
+                "config": {**CONFIG.model_dump(mode="json"), "model": auth.redact_uri(CONFIG.model)},
+                "worker_pid": os.getpid(),
                 "decoding": {
                     "version_defaults": self.version_defaults.explicit(),
                     "service_defaults": CONFIG.decoding.explicit(),
@@ -168,9 +170,9 @@ class Transcriber:
         """Version defaults < service config < request, then the service's bounds."""
         try:
             options = DecodingOptions.layered(self.defaults, overrides)
+            transcription.check_options(self.whisper, options)
         except DecodingOptionsError as exc:
-            param = next((name for name in overrides if repr(name) in exc.message or f"{name}:" in exc.message), None)
-            raise invalid_value(exc.message, param=param) from None
+            raise invalid_value(exc.message, param=exc.field) from None
         problem = bound_violation(CONFIG, options)
         if problem is not None:
             raise invalid_value(problem[1], param=problem[0], code="out_of_bounds")
@@ -225,21 +227,20 @@ class Transcriber:
         return {"id": self.model_info["name"], "object": "model", "created": 0, "owned_by": "whisper-bento"}
 
 
+if CONFIG.api_key:
+    # Loaded at import: a missing variable or file stops the start-up with the reason.
+    Transcriber.add_asgi_middleware(auth.ApiKeyMiddleware, keys=auth.load_keys(CONFIG.api_key))
+
+
 def _decode_audio(data: bytes) -> np.ndarray:
     if not data:
         raise bad_request("The file is empty (0 bytes): send a wav, flac, mp3 or ogg recording.", param="file")
     try:
-        audio = decode_audio(data)
+        return decode_audio(data, max_seconds=CONFIG.max_audio_seconds)
+    except AudioTooLongError as exc:
+        raise too_large(exc.message, code="audio_too_long") from None
     except AudioDecodeError as exc:
         raise bad_request(exc.message, param="file", code="invalid_audio") from None
-    seconds = len(audio) / SAMPLE_RATE
-    if seconds > CONFIG.max_audio_seconds:
-        raise too_large(
-            f"The audio is {seconds:.1f} s long; this service transcribes at most {CONFIG.max_audio_seconds:g} s. "
-            "Split the recording.",
-            code="audio_too_long",
-        )
-    return audio
 
 
 def _sse(event: dict[str, Any]) -> str:
@@ -254,7 +255,7 @@ def _model_info(stored: bentoml.Model, conf: dict[str, Any], placement: engine.P
         "version": registry.version if registry else meta.get(model_ref.META_VERSION),
         "aliases": list(registry.aliases) if registry else meta.get(model_ref.META_ALIASES, []),
         "run_id": registry.run_id if registry else meta.get(model_ref.META_RUN_ID),
-        "uri": CONFIG.model,
+        "uri": auth.redact_uri(CONFIG.model),
         "source": MODEL.source,
         "bento_model": str(stored.tag),
         "quantization": conf.get(c.QUANTIZATION),

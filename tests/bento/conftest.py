@@ -37,8 +37,8 @@ class Registry:
     version: str
 
 
-def make_registry(root: Path, ct2_dir: Path, alias: str = "production") -> Registry:
-    """A sqlite registry in ``root`` holding the real base model (logged as is) under ``alias``."""
+def make_registry(root: Path, ct2_dir: Path, alias: str = "production", name: str = MODEL_NAME) -> Registry:
+    """A sqlite registry in ``root`` holding a real model (logged as is) as ``name`` under ``alias``."""
     root.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{root / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as mp:
@@ -48,10 +48,10 @@ def make_registry(root: Path, ct2_dir: Path, alias: str = "production") -> Regis
             experiment_id = mlflow.create_experiment("bento", artifact_location=(root / "mlartifacts").as_uri())
             with mlflow.start_run(experiment_id=experiment_id):
                 info = mlflow_faster_whisper.log_model(
-                    str(ct2_dir), name="model", registered_model_name=MODEL_NAME, decoding=VERSION_DECODING
+                    str(ct2_dir), name="model", registered_model_name=name, decoding=VERSION_DECODING
                 )
             version = str(info.registered_model_version)
-            MlflowClient().set_registered_model_alias(MODEL_NAME, alias, version)
+            MlflowClient().set_registered_model_alias(name, alias, version)
         finally:
             mlflow.set_tracking_uri(None)
     return Registry(uri=uri, root=root, version=version)

@@ -222,7 +222,7 @@ def _bad_inputs(tmp_path, clips):
         ("truncated WAV header", "/transcribe", {"file": ("a.wav", good[:30], "audio/wav")}, None, 400, "decode"),
         ("WAV cut mid-data", "/transcribe", {"file": ("a.wav", good[: len(good) // 2], "audio/wav")}, None, 400, "truncated"),
         ("0-second audio", "/transcribe", {"file": ("a.wav", _wav_bytes(tmp_path, np.zeros(0), "zero.wav"), "audio/wav")}, None, 400, "0 seconds"),
-        ("too long", "/transcribe", {"file": ("a.wav", _wav_bytes(tmp_path, long_audio, "long.wav"), "audio/wav")}, None, 413, "at most"),
+        ("too long", "/transcribe", {"file": ("a.wav", _wav_bytes(tmp_path, long_audio, "long.wav"), "audio/wav")}, None, 413, "limit"),
         ("too big", "/transcribe", {"file": ("a.wav", b"\0" * (MAX_UPLOAD_BYTES + 100_000), "audio/wav")}, None, 413, "bytes"),
         ("bad response_format", "/v1/audio/transcriptions", {"file": ("a.wav", good, "audio/wav")}, {"response_format": "xml"}, 422, "response_format"),
         ("unknown language", "/v1/audio/transcriptions", {"file": ("a.wav", good, "audio/wav")}, {"language": "xx"}, 422, "language"),
