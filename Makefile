@@ -38,7 +38,7 @@ test: install postgres
 	$(PY) -m pytest -q
 
 test-fast: install
-	$(PY) -m pytest -q -m "not real_weights and not server"
+	$(PY) -m pytest -q -m "not real_weights and not server and not cuda_libs"
 
 demo: install
 	$(PY) -m whisper_bento.demo

@@ -1,4 +1,4 @@
-"""Load the model on the configured device and decode a batch of requests.
+"""Decode a batch of requests.
 
 A batch of one is decoded exactly as ``mlflow_faster_whisper.transcription.transcribe`` does
 (sequential long-form decoding, temperature fallback): a request alone is never slowed down or
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Optional
@@ -24,56 +23,6 @@ from mlflow_faster_whisper import transcription
 from mlflow_faster_whisper.constants import SAMPLE_RATE
 from mlflow_faster_whisper.decoding import DecodingOptions
 from mlflow_faster_whisper.transcription import Segment, Transcription
-
-_logger = logging.getLogger(__name__)
-
-# What to try, in order, when a device cannot run the requested compute type.
-_FALLBACKS = {
-    "float16": ("float32",),
-    "bfloat16": ("float32",),
-    "int8_float16": ("int8_float32", "int8", "float32"),
-    "int8_bfloat16": ("int8_float32", "int8", "float32"),
-    "int8_float32": ("int8", "float32"),
-    "int16": ("int8", "float32"),
-    "int8": ("int8_float32", "float32"),
-    "float32": (),
-}
-
-
-@dataclass(frozen=True)
-class Placement:
-    device: str
-    compute_type: str
-    requested_compute_type: str
-
-
-def resolve_placement(device: str, compute_type: Optional[str], quantization: Optional[str]) -> Placement:
-    """Pick the device and a compute type it can run, logging any fallback."""
-    import ctranslate2
-
-    if device == "auto":
-        device = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
-    supported = set(ctranslate2.get_supported_compute_types(device))
-    requested = compute_type or default_compute_type(device, quantization)
-    chosen = requested
-    if requested not in supported and requested not in ("default", "auto"):
-        chosen = next((t for t in _FALLBACKS.get(requested, ()) if t in supported), "default")
-        _logger.warning(
-            "compute_type %r is not supported on %s (supported: %s); using %r instead",
-            requested,
-            device,
-            ", ".join(sorted(supported)),
-            chosen,
-        )
-    return Placement(device=device, compute_type=chosen, requested_compute_type=requested)
-
-
-def default_compute_type(device: str, quantization: Optional[str]) -> str:
-    """int8 on CPU; on GPU float16, or int8_float16 for a model stored in int8."""
-    if device == "cpu":
-        return "int8"
-    return "int8_float16" if (quantization or "").startswith("int8") else "float16"
-
 
 @dataclass(frozen=True)
 class Job:

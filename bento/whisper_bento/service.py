@@ -28,7 +28,7 @@ with bentoml.importing():
     import numpy as np
 
     import mlflow_faster_whisper
-    from mlflow_faster_whisper import checksums, transcription
+    from mlflow_faster_whisper import checksums, devices, transcription
     from mlflow_faster_whisper import constants as c
     from mlflow_faster_whisper.audio import decode_audio
     from mlflow_faster_whisper.decoding import DecodingOptions
@@ -82,7 +82,7 @@ class Transcriber:
         stored = self.bento_model
         self.model_dir = model_ref.model_path(stored)
         conf = mlflow_faster_whisper.flavor_config(self.model_dir)
-        self.placement = engine.resolve_placement(CONFIG.device, CONFIG.compute_type, conf.get(c.QUANTIZATION))
+        self.placement = devices.place(CONFIG.device, CONFIG.compute_type, conf.get(c.QUANTIZATION))
         self.whisper = mlflow_faster_whisper.load_model(
             self.model_dir,
             device=self.placement.device,
@@ -104,6 +104,7 @@ class Transcriber:
             self._decode_jobs, max_batch_size=CONFIG.max_batch_size, max_wait_s=CONFIG.max_latency_ms / 1000
         )
         self.load_seconds = round(time.perf_counter() - started, 3)
+        self.runtime = devices.runtime_facts()
         _logger.info(
             "Serving %s (%s) on %s/%s, loaded in %.2fs",
             self.model_info["name"],
@@ -150,6 +151,7 @@ class Transcriber:
                     "effective": self.defaults.model_dump(mode="json"),
                 },
                 "load_seconds": self.load_seconds,
+                "runtime": self.runtime,
                 # Serving needs neither torch, transformers nor (once resolved) MLflow; this shows it live.
                 "imports": {name: name in sys.modules for name in ("torch", "transformers", "mlflow")},
             }
@@ -247,7 +249,7 @@ def _sse(event: dict[str, Any]) -> str:
     return f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
 
 
-def _model_info(stored: bentoml.Model, conf: dict[str, Any], placement: engine.Placement) -> dict[str, Any]:
+def _model_info(stored: bentoml.Model, conf: dict[str, Any], placement: devices.Placement) -> dict[str, Any]:
     meta = stored.info.metadata
     registry = MODEL.registry
     return {

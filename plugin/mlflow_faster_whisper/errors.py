@@ -66,5 +66,9 @@ class ConversionError(FasterWhisperFlavorError):
     error_code = "INTERNAL_ERROR"
 
 
+class DeviceError(FasterWhisperFlavorError):
+    """The device asked for cannot run a model here (no GPU visible, no cuBLAS 12)."""
+
+
 class ChecksumError(FasterWhisperFlavorError):
     """An artifact file is missing or differs from the checksum recorded when it was logged."""

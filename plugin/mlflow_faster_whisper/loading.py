@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from mlflow_faster_whisper import checksums, constants as c
+from mlflow_faster_whisper import checksums, constants as c, devices
 from mlflow_faster_whisper.decoding import DecodingOptions
 from mlflow_faster_whisper.errors import FasterWhisperFlavorError
 
@@ -68,15 +68,17 @@ def load_model(
 
     Args:
         model_uri: ``models:/name@alias``, ``models:/name/version``, ``runs:/...``, a path, ...
-        device: "auto", "cpu" or "cuda".
+        device: "auto" (CUDA when a GPU and cuBLAS 12 are there, else CPU), "cpu" or "cuda"
+            (see ``devices.place``; cuBLAS 12 from the ``gpu`` extra is loaded here).
         compute_type: CTranslate2 compute type; "default" keeps the stored quantization where
-            the device supports it.
+            the device supports it; one the device cannot run falls back, with a warning.
         cpu_threads, num_workers: as in ``faster_whisper.WhisperModel``.
         dst_path: where to download the artifacts (a local directory without ``dst_path`` is
             loaded in place).
 
     Raises:
         ChecksumError: a file is missing, extra or modified.
+        DeviceError: ``device="cuda"`` with no visible GPU or no cuBLAS 12.
     """
     if os.path.isdir(model_uri) and dst_path is None:
         local_path = str(model_uri)
@@ -92,10 +94,11 @@ def _load_local(local_path, conf, device="auto", compute_type="default", cpu_thr
 
     data_dir = Path(local_path) / conf[c.DATA]
     checksums.verify(data_dir, conf[c.CHECKSUMS])
+    placement = devices.place(device, compute_type, conf.get(c.QUANTIZATION))
     return WhisperModel(
         str(data_dir),
-        device=device,
-        compute_type=compute_type,
+        device=placement.device,
+        compute_type=placement.compute_type,
         cpu_threads=cpu_threads,
         num_workers=num_workers,
         local_files_only=True,

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 from pydantic import ValidationError
 
 from mlflow_faster_whisper.decoding import DecodingOptions
 from mlflow_faster_whisper.transcription import Segment, Transcription
-from whisper_bento import engine, formats
+from whisper_bento import formats
 from whisper_bento.config import ServiceConfig, bound_violation
 from whisper_bento.errors import ApiError
 
@@ -74,17 +72,6 @@ def test_unknown_format_is_422_listing_the_formats():
         formats.check_format("xml")
     assert caught.value.status == 422 and "srt" in caught.value.message and "native" not in caught.value.message
     formats.check_format("native", native=True)
-
-
-def test_compute_type_defaults_and_fallback(caplog):
-    assert engine.default_compute_type("cpu", "float16") == "int8"
-    assert engine.default_compute_type("cuda", "int8") == "int8_float16"
-    assert engine.default_compute_type("cuda", "float32") == "float16"
-    assert engine.resolve_placement("cpu", None, "float16").compute_type == "int8"
-    with caplog.at_level(logging.WARNING, logger="whisper_bento.engine"):
-        placement = engine.resolve_placement("cpu", "float16", "float16")
-    assert placement.compute_type == "float32" and placement.requested_compute_type == "float16"
-    assert "not supported on cpu" in caplog.text
 
 
 def test_batcher_decodes_a_lone_job_at_once_and_groups_the_jobs_that_queue_behind_a_batch():
