@@ -1,7 +1,7 @@
 """Service: cold start to /readyz, and RSS growth from 10 to 1000 requests.
 
 Cold start is timed from spawning ``bentoml serve`` to the first 200 from /readyz, in the two
-ways a version is served: a built bento (``bentoml build bento/ --arg model=...``, then
+ways a version is served: a built bento (``python -m whisper_bento.build --arg model=...``, then
 ``bentoml serve whisper:<version>`` with the tracking URI pointing at a dead port: what a
 deployment starts) and the service from source on a registry alias (``bentoml serve
 whisper_bento:Transcriber --arg model=models:/bench-base-int8@bench``, which resolves the alias
@@ -96,11 +96,11 @@ def run(settings) -> dict[str, Any]:
 
 
 def _build_bento(model_uri: str) -> str:
-    """``bentoml build bento/`` for ``model_uri`` (rebuilt each run): the bento tag."""
+    """``python -m whisper_bento.build`` for ``model_uri`` (rebuilt each run): the bento tag."""
     tag = f"whisper:{BENTO_VERSION}"
     subprocess.run(["bentoml", "delete", "-y", tag], cwd=REPO, capture_output=True)  # absent the first time
-    build = subprocess.run(["bentoml", "build", "bento/", "--arg", f"model={model_uri}", "--version", BENTO_VERSION],
-                           cwd=REPO, capture_output=True, text=True)
+    build = subprocess.run([sys.executable, "-m", "whisper_bento.build", "--arg", f"model={model_uri}",
+                            "--version", BENTO_VERSION], cwd=REPO, capture_output=True, text=True)
     if build.returncode != 0:
         raise ServiceUnavailable(f"bentoml build failed:\n{build.stdout[-2000:]}{build.stderr[-2000:]}")
     return tag

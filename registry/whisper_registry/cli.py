@@ -7,6 +7,7 @@ and exit code 1 here, in one place (usage errors exit 2).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -19,6 +20,7 @@ from mlflow_faster_whisper.errors import FasterWhisperFlavorError
 
 # Functions, not modules: the package exports functions named like their modules.
 from whisper_registry.compare import COLUMNS, compare
+from whisper_registry.doctor import doctor, format_report
 from whisper_registry.evaluate import evaluate
 from whisper_registry.finetune import add_finetune_parser
 from whisper_registry.promote import ALIASES, promote, rollback
@@ -142,6 +144,15 @@ def _rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    report = doctor(args.model)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print("\n".join(format_report(report)))
+    return 0 if report["ok"] else 1
+
+
 # -------------------------------------------------------------------------------------- parsing
 
 
@@ -196,6 +207,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--alias", required=True, help=f"one of {', '.join(ALIASES)}")
     p.add_argument("--user", help="who to record in the audit trail (default: the OS user)")
     p.set_defaults(handler=_rollback)
+
+    p = commands.add_parser("doctor", help="what this machine can run models on: GPUs, driver, cuBLAS 12, a smoke test")
+    p.add_argument("--model", metavar="MODEL_URI",
+                   help="load this model on every device and transcribe 1 s of audio on each (exit 1 if one fails)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(handler=_doctor)
     return parser
 
 

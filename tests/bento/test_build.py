@@ -1,9 +1,15 @@
-"""``bentoml build`` makes a self-contained bento: served with no registry reachable."""
+"""``python -m whisper_bento.build`` makes a self-contained bento: served with no registry
+reachable, shipping this project's own wheel; ``device=cuda`` adds the ``gpu`` extra and a CUDA 12
+base image, a CPU bento carries no CUDA wheel."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import tempfile
+import zipfile
+from pathlib import Path
 
 import pytest
 import yaml
@@ -25,7 +31,7 @@ def test_built_bento_serves_the_imported_version_without_the_registry(tmp_path, 
         )
     )
     build = subprocess.run(
-        [sys.executable, "-m", "bentoml", "build", "bento/", "--arg-file", str(arg_file), "--version", "test1"],
+        [sys.executable, "-m", "whisper_bento.build", "--arg-file", str(arg_file), "--version", "test1"],
         cwd=REPO,
         env=server_env(home, registry.uri),
         capture_output=True,
@@ -36,7 +42,12 @@ def test_built_bento_serves_the_imported_version_without_the_registry(tmp_path, 
     bento_yaml = yaml.safe_load((home / "bentos" / "whisper" / "test1" / "bento.yaml").read_text())
     assert bento_yaml["args"]["model"] == f"models:/{MODEL_NAME}@production"
     assert any(m["tag"].startswith(f"{MODEL_NAME}:v{registry.version}-") for m in bento_yaml["services"][0]["models"])
-    assert not (home / "bentos" / "whisper" / "test1" / "env" / "python" / "requirements.lock.txt").exists()
+    python_env = home / "bentos" / "whisper" / "test1" / "env" / "python"
+    assert not (python_env / "requirements.lock.txt").exists()
+    wheel = _shipped_wheel(python_env)
+    assert _pip_would_install(python_env) == {"mlflow-faster-whisper": ["serve"]}
+    assert "nvidia" not in (python_env / "requirements.txt").read_text()
+    assert "cuda_version" not in (bento_yaml.get("docker") or {}) or bento_yaml["docker"]["cuda_version"] is None
 
     hello = next(c for c in speech_clips if c.name == "hello_world")
     env = server_env(home, UNREACHABLE_REGISTRY)
@@ -52,3 +63,63 @@ def test_built_bento_serves_the_imported_version_without_the_registry(tmp_path, 
         with open(hello.path, "rb") as f:
             refused = http.post("/v1/audio/transcriptions", files={"file": f}, data={"language": "fr"})
         assert refused.status_code == 422 and refused.json()["error"]["param"] == "language"
+
+
+def _shipped_wheel(python_env: Path) -> Path:
+    """The project's wheel in the bento, checked to carry the flavor, the registry and the service."""
+    wheels = sorted((python_env / "wheels").glob("mlflow_faster_whisper-*.whl"))
+    assert len(wheels) == 1, list((python_env / "wheels").iterdir())
+    names = zipfile.ZipFile(wheels[0]).namelist()
+    for module in ("mlflow_faster_whisper/devices.py", "whisper_registry/cli.py", "whisper_bento/service.py"):
+        assert module in names
+    assert not any(n.startswith("tests/") for n in names)
+    return wheels[0]
+
+
+def _pip_would_install(python_env: Path) -> dict[str, list[str]]:
+    """What the image's install step (pip in env/python) resolves the requirements to, offline."""
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report.json"
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "--dry-run", "--no-index", "--no-deps", "-q", "--report",
+             str(report), "-r", "requirements.txt"],
+            cwd=python_env, check=True, capture_output=True,
+        )
+        installs = json.loads(report.read_text())["install"]
+    return {i["metadata"]["name"]: sorted(i.get("requested_extras") or []) for i in installs if i["metadata"]["name"] != "bentoml"}
+
+
+def test_a_cuda_bento_declares_the_gpu_extra_and_a_cuda_12_image(tmp_path, whisper_tiny_en_ct2):
+    registry = make_registry(tmp_path / "registry", whisper_tiny_en_ct2, name="tiny-en")
+    home = tmp_path / "bentoml"
+    build = subprocess.run(
+        [sys.executable, "-m", "whisper_bento.build", "--arg", "model=models:/tiny-en@production",
+         "--arg", "device=cuda", "--version", "gpu1"],
+        cwd=tmp_path,  # anywhere: the builder finds its checkout
+        env=server_env(home, registry.uri),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    assert "Built whisper:gpu1" in build.stdout
+    bento = home / "bentos" / "whisper" / "gpu1"
+    bento_yaml = yaml.safe_load((bento / "bento.yaml").read_text())
+    assert bento_yaml["args"]["device"] == "cuda"
+    assert bento_yaml["docker"]["cuda_version"].startswith("12.")
+    wheel = _shipped_wheel(bento / "env" / "python")
+    assert _pip_would_install(bento / "env" / "python") == {"mlflow-faster-whisper": ["gpu", "serve"]}
+    assert (bento / "env" / "docker" / "Dockerfile").read_text().count("FROM nvidia/cuda:12.") == 1
+    metadata = zipfile.ZipFile(wheel).read(f"{wheel.name.split('-')[0]}-{wheel.name.split('-')[1]}.dist-info/METADATA").decode()
+    assert any(line.startswith("Requires-Dist: nvidia-cublas-cu12") and 'extra == "gpu"' in line for line in metadata.splitlines())
+
+
+def test_a_bad_configuration_is_refused_before_building(tmp_path):
+    build = subprocess.run(
+        [sys.executable, "-m", "whisper_bento.build", "--arg", "model=models:/x@production", "--arg", "device=tpu"],
+        env=server_env(tmp_path / "bentoml", None),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert build.returncode == 1 and "Invalid service configuration" in build.stderr and "device" in build.stderr

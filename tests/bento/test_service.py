@@ -74,6 +74,9 @@ def test_health_info_and_no_torch(http):
     assert info["model"]["quantization"] == "float16"
     assert set(info["model"]["checksums"]) >= {"model.bin", "config.json", "tokenizer.json"}
     assert info["device"] == "cpu" and info["compute_type"] == "int8"  # the CPU default
+    runtime = info["runtime"]
+    assert runtime["ctranslate2"] and runtime["devices"][0]["device"] == "cpu" and "int8" in runtime["devices"][0]["compute_types"]
+    assert set(runtime["cublas"]) == {"found", "source", "path", "detail"}
     assert info["imports"] == {"torch": False, "transformers": False, "mlflow": False}  # the worker took the serve process's resolution
     assert info["decoding"]["effective"]["beam_size"] == 1  # service config over version default
     assert info["decoding"]["version_defaults"]["patience"] == 1.5
