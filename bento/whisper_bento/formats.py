@@ -36,12 +36,16 @@ def register_format(name: str) -> Callable[[Renderer], Renderer]:
     return decorator
 
 
+def names(*, native: bool = False) -> list[str]:
+    """The response formats a route offers (``native``: /transcribe's full JSON too)."""
+    return [n for n in _RENDERERS if native or n != "native"]
+
+
 def check_format(name: str, *, native: bool = False) -> None:
     """Raises a 422 ``ApiError`` listing the formats when ``name`` is not one of them."""
-    names = [n for n in _RENDERERS if native or n != "native"]
-    if name not in names:
+    if name not in names(native=native):
         raise invalid_value(
-            f"Unsupported response_format {name!r}; use one of: {', '.join(names)}.", param="response_format"
+            f"Unsupported response_format {name!r}; use one of: {', '.join(names(native=native))}.", param="response_format"
         )
 
 

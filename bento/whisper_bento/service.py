@@ -18,9 +18,10 @@ from typing import Any
 import bentoml
 from fastapi import FastAPI, Request
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from whisper_bento import auth, batching, forms, formats, model_ref
+from whisper_bento import auth, batching, forms, formats, model_ref, openapi
 from whisper_bento.config import ServiceConfig, bound_violation
 from whisper_bento.errors import ApiError, bad_request, invalid_value, too_large
 
@@ -57,6 +58,12 @@ app = FastAPI(title="whisper", docs_url=None, redoc_url=None, openapi_url=None)
 async def _api_error(request: Request, exc: ApiError) -> Response:
     _logger.info("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
     return exc.response()
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    # Routing's own answers (no such path, wrong method) in the one error shape too.
+    return ApiError(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}").response()
 
 
 @app.exception_handler(Exception)
@@ -114,28 +121,28 @@ class Transcriber:
             self.load_seconds,
         )
 
-    @app.post("/transcribe")
+    @app.post("/transcribe", **openapi.transcription_route(native=True))
     async def transcribe(self, request: Request) -> Response:
         """Multipart ``file`` + optional decoding fields -> the full JSON result."""
         return await self._serve(await forms.parse_native(request, CONFIG.max_upload_bytes), native=True)
 
-    @app.post("/v1/audio/transcriptions")
+    @app.post("/v1/audio/transcriptions", **openapi.transcription_route(native=False))
     async def openai_transcriptions(self, request: Request) -> Response:
         return await self._serve(await forms.parse_openai(request, CONFIG.max_upload_bytes, task="transcribe"))
 
-    @app.post("/v1/audio/translations")
+    @app.post("/v1/audio/translations", **openapi.transcription_route(native=False))
     async def openai_translations(self, request: Request) -> Response:
         return await self._serve(await forms.parse_openai(request, CONFIG.max_upload_bytes, task="translate"))
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", **openapi.read_route())
     async def openai_models(self) -> Response:
         return JSONResponse({"object": "list", "data": [self._openai_model()]})
 
-    @app.get("/v1/models/{model_id}")
+    @app.get("/v1/models/{model_id}", **openapi.read_route(404))
     async def openai_model(self, model_id: str) -> Response:
         return JSONResponse(self._openai_model())
 
-    @app.get("/info")
+    @app.get("/info", **openapi.read_route())
     async def info(self) -> Response:
         return JSONResponse(
             {

@@ -18,6 +18,11 @@ from typing import Any, Optional
 import httpx
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, Phase, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+
+from mlflow_faster_whisper.decoding import DecodingOptions
 
 from tests.bento.conftest import bentoml_serve, make_registry, server_env
 from tests.fixtures import audio as wav
@@ -56,6 +61,11 @@ def http(server):
 @pytest.fixture(scope="module")
 def fox(speech_clips):
     return next(c for c in speech_clips if c.name == "quick_brown_fox")
+
+
+@pytest.fixture(scope="module")
+def hello(speech_clips):
+    return next(c for c in speech_clips if c.name == "hello_world")
 
 
 @dataclass
@@ -266,3 +276,53 @@ def test_info_never_shows_the_keys(http, server):
     assert all(key not in text for key in KEYS)
     assert json.loads(text)["config"]["api_key"] == "env:WHISPER_TEST_KEYS"
     assert all(key not in server.log_text() for key in KEYS)
+
+
+# ------------------------------------------------------------------ generated inputs, bounded
+
+def test_schemathesis_finds_no_server_error_and_no_undocumented_status(server, http):
+    """Every operation of the service's own OpenAPI (``/docs.json``), bounded: never a 5xx, and
+    every status it answers is documented there."""
+    import schemathesis
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import status_code_conformance
+
+    schema = schemathesis.openapi.from_url(f"{server.url}/docs.json", headers=dict(http.headers))
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {op.path for op in operations} >= {NATIVE, OPENAI, "/v1/audio/translations", "/v1/models", "/info"}
+    calls = []
+    for operation in operations:
+
+        @hypothesis_settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck), phases=[Phase.generate])
+        @given(case=operation.as_strategy())
+        def call(case):
+            response = case.call_and_validate(
+                headers=dict(http.headers), checks=[not_a_server_error, status_code_conformance], timeout=300
+            )
+            calls.append((operation.path, response.status_code))
+
+        call()
+    assert len(calls) >= 5 * len(operations)
+    assert {status for path, status in calls if path == NATIVE} >= {400}  # the bodies reached the routes
+
+
+_OPTION_NAMES = sorted(DecodingOptions.model_fields) + ["stream", "response_format", "beem_size"]
+_TEXT_VALUES = st.one_of(
+    st.text(max_size=30),
+    st.sampled_from(["NaN", "nan", "Infinity", "-inf", "1e308", "-1e308", "5e-324", "0", "-1", "[]", "[-1]", "{}", "null",
+                     "true", "[0, 1e400]", '{"threshold": NaN}', "9" * 40, "1_000", "0x10", "\x00", "ｅｎ"]),
+    st.integers(min_value=-(2**70), max_value=2**70).map(str),
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.lists(st.integers(min_value=-(2**40), max_value=2**40), max_size=4).map(json.dumps),
+)
+
+
+@hypothesis_settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+@given(fields=st.dictionaries(st.sampled_from(_OPTION_NAMES), _TEXT_VALUES, min_size=1, max_size=4))
+def test_any_form_fields_get_an_answer_never_a_server_error(http, hello, fields):
+    with open(hello.path, "rb") as f:
+        response = http.post(NATIVE, files={"file": f}, data=fields)
+    assert response.status_code < 500, (fields, response.text[:500])
+    if response.status_code != 200:
+        body = response.json()
+        assert body["error"]["message"] and body["error"]["type"] == "invalid_request_error", (fields, body)
