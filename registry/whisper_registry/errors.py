@@ -33,6 +33,10 @@ class GateSyntaxError(RegistryError):
     """A promotion gate that is not ``<metric><op><number>``."""
 
 
+class AliasBusyError(RegistryError):
+    """Another promotion or rollback of the same alias held its lock for longer than we waited."""
+
+
 class NotEvaluatedError(RegistryError):
     """A gate needs evaluation results the version does not have."""
 

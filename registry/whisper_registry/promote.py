@@ -8,22 +8,36 @@ moves nothing.
 Every move is an event in the registered model's tags, ``audit.<alias>.<NNNN>`` (JSON: action,
 from/to version, time, user, gate results); the promoted version also gets ``promoted.<alias>.*``
 tags. ``rollback`` replays the trail to find the holder before the latest promotion.
+
+Moves of one alias are serialized across processes and machines (``alias_lock``): MLflow has no
+compare-and-set for an alias, so two promotions at once could otherwise both check their gates
+against the same holder, both write audit event N, and leave a trail that disagrees with the
+alias. The lock is a registered model named ``<name>.<alias>.lock`` that exists while a move is
+under way: creating a registered model is atomic in every MLflow registry (names are unique), so
+exactly one process creates it; the others wait. Under the lock the holder is read afresh, the
+gates are checked against it, the alias moves and the event is written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
 import logging
 import operator
 import os
+import random
 import re
+import socket
+import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Optional
 
 from whisper_registry import metrics, tags, tracking, versions
 from whisper_registry.errors import (
+    AliasBusyError,
     GateFailedError,
     GateSyntaxError,
     NothingToRollBackError,
@@ -34,6 +48,8 @@ from whisper_registry.errors import (
 _logger = logging.getLogger(__name__)
 
 ALIASES = ("staging", "production")
+LOCK_WAIT_S = 60.0  # how long a move waits for another move of the same alias
+LOCK_STALE_S = 300.0  # a lock older than this was left by a process that died mid-move
 _OPERATORS = {"<=": operator.le, "<": operator.lt, ">=": operator.ge, ">": operator.gt, "==": operator.eq}
 _GATE = re.compile(r"^\s*(?P<metric>[A-Za-z][\w]*)\s*(?P<op><=|>=|==|<|>)\s*(?P<value>[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?)\s*$")
 
@@ -129,8 +145,12 @@ def promote(
     parsed = [g if isinstance(g, Gate) else parse_gate(g) for g in gates or []]
     tracking.configure()
     candidate = versions.get(name, version)
+    with alias_lock(name, alias):
+        return _promote_locked(name, candidate, alias, parsed, max_regression, user or _user())
+
+
+def _promote_locked(name, candidate, alias, parsed, max_regression, user) -> PromotionResult:
     holder = versions.holder(name, alias)
-    user = user or _user()
     now = _now()
     to_version = str(candidate.version)
     from_version = None if holder is None else str(holder.version)
@@ -169,6 +189,11 @@ def rollback(name: str, alias: str, *, user: Optional[str] = None) -> PromotionR
     """
     check_alias(alias)
     tracking.configure()
+    with alias_lock(name, alias):
+        return _rollback_locked(name, alias, user)
+
+
+def _rollback_locked(name: str, alias: str, user: Optional[str]) -> PromotionResult:
     holder = versions.holder(name, alias)
     stack: list[dict] = []
     for event in audit_trail(name, alias):
@@ -201,6 +226,59 @@ def audit_trail(name: str, alias: str) -> list[dict]:
     prefix = f"{tags.AUDIT_PREFIX}{alias}."
     keyed = sorted((int(k[len(prefix):]), v) for k, v in (model.tags or {}).items() if k.startswith(prefix) and k[len(prefix):].isdigit())
     return [json.loads(v) for _, v in keyed]
+
+
+@contextlib.contextmanager
+def alias_lock(name: str, alias: str, *, wait_s: float = LOCK_WAIT_S, stale_s: float = LOCK_STALE_S) -> Iterator[None]:
+    """Hold the move lock of ``name``'s ``alias`` (see the module docstring).
+
+    Raises:
+        AliasBusyError: another move held it for longer than ``wait_s``.
+    """
+    from mlflow.exceptions import MlflowException
+
+    client = tracking.client()
+    lock = f"{name}.{alias}.lock"
+    owner = f"{socket.gethostname()}:{os.getpid()}"
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            client.create_registered_model(
+                lock, tags={"whisper_registry.lock": owner},
+                description=f"Held by whisper-registry while it moves {name}@{alias}; it is deleted after the move.",
+            )
+            break
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        held = _lock_age_and_owner(client, lock)
+        if held is not None and held[0] > stale_s:
+            _logger.warning("Breaking the lock of %s@%s left %.0f s ago by %s", name, alias, held[0], held[1])
+            with contextlib.suppress(MlflowException):
+                client.delete_registered_model(lock)
+            continue
+        if time.monotonic() > deadline:
+            who = f" by {held[1]}" if held else ""
+            raise AliasBusyError(
+                f"{name}@{alias} is being moved{who}: the registered model {lock!r} has held its lock for longer than "
+                f"{wait_s:.0f} s. Retry; if no promotion is running, delete that registered model."
+            )
+        time.sleep(0.05 + random.random() * 0.2)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(MlflowException):
+            client.delete_registered_model(lock)
+
+
+def _lock_age_and_owner(client, lock: str) -> Optional[tuple[float, str]]:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = client.get_registered_model(lock)
+    except MlflowException:
+        return None  # released in the meantime
+    return time.time() - model.creation_timestamp / 1000, (model.tags or {}).get("whisper_registry.lock", "?")
 
 
 def _move(result: PromotionResult) -> None:

@@ -23,7 +23,7 @@ from whisper_registry.cli import main
 from whisper_registry.compare import compare
 from whisper_registry.errors import GateFailedError
 from whisper_registry.evaluate import evaluate
-from whisper_registry.promote import promote, rollback
+from whisper_registry.promote import audit_trail, promote, rollback
 from whisper_registry.register import register
 
 pytestmark = pytest.mark.server
@@ -160,3 +160,53 @@ def test_register_evaluate_compare_promote_rollback_on_a_server(server_uri, tiny
     assert "production,staging" in out
     assert main(["promote", name, "2", "--to", "staging", "--gate", "rtf<0"]) == 1
     assert str(client.get_registered_model(name).aliases["staging"]) == "1"
+
+
+def test_concurrent_promotions_of_one_alias_keep_the_trail_and_the_gates(server_uri, tiny_whisper_hf, two_clips_manifest):
+    """Promotions of one alias started at the same instant, six at a time, three rounds: every move
+    is recorded in order, the alias is where the trail ends, and a version whose gate fails is
+    never promoted."""
+    import threading
+
+    name = f"race-{uuid.uuid4().hex[:6]}"
+    result = register(tiny_whisper_hf, name, ["int8", "float32"], decoding=TINY_DECODING)
+    cers = [evaluate(v.model_uri, two_clips_manifest).metrics["cer"] for v in result.versions]
+    calls = [
+        ("1", [f"cer<={cers[0] + 0.01}"], "a"),
+        ("2", [f"cer<={cers[1] + 0.01}"], "b"),
+        ("2", ["cer<0"], "c"),  # never holds
+        ("1", [], "d"),
+        ("2", [], "e"),
+        ("1", ["cer<0"], "f"),  # never holds
+    ]
+    moves = 0
+    for _ in range(3):
+        start = threading.Barrier(len(calls))
+        outcomes: dict[str, object] = {}
+
+        def call(version, gates, user):
+            start.wait()
+            try:
+                outcomes[user] = promote(name, version, "production", gates=gates, user=user)
+            except Exception as exc:  # noqa: BLE001 - asserted below, with what it was
+                outcomes[user] = exc
+
+        threads = [threading.Thread(target=call, args=c) for c in calls]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=300)
+        for user in "abde":
+            assert not isinstance(outcomes[user], Exception), outcomes[user]
+        for user in "cf":  # refused by its gate, unless its version held the alias already
+            assert isinstance(outcomes[user], GateFailedError) or not outcomes[user].moved, outcomes[user]
+        moves += sum(1 for r in outcomes.values() if not isinstance(r, Exception) and r.moved)
+
+    events = audit_trail(name, "production")
+    assert events and events[0]["from_version"] is None
+    for before, after in zip(events, events[1:]):
+        assert after["from_version"] == before["to_version"], events  # no event lost or written twice
+    assert len(events) == moves  # one event per move, none overwritten
+    assert str(MlflowClient().get_registered_model(name).aliases["production"]) == events[-1]["to_version"]
+    assert not {e["user"] for e in events} & {"c", "f"}  # a failing gate moved nothing
+    assert not [m for m in MlflowClient().search_registered_models() if m.name.endswith(".lock")]  # locks released
