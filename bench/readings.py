@@ -314,3 +314,37 @@ def service(r: dict[str, Any]) -> str:
         "a BentoML bug that this service does not patch."
     )
     return "\n\n".join(parts)
+
+
+def soak(r: dict[str, Any]) -> str:
+    parts = []
+    s = r.get("soak")
+    if s:
+        parts.append(table(
+            ["clients", "seconds", "requests", "errors", "requests/s", "p50", "p95", "p99", "server RSS start -> end", "worker RSS start -> end"],
+            [[s["clients"], sec(s["seconds"], 0), s["requests"], s["errors"], num(s["requests_per_s"], 2), sec(s["p50_s"]),
+              sec(s["p95_s"]), sec(s["p99_s"]), f"{mib(s['rss_start_bytes'])} -> {mib(s['rss_end_bytes'])}",
+              f"{mib(s['worker_rss_start_bytes'])} -> {mib(s['worker_rss_end_bytes'])}"]]))
+        if s["error_kinds"]:
+            parts.append("Errors seen: " + "; ".join(f"`{e}`" for e in s["error_kinds"]))
+    k = r.get("kill")
+    if k:
+        parts.append(
+            f"**Worker killed with SIGKILL** under {k['clients']} clients: {k['failed']} of {k['requests']} requests failed "
+            f"({k['failed_sent_before_kill']} of them sent before the kill, {k['failed_sent_after_back']} sent after the new "
+            f"worker answered); BentoML started a new worker (pid {k['old_worker_pid']} -> {k['new_worker_pid']}) that "
+            f"answered /info {sec(k['back_s'])} after the kill; {k['ok_after_back']} requests succeeded after it."
+            + (f" Failures: {'; '.join(f'`{e}`' for e in k['failures'])}." if k["failures"] else "")
+        )
+    d = r.get("disconnects")
+    if d:
+        parts.append(
+            f"**{d['clients']} clients gone away** (half mid-upload, half right after sending): the next request was "
+            f"answered after {sec(d['first_answer_after_storm_s'])} (the queue of abandoned requests drained first), and "
+            f"the one after that took {sec(d['latency_after_drain_s'])} against {sec(d['latency_before_s'])} before the storm."
+        )
+    parts.append(
+        f"**Reading.** tiny.en int8, {r.get('clips')} real clips in turn per client, CPU only. Requests whose client "
+        "went away are still decoded (the batcher does not yet drop them), so capacity returns once they drain."
+    )
+    return "\n\n".join(parts)

@@ -18,6 +18,7 @@ TITLES = {
     "quantization": "3. Quantization: size, RTF, WER/CER",
     "conversion": "4. Conversion: log_model wall time and peak RSS",
     "service": "5. Service: cold start and RSS growth",
+    "soak": "6. Soak and faults: 16 clients for 10 minutes, a killed worker, clients that go away",
 }
 
 
@@ -88,6 +89,10 @@ def targets(sections: dict[str, Any]) -> list[list[Any]]:
         last = rss["samples"][-1]["requests"]
         rows.append([f"server RSS growth 10 -> {last} requests < 5 %", f"{pct(rss['growth_total'])} (worker {pct(rss['growth_worker'])})",
                      status(rss["growth_total"] < 0.05), svc.get("mode")])
+    soak = (sections.get("soak") or {}).get("soak")
+    if soak:
+        rows.append([f"soak: 0 errors ({soak['clients']} clients, {sec(soak['seconds'], 0)})", f"{soak['errors']} of {soak['requests']}",
+                     status(soak["errors"] == 0), sections["soak"].get("mode")])
     return rows
 
 

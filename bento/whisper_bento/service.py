@@ -7,6 +7,7 @@ batcher (``batching.Batcher``), so concurrent requests from all endpoints are de
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -124,15 +125,15 @@ class Transcriber:
     @app.post("/transcribe", **openapi.transcription_route(native=True))
     async def transcribe(self, request: Request) -> Response:
         """Multipart ``file`` + optional decoding fields -> the full JSON result."""
-        return await self._serve(await forms.parse_native(request, CONFIG.max_upload_bytes), native=True)
+        return await self._serve(request, await forms.parse_native(request, CONFIG.max_upload_bytes), native=True)
 
     @app.post("/v1/audio/transcriptions", **openapi.transcription_route(native=False))
     async def openai_transcriptions(self, request: Request) -> Response:
-        return await self._serve(await forms.parse_openai(request, CONFIG.max_upload_bytes, task="transcribe"))
+        return await self._serve(request, await forms.parse_openai(request, CONFIG.max_upload_bytes, task="transcribe"))
 
     @app.post("/v1/audio/translations", **openapi.transcription_route(native=False))
     async def openai_translations(self, request: Request) -> Response:
-        return await self._serve(await forms.parse_openai(request, CONFIG.max_upload_bytes, task="translate"))
+        return await self._serve(request, await forms.parse_openai(request, CONFIG.max_upload_bytes, task="translate"))
 
     @app.get("/v1/models", **openapi.read_route())
     async def openai_models(self) -> Response:
@@ -164,13 +165,13 @@ class Transcriber:
             }
         )
 
-    async def _serve(self, parsed: forms.ParsedRequest, *, native: bool = False) -> Response:
+    async def _serve(self, request: Request, parsed: forms.ParsedRequest, *, native: bool = False) -> Response:
         formats.check_format(parsed.response_format, native=native)
         options = self._resolve(parsed.overrides)
         audio = await run_in_threadpool(_decode_audio, parsed.audio)
         if parsed.stream:
             return StreamingResponse(self._events(audio, options), media_type="text/event-stream")
-        result, batch_size = await self._decode_batched(audio, options)
+        result, batch_size = await self._decode_batched(request, audio, options)
         return formats.render(
             parsed.response_format, formats.Result(result, options, self.model_info, batch_size)
         )
@@ -187,10 +188,23 @@ class Transcriber:
             raise invalid_value(problem[1], param=problem[0], code="out_of_bounds")
         return options
 
-    async def _decode_batched(self, audio: np.ndarray, options: DecodingOptions) -> tuple[Transcription, int]:
-        """The one decoding path of every non-streaming request; concurrent ones share batches."""
+    async def _decode_batched(self, request: Request, audio: np.ndarray, options: DecodingOptions) -> tuple[Transcription, int]:
+        """The one decoding path of every non-streaming request; concurrent ones share batches.
+
+        A request whose client goes away while it waits is taken out of the queue (a batch that
+        already runs finishes), so abandoned requests do not hold the model for the others.
+        """
+        submitted = asyncio.ensure_future(self.batcher.submit(engine.Job(audio, options)))
+        gone = asyncio.ensure_future(_client_gone(request))
         try:
-            return await self.batcher.submit(engine.Job(audio, options))
+            await asyncio.wait({submitted, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not submitted.done():
+            submitted.cancel()
+            raise ApiError(499, "The client closed the connection before the answer; the request was dropped.")
+        try:
+            return submitted.result()
         except batching.Overloaded as exc:
             raise ApiError(503, f"The service is overloaded ({exc}); retry later.") from None
         except Exception as exc:
@@ -250,6 +264,12 @@ def _decode_audio(data: bytes) -> np.ndarray:
         raise too_large(exc.message, code="audio_too_long") from None
     except AudioDecodeError as exc:
         raise bad_request(exc.message, param="file", code="invalid_audio") from None
+
+
+async def _client_gone(request: Request, every_s: float = 0.2) -> None:
+    """Returns once the client has closed its connection."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(every_s)
 
 
 def _sse(event: dict[str, Any]) -> str:
