@@ -12,9 +12,9 @@ PREAMBLE = """# Benchmarks
 Rendered by `python -m bench` from `bench/results/merged.json`; do not edit by hand (edit
 `bench/readings.py`, then `python -m bench --render-only`).
 
-**How to run.** `make bench` (= `.venv/bin/python -m bench`, about 20-25 minutes on 2 cores);
+**How to run.** `make bench` (= `.venv/bin/python -m bench`, about 35 minutes on 2 cores);
 `python -m bench --quick` is a smoke test; `python -m bench --only SECTION` runs one of
-`single`, `concurrency`, `quantization`, `conversion`, `service`. Each run writes
+`single`, `concurrency`, `quantization`, `conversion`, `service`, `soak`. Each run writes
 `bench/results/<run>.json`; the latest full result per section is kept in `merged.json`.
 Everything runs offline on real weights (openai/whisper-base and whisper-tiny.en, rebuilt as float32
 transformers checkpoints from their CTranslate2 releases, shared/FIXTURES.md) and real speech
@@ -32,7 +32,14 @@ GPU = """## GPU column
 
 No GPU on the machine of these runs: float16 and int8_float16 rows have sizes only. On a GPU
 machine, `python -m bench --only quantization` decodes them on CUDA and fills the column; the
-single-stream, concurrency and service sections pin device=cpu and have no GPU variant yet."""
+single-stream, concurrency and service sections pin device=cpu and have no GPU variant yet.
+
+The GPU reading of the compute types (float16, int8_float16, bfloat16, int8 on the long file:
+first-load time, the flavor against raw faster-whisper, WER, GPU memory) is `bench/gpu.py`, one
+self-contained script for a GPU machine that reaches no package registry: `python -m
+bench.gpu_kit` packs the Python 3.12 wheels, a model and the long file in parts under 64 MiB, and
+`bash bench/gpu_run.sh` (once per part) stages them and runs it, writing this section's table. It
+has not run yet: no GPU machine was lent to the sessions so far."""
 
 GPU_PRESENT = """## GPU column
 
@@ -344,7 +351,14 @@ def soak(r: dict[str, Any]) -> str:
             f"the one after that took {sec(d['latency_after_drain_s'])} against {sec(d['latency_before_s'])} before the storm."
         )
     parts.append(
-        f"**Reading.** tiny.en int8, {r.get('clips')} real clips in turn per client, CPU only. Requests whose client "
-        "went away are still decoded (the batcher does not yet drop them), so capacity returns once they drain."
+        f"**Reading.** tiny.en int8, the {r.get('clips')} real clips in 9 languages in turn per client (the "
+        "English-only model on other languages often falls back through every temperature, which is what makes "
+        "these requests slow), faster-whisper's default decoding, CPU only: 16 clients queue behind 2 cores, "
+        "so the latencies are mostly queueing. A request whose client went away is dropped from the batch queue "
+        "(only one already in a running batch is decoded): before that change the same storm held the next answer "
+        "for 33.7 s (a quick run of this section on the code before it). A killed worker costs the requests in "
+        "flight on it and nothing else: requests sent while it restarts wait in the socket's backlog and are "
+        "answered by the new worker. What RSS growth there is over 10 minutes includes BentoML's uncancelled "
+        "per-request timeout timers (section 5), which level off after `request_timeout_s`."
     )
     return "\n\n".join(parts)
