@@ -249,7 +249,9 @@ def alias_lock(name: str, alias: str, *, wait_s: float = LOCK_WAIT_S, stale_s: f
             )
             break
         except MlflowException as exc:
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            # A store answers a duplicate name by reading the existing model for its message: if the
+            # holder deleted it in between, that read says RESOURCE_DOES_NOT_EXIST. Both mean "retry".
+            if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
                 raise
         held = _lock_age_and_owner(client, lock)
         if held is not None and held[0] > stale_s:
