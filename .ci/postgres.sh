@@ -3,8 +3,10 @@
 #
 # Idempotent; safe to run again. As root (CI): installs Debian's postgresql when its binaries are
 # missing, starts the distribution's cluster and creates the role and database below. As another
-# user: initdb + pg_ctl a private cluster under ~/.cache. Never fails the build: when PostgreSQL
-# cannot be started it says why and exits 0, and the server tests skip with that reason.
+# user: initdb + pg_ctl a private cluster under ~/.cache. Outside CI it never fails the build: when
+# PostgreSQL cannot be started it says why and exits 0, and the server tests skip with that reason.
+# In CI (CI=true) it exits 1 instead, and the server tests fail rather than skip: a green CI always
+# exercised the PostgreSQL path.
 #
 # The tests read the URI from MFW_TEST_POSTGRES_URI, else from the file written here, else the default.
 set -uo pipefail
@@ -16,7 +18,11 @@ PG_PORT=${MFW_PG_PORT:-5432}
 URI_FILE=${MFW_TEST_POSTGRES_URI_FILE:-/tmp/mfw-test-postgres-uri}
 
 say() { echo "postgres.sh: $*"; }
-unavailable() { say "PostgreSQL is not available ($*); the server tests will be skipped."; rm -f "$URI_FILE"; exit 0; }
+unavailable() {
+  rm -f "$URI_FILE"
+  if [ "${CI:-}" = true ]; then say "PostgreSQL is not available ($*); CI needs it."; exit 1; fi
+  say "PostgreSQL is not available ($*); the server tests will be skipped."; exit 0
+}
 
 pg_bindir() {
   local dir
