@@ -49,7 +49,7 @@ def build(args: dict[str, Any], *, version: Optional[str] = None):
     from whisper_bento.config import ServiceConfig
 
     try:
-        device = ServiceConfig.model_validate(args).device
+        device = ServiceConfig.model_validate(args).load.device
     except ValueError as exc:
         raise BuildError(f"Invalid service configuration: {exc}") from None
     options = yaml.safe_load((BENTO_DIR / "bentofile.yaml").read_text())

@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mlflow_faster_whisper.decoding import DecodingOptions
+from mlflow_faster_whisper.devices import LoadOptions
 from mlflow_faster_whisper.errors import DecodingOptionsError
 
 
@@ -26,14 +27,11 @@ class ServiceConfig(BaseModel):
         min_length=1,
         description="The model to serve: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/..., or a path.",
     )
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks cuda when a GPU is visible.")
-    compute_type: Optional[str] = Field(
-        None,
-        description="CTranslate2 compute type; default int8 on CPU, float16 (int8_float16 for int8 "
-        "models) on GPU. A type the device cannot run falls back, with a warning in the log.",
+    load: LoadOptions = Field(
+        default_factory=LoadOptions,
+        description="How the model is loaded (the flavor's LoadOptions, the policy evaluation uses too); "
+        "given flat as --arg device=cuda, compute_type=int8, cpu_threads=4, num_workers=2.",
     )
-    cpu_threads: int = Field(0, ge=0, description="CTranslate2 intra-op threads (0: its default).")
-    num_workers: int = Field(1, ge=1, description="Parallel CTranslate2 workers (concurrent decodes).")
     decoding: DecodingOptions = Field(
         default_factory=DecodingOptions,
         description="Decoding defaults; they override the model version's stored defaults.",
@@ -64,6 +62,17 @@ class ServiceConfig(BaseModel):
         description="Where the API keys are, env:VARIABLE or file:PATH (comma/space/newline-separated); "
         "set, every route but /livez and /readyz needs 'Authorization: Bearer KEY'.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_load_options(cls, values: Any) -> Any:
+        # `--arg device=cuda` reads better than a nested object: lift the flat keys into `load`.
+        if isinstance(values, dict):
+            flat = {k: values[k] for k in LoadOptions.model_fields if k in values}
+            if flat:
+                values = {k: v for k, v in values.items() if k not in flat}
+                values["load"] = {**dict(values.get("load") or {}), **flat}
+        return values
 
     @field_validator("decoding", mode="before")
     @classmethod
@@ -97,14 +106,18 @@ def _parse_options(value: Any) -> DecodingOptions:
         raise ValueError(exc.message) from None
 
 
-def bound_violation(config: ServiceConfig, options: DecodingOptions) -> Optional[tuple[str, str]]:
-    """The first bound ``options`` break, as (field, message), or None."""
+def bound_violation(config: ServiceConfig, options: DecodingOptions) -> Optional[DecodingOptionsError]:
+    """The first bound ``options`` break (the error names its field), or None."""
     if options.beam_size > config.max_beam_size:
-        return "beam_size", f"beam_size={options.beam_size} is above this service's maximum of {config.max_beam_size}."
+        return DecodingOptionsError(
+            f"beam_size={options.beam_size} is above this service's maximum of {config.max_beam_size}.", field="beam_size"
+        )
     if config.allowed_languages is not None and options.language is not None:
         if options.language not in config.allowed_languages:
             allowed = ", ".join(config.allowed_languages)
-            return "language", f"language {options.language!r} is not served here; allowed: {allowed}."
+            return DecodingOptionsError(f"language {options.language!r} is not served here; allowed: {allowed}.", field="language")
     if options.task not in config.allowed_tasks:
-        return "task", f"task {options.task!r} is not served here; allowed: {', '.join(config.allowed_tasks)}."
+        return DecodingOptionsError(
+            f"task {options.task!r} is not served here; allowed: {', '.join(config.allowed_tasks)}.", field="task"
+        )
     return None

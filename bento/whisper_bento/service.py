@@ -90,13 +90,10 @@ class Transcriber:
         stored = self.bento_model
         self.model_dir = model_ref.model_path(stored)
         conf = mlflow_faster_whisper.flavor_config(self.model_dir)
-        self.placement = devices.place(CONFIG.device, CONFIG.compute_type, conf.get(c.QUANTIZATION))
-        self.whisper = mlflow_faster_whisper.load_model(
-            self.model_dir,
-            device=self.placement.device,
-            compute_type=self.placement.compute_type,
-            cpu_threads=CONFIG.cpu_threads,
-            num_workers=CONFIG.num_workers,
+        self.whisper = mlflow_faster_whisper.load_model(self.model_dir, **CONFIG.load.model_dump())
+        # In force, after any fallback (devices.place): what /info and every response report.
+        self.placement = devices.Placement(
+            self.whisper.model.device, self.whisper.model.compute_type, CONFIG.load.compute_type
         )
         self.version_defaults = DecodingOptions.parse(conf.get(c.DECODING))
         self.defaults = DecodingOptions.layered(self.version_defaults, CONFIG.decoding)
@@ -105,7 +102,7 @@ class Transcriber:
         if problem is not None:
             raise ValueError(
                 f"The decoding defaults (model version + service config) break the service's bounds: "
-                f"{problem[1]} Lower the default or raise the bound."
+                f"{problem.message} Lower the default or raise the bound."
             )
         self.model_info = _model_info(stored, conf, self.placement)
         self.batcher = batching.Batcher(
@@ -185,7 +182,7 @@ class Transcriber:
             raise invalid_value(exc.message, param=exc.field) from None
         problem = bound_violation(CONFIG, options)
         if problem is not None:
-            raise invalid_value(problem[1], param=problem[0], code="out_of_bounds")
+            raise invalid_value(problem.message, param=problem.field, code="out_of_bounds")
         return options
 
     async def _decode_batched(self, request: Request, audio: np.ndarray, options: DecodingOptions) -> tuple[Transcription, int]:

@@ -14,17 +14,21 @@ MLflow, is imported on first use.
 
 from __future__ import annotations
 
+import importlib.metadata as _metadata
+
 from typing import Any
 
 from mlflow_faster_whisper.constants import FLAVOR_NAME
 from mlflow_faster_whisper.conversion import QUANTIZATIONS
 from mlflow_faster_whisper.decoding import DecodingOptions
+from mlflow_faster_whisper.devices import LoadOptions
 from mlflow_faster_whisper.loading import _load_pyfunc, flavor_config, load_model  # noqa: F401 (_load_pyfunc: MLflow's loader_module hook)
 
 __all__ = [
     "FLAVOR_NAME",
     "QUANTIZATIONS",
     "DecodingOptions",
+    "LoadOptions",
     "get_default_pip_requirements",
     "get_default_conda_env",
     "save_model",
@@ -32,7 +36,10 @@ __all__ = [
     "load_model",
     "flavor_config",
 ]
-__version__ = "0.1.0"
+try:  # one version, the distribution's (pyproject.toml)
+    __version__ = _metadata.version("mlflow-faster-whisper")
+except _metadata.PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 _SAVING = ("save_model", "log_model", "get_default_pip_requirements", "get_default_conda_env", "default_signature")
 

@@ -22,6 +22,7 @@ from mlflow_faster_whisper.errors import (
     ConversionError,
     InvalidSourceError,
     UnsupportedQuantizationError,
+    first_line,
 )
 
 _logger = logging.getLogger(__name__)
@@ -57,6 +58,15 @@ def check_quantization(quantization: Optional[str], source: sources.WhisperSourc
     """
     if quantization is None:
         return None if source.kind == sources.CTRANSLATE2 else DEFAULT_QUANTIZATION
+    return quantization_name(quantization)
+
+
+def quantization_name(quantization: str) -> str:
+    """``quantization`` as CTranslate2 names it ("INT8 " -> "int8").
+
+    Raises:
+        UnsupportedQuantizationError: a name CTranslate2 does not know.
+    """
     name = str(quantization).strip().lower()
     if name not in QUANTIZATIONS:
         raise UnsupportedQuantizationError(
@@ -109,7 +119,7 @@ def _merge_adapter(source: sources.WhisperSource) -> tuple[Any, Any]:
         except (RuntimeError, ValueError, KeyError) as exc:
             raise InvalidSourceError(
                 f"The adapter at {source.model} does not fit the base model {source.base_model}: "
-                f"{_first_line(exc)}. Pass base_model= the checkpoint the adapter was trained on."
+                f"{first_line(exc)}. Pass base_model= the checkpoint the adapter was trained on."
             ) from None
         adapter_dir = Path(source.model)
         if processor is None and (adapter_dir / "preprocessor_config.json").is_file():
@@ -142,7 +152,7 @@ def _load(loader, name_or_path: str, revision: Optional[str]):
         return loader(name_or_path, **kwargs)
     except OSError as exc:
         raise InvalidSourceError(
-            f"Could not load {name_or_path!r}: {_first_line(exc)}. Pass a local checkpoint directory, "
+            f"Could not load {name_or_path!r}: {first_line(exc)}. Pass a local checkpoint directory, "
             "or make the hub reachable (HF_HUB_OFFLINE unset) for a hub id."
         ) from None
 
@@ -169,7 +179,7 @@ def _run_converter(checkpoint: str, output_dir: Path, quantization: str, revisio
         converter.convert(str(output_dir), quantization=None if quantization == "none" else quantization)
     except Exception as exc:
         shutil.rmtree(output_dir, ignore_errors=True)
-        raise ConversionError(f"CTranslate2 could not convert {checkpoint}: {_first_line(exc)}") from exc
+        raise ConversionError(f"CTranslate2 could not convert {checkpoint}: {first_line(exc)}") from exc
 
 
 def _write_processor_files(processor: Any, output_dir: Path) -> None:
@@ -278,8 +288,3 @@ def _transformers_version() -> Optional[str]:
         return version("transformers")
     except PackageNotFoundError:
         return None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]

@@ -8,6 +8,11 @@ model is made, so CTranslate2's own ``dlopen`` by soname finds them already load
 ``LD_LIBRARY_PATH`` to set before Python starts. A cuBLAS 12 already on the loader path wins.
 
 Every outcome is decided at load (``place``), never on the first request.
+
+``LoadOptions`` is how a model is loaded, everywhere (``load_model``, the pyfunc's
+``model_config``, ``evaluate``, the CLI, the service): one policy, so that an evaluation measures
+what serving runs. The compute type is the stored quantization unless one is asked for; where the
+device cannot run it, the nearest type it can run (``place``, which logs what it did).
 """
 
 from __future__ import annotations
@@ -16,11 +21,14 @@ import ctypes
 import functools
 import logging
 import sys
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
-from mlflow_faster_whisper.errors import DeviceError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from mlflow_faster_whisper.errors import DeviceError, LoadOptionsError
 
 _logger = logging.getLogger(__name__)
 
@@ -96,6 +104,57 @@ def _loaded_from(soname: str) -> Optional[str]:
     return None
 
 
+COMPUTE_TYPES = ("default", "auto", *_FALLBACKS)
+
+
+class LoadOptions(BaseModel):
+    """How a model is loaded: the device, the compute type, CTranslate2's threads and workers."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: CUDA when a GPU and cuBLAS 12 are there, else the CPU."
+    )
+    compute_type: str = Field(
+        "default", description="A CTranslate2 compute type; default: the stored quantization (as registered)."
+    )
+    cpu_threads: int = Field(0, ge=0, le=1024, description="CTranslate2 intra-op threads (0: its default).")
+    num_workers: int = Field(1, ge=1, le=64, description="Parallel CTranslate2 workers (concurrent decodes).")
+
+    @field_validator("compute_type")
+    @classmethod
+    def _known_compute_type(cls, value: str) -> str:
+        if value not in COMPUTE_TYPES:
+            raise ValueError(f"unknown compute_type {value!r}; use one of {', '.join(COMPUTE_TYPES)}")
+        return value
+
+    @classmethod
+    def parse(cls, value: LoadOptions | Mapping[str, Any] | None = None) -> LoadOptions:
+        """Validate options given as an object, a mapping (None values mean the default) or None.
+
+        Raises:
+            LoadOptionsError: an unknown option or a bad value, naming the field.
+        """
+        if isinstance(value, cls):
+            return value
+        given = {k: v for k, v in (value or {}).items() if v is not None}
+        unknown = [k for k in given if k not in cls.model_fields]
+        if unknown:
+            raise LoadOptionsError(
+                f"Unknown load option {unknown[0]!r}; valid options: {', '.join(cls.model_fields)}.", field=unknown[0]
+            )
+        try:
+            return cls.model_validate(given)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            field = str(first["loc"][0]) if first["loc"] else None
+            raise LoadOptionsError(f"Invalid load option {field}: {first['msg']}.", field=field) from None
+
+    def place(self, quantization: Optional[str]) -> Placement:
+        """Where and in which compute type a model stored in ``quantization`` runs with these options."""
+        return place(self.device, self.compute_type, quantization)
+
+
 @dataclass(frozen=True)
 class Placement:
     """Where and how a model runs: the device and the compute type it can run there."""
@@ -105,14 +164,13 @@ class Placement:
     requested_compute_type: str
 
 
-def place(device: str = "auto", compute_type: Optional[str] = "default", quantization: Optional[str] = None) -> Placement:
+def place(device: str = "auto", compute_type: str = "default", quantization: Optional[str] = None) -> Placement:
     """Resolve the device and a compute type it supports, before any model is made.
 
     Args:
         device: "auto" (CUDA when a GPU and cuBLAS 12 are there, else CPU), "cpu" or "cuda".
-        compute_type: a CTranslate2 compute type; "default" keeps the stored quantization where
-            the device runs it; None picks ``default_compute_type`` for the device.
-        quantization: the stored quantization (for the None policy).
+        compute_type: a CTranslate2 compute type; "default" is the stored quantization.
+        quantization: the stored quantization (what "default" means; unknown: CTranslate2 decides).
 
     Raises:
         DeviceError: ``device="cuda"`` with no visible GPU or no cuBLAS 12, or an unknown device.
@@ -133,13 +191,15 @@ def place(device: str = "auto", compute_type: Optional[str] = "default", quantiz
                 _logger.warning("device='auto' falls back to CPU: %s", reason)
             device = "cpu"
     supported = set(ctranslate2.get_supported_compute_types(device))
-    requested = compute_type or default_compute_type(device, quantization)
+    as_stored = compute_type == "default" and quantization in _FALLBACKS
+    requested = quantization if as_stored else compute_type
     chosen = requested
     if requested not in supported and requested not in ("default", "auto"):
         chosen = next((t for t in _FALLBACKS.get(requested, ()) if t in supported), "default")
-        _logger.warning(
-            "compute_type %r is not supported on %s (supported: %s); using %r instead",
+        (_logger.info if as_stored else _logger.warning)(
+            "compute_type %r%s is not supported on %s (supported: %s); using %r instead",
             requested,
+            " (as stored)" if as_stored else "",
             device,
             ", ".join(sorted(supported)),
             chosen,
@@ -154,13 +214,6 @@ def _cuda_unusable(gpus: int) -> Optional[str]:
     if not cublas.found:
         return f"cuBLAS 12, which CTranslate2 needs on a GPU, was not found ({cublas.detail}); {GPU_EXTRA_HINT}"
     return None
-
-
-def default_compute_type(device: str, quantization: Optional[str]) -> str:
-    """int8 on CPU; on GPU float16, or int8_float16 for a model stored in int8."""
-    if device == "cpu":
-        return "int8"
-    return "int8_float16" if (quantization or "").startswith("int8") else "float16"
 
 
 def runtime_facts() -> dict[str, Any]:

@@ -9,6 +9,12 @@ which MLflow's scoring server turns into HTTP 400.
 from __future__ import annotations
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line (its type where it has none), for one-line errors."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
 class FasterWhisperFlavorError(Exception):
     """Base class: bad input to the flavor; the message names the fix."""
 
@@ -64,6 +70,14 @@ class ConversionError(FasterWhisperFlavorError):
     """CTranslate2 conversion failed or produced a model faster-whisper cannot use."""
 
     error_code = "INTERNAL_ERROR"
+
+
+class LoadOptionsError(FasterWhisperFlavorError):
+    """A load option (device, compute_type, cpu_threads, num_workers) that is unknown or invalid."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 class DeviceError(FasterWhisperFlavorError):

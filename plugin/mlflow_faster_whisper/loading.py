@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from mlflow_faster_whisper.wrapper import FasterWhisperPyfunc
 
 # How the pyfunc loads the model; mlflow.pyfunc.load_model(..., model_config=...) overrides them.
-LOAD_DEFAULTS = {"device": "auto", "compute_type": "default", "cpu_threads": 0, "num_workers": 1}
+LOAD_DEFAULTS = devices.LoadOptions().model_dump()
 
 
 def flavor_config(model_uri: str) -> dict[str, Any]:
@@ -56,51 +56,45 @@ def _flavor_of(flavors: dict[str, Any], model_uri: str) -> dict[str, Any]:
     return flavors[c.FLAVOR_NAME]
 
 
-def load_model(
-    model_uri: str,
-    device: str = "auto",
-    compute_type: str = "default",
-    cpu_threads: int = 0,
-    num_workers: int = 1,
-    dst_path: Optional[str] = None,
-) -> WhisperModel:
+def load_model(model_uri: str, dst_path: Optional[str] = None, **load: Any) -> WhisperModel:
     """Load a logged model as a ``faster_whisper.WhisperModel``, after verifying its checksums.
 
     Args:
         model_uri: ``models:/name@alias``, ``models:/name/version``, ``runs:/...``, a path, ...
-        device: "auto" (CUDA when a GPU and cuBLAS 12 are there, else CPU), "cpu" or "cuda"
-            (see ``devices.place``; cuBLAS 12 from the ``gpu`` extra is loaded here).
-        compute_type: CTranslate2 compute type; "default" keeps the stored quantization where
-            the device supports it; one the device cannot run falls back, with a warning.
-        cpu_threads, num_workers: as in ``faster_whisper.WhisperModel``.
         dst_path: where to download the artifacts (a local directory without ``dst_path`` is
             loaded in place).
+        **load: ``devices.LoadOptions``: ``device`` ("auto": CUDA when a GPU and cuBLAS 12 are
+            there, else CPU; "cpu"; "cuda"), ``compute_type`` ("default": the stored quantization;
+            a type the device cannot run falls back, with a warning), ``cpu_threads``,
+            ``num_workers`` (as in ``faster_whisper.WhisperModel``).
 
     Raises:
+        LoadOptionsError: an unknown or invalid load option.
         ChecksumError: a file is missing, extra or modified.
         DeviceError: ``device="cuda"`` with no visible GPU or no cuBLAS 12.
     """
+    options = devices.LoadOptions.parse(load)
     if os.path.isdir(model_uri) and dst_path is None:
         local_path = str(model_uri)
     else:
         from mlflow_faster_whisper._mlflow_compat import _download_artifact_from_uri
 
         local_path = _download_artifact_from_uri(artifact_uri=model_uri, output_path=dst_path)
-    return _load_local(local_path, _local_flavor_config(Path(local_path)), device, compute_type, cpu_threads, num_workers)
+    return _load_local(local_path, _local_flavor_config(Path(local_path)), options)
 
 
-def _load_local(local_path, conf, device="auto", compute_type="default", cpu_threads=0, num_workers=1) -> WhisperModel:
+def _load_local(local_path: str, conf: dict[str, Any], options: devices.LoadOptions) -> WhisperModel:
     from faster_whisper import WhisperModel
 
     data_dir = Path(local_path) / conf[c.DATA]
     checksums.verify(data_dir, conf[c.CHECKSUMS])
-    placement = devices.place(device, compute_type, conf.get(c.QUANTIZATION))
+    placement = options.place(conf.get(c.QUANTIZATION))
     return WhisperModel(
         str(data_dir),
         device=placement.device,
         compute_type=placement.compute_type,
-        cpu_threads=cpu_threads,
-        num_workers=num_workers,
+        cpu_threads=options.cpu_threads,
+        num_workers=options.num_workers,
         local_files_only=True,
     )
 
@@ -113,9 +107,8 @@ def _load_pyfunc(path: str, model_config: Optional[dict[str, Any]] = None) -> Fa
     # MLflow passes the data sub-path; the flavor configuration lives one level up.
     model_dir = Path(path) if (Path(path) / c.MLMODEL_FILE_NAME).is_file() else Path(path).parent
     # MLflow passes only the keys declared at save time (unknown ones are dropped with a warning).
-    load_options = {**LOAD_DEFAULTS, **(model_config or {})}
     conf = _local_flavor_config(model_dir)
-    model = _load_local(str(model_dir), conf, **load_options)
+    model = _load_local(str(model_dir), conf, devices.LoadOptions.parse(model_config))
     return FasterWhisperPyfunc(model, DecodingOptions.parse(conf.get(c.DECODING)))
 
 

@@ -15,4 +15,10 @@ The functions are deliberately not re-exported here: a package attribute named l
 (``whisper_registry.evaluate`` the function vs the module) breaks ``import ... as`` and patching.
 """
 
-__version__ = "0.1.0"
+import importlib.metadata as _metadata
+
+
+try:  # one version, the distribution's (pyproject.toml)
+    __version__ = _metadata.version("mlflow-faster-whisper")
+except _metadata.PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"

@@ -18,7 +18,7 @@ from mlflow.exceptions import MlflowException
 from mlflow_faster_whisper.decoding import DecodingOptions, parse_cli_assignments
 from mlflow_faster_whisper.errors import FasterWhisperFlavorError
 
-# Functions, not modules: the package exports functions named like their modules.
+# Each workflow function from its own module: the package re-exports nothing (whisper_registry/__init__.py).
 from whisper_registry.compare import COLUMNS, compare
 from whisper_registry.doctor import doctor, format_report
 from whisper_registry.evaluate import evaluate
@@ -103,9 +103,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         decoding=parse_cli_assignments(args.decoding),
         skip_bad=args.skip_bad,
         split=args.split,
-        device=args.device,
-        compute_type=args.compute_type,
-        cpu_threads=args.cpu_threads,
+        load={"device": args.device, "compute_type": args.compute_type, "cpu_threads": args.cpu_threads},
         progress=not args.no_progress,
     )
     print(f"{result.name} version {result.version}: {result.headline}={_num(result.headline_value)} "
@@ -179,9 +177,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, help=".jsonl/.csv manifest (audio, text, language) or a save_to_disk directory")
     p.add_argument("--split", help="split of a DatasetDict (default: test, or the only one)")
     p.add_argument("--skip-bad", action="store_true", help="skip rows with missing/undecodable audio and record them")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
-    p.add_argument("--compute-type", default="default", help="CTranslate2 compute type (default: as stored)")
-    p.add_argument("--cpu-threads", type=int, default=0)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto: the GPU when there is one, as serving")
+    p.add_argument("--compute-type", help="CTranslate2 compute type (default: the stored quantization, as serving)")
+    p.add_argument("--cpu-threads", type=int, help="CTranslate2 threads (default: its own)")
     _decoding_option(p, "overrides of the version's stored decoding options")
     _progress_option(p)
     p.set_defaults(handler=_evaluate)

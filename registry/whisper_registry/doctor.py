@@ -68,11 +68,9 @@ def _smoke(local_path: str, device: str) -> Smoke:
     import mlflow_faster_whisper as mfw
 
     try:
-        quantization = mfw.flavor_config(local_path).get(c.QUANTIZATION)
-        # The serving policy (compute_type None): what `bentoml serve` would run on this device.
-        placement = devices.place(device, None, quantization)
         started = time.perf_counter()
-        model = mfw.load_model(local_path, device=placement.device, compute_type=placement.compute_type)
+        # LoadOptions' defaults, the one policy: what `bentoml serve` runs on this device.
+        model = mfw.load_model(local_path, device=device)
         loaded = time.perf_counter()
         result = transcription.transcribe(model, _smoke_audio(), DecodingOptions.parse({"beam_size": 1, "temperature": 0}))
         done = time.perf_counter()
@@ -81,7 +79,7 @@ def _smoke(local_path: str, device: str) -> Smoke:
     return Smoke(
         device=device,
         ok=True,
-        compute_type=placement.compute_type,
+        compute_type=model.model.compute_type,
         load_s=round(loaded - started, 3),
         transcribe_s=round(done - loaded, 3),
         text=result.text,

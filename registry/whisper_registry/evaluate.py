@@ -11,6 +11,7 @@ import json
 import logging
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,6 +21,7 @@ import mlflow
 import mlflow_faster_whisper as mfw
 from mlflow_faster_whisper import constants as c
 from mlflow_faster_whisper.decoding import DecodingOptions
+from mlflow_faster_whisper.devices import LoadOptions
 from mlflow_faster_whisper.transcription import check_options, transcribe
 from tqdm.auto import tqdm
 
@@ -58,9 +60,7 @@ def evaluate(
     decoding: DecodingOptions | dict | None = None,
     skip_bad: bool = False,
     split: Optional[str] = None,
-    device: str = "cpu",
-    compute_type: str = "default",
-    cpu_threads: int = 0,
+    load: LoadOptions | Mapping[str, Any] | None = None,
     progress: bool = False,
 ) -> EvaluationResult:
     """Transcribe every row of ``dataset`` with a registered version and score it.
@@ -73,7 +73,9 @@ def evaluate(
         skip_bad: skip rows with missing or undecodable audio (recorded in the run) instead of
             refusing the dataset.
         split: the split of a ``DatasetDict``.
-        device, compute_type, cpu_threads: as in ``mlflow_faster_whisper.load_model``.
+        load: how to load the version (``LoadOptions``: device, compute_type, cpu_threads,
+            num_workers), the same policy as serving: by default the stored quantization, on a
+            GPU when there is one. The run records the device and compute type in force.
         progress: show a progress bar over utterances on stderr.
 
     Returns:
@@ -100,7 +102,8 @@ def evaluate(
     stored = mfw.flavor_config(version_uri).get(c.DECODING) or {}
     headline = metrics.headline_metric(data.languages)
     started = time.perf_counter()
-    model = mfw.load_model(version_uri, device=device, compute_type=compute_type, cpu_threads=cpu_threads)
+    load = LoadOptions.parse(load)
+    model = mfw.load_model(version_uri, **load.model_dump())
     load_time = time.perf_counter() - started
     check_options(model, DecodingOptions.layered(stored, overrides))  # before a run is started for it
     with mlflow.start_run(experiment_id=setup.experiment_id, run_name=f"evaluate {name} v{version}") as run:
@@ -116,8 +119,9 @@ def evaluate(
             "dataset": data.source,
             "dataset_digest": data.digest,
             "decoding": json.dumps({**stored, **overrides}, sort_keys=True),
-            "device": device,
-            "compute_type": compute_type,
+            "device": model.model.device,
+            "compute_type": model.model.compute_type,  # in force, after any fallback
+            "cpu_threads": load.cpu_threads,
             "headline": headline,
         })
         scored, table = _transcribe_all(model, data, stored, overrides, progress)

@@ -17,7 +17,8 @@ import mlflow
 import mlflow_faster_whisper as mfw
 from mlflow_faster_whisper import checksums, constants as c
 from mlflow_faster_whisper.decoding import DecodingOptions
-from mlflow_faster_whisper.errors import FasterWhisperFlavorError, UnsupportedQuantizationError
+from mlflow_faster_whisper.conversion import quantization_name
+from mlflow_faster_whisper.errors import FasterWhisperFlavorError, first_line
 from mlflow_faster_whisper.sources import resolve_source
 from tqdm.auto import tqdm
 
@@ -133,7 +134,7 @@ def _register_one(source, name, quantization, base_model, revision, decoding, la
     except (FasterWhisperFlavorError, mlflow.exceptions.MlflowException, OSError, RuntimeError, ValueError) as exc:
         # Conversion or upload failed: the flavor registered nothing for this quantization.
         _logger.error("Registering %s as %s failed: %s", label, key, exc)
-        result.failed[key] = _first_line(exc)
+        result.failed[key] = first_line(exc)
         return
     client = tracking.client()
     version = str(info.registered_model_version)
@@ -176,9 +177,7 @@ def _check_quantizations(quantizations: Optional[list[str]]) -> list[Optional[st
         return [None]
     wanted: list[Optional[str]] = []
     for q in quantizations:
-        name = str(q).strip().lower()
-        if name not in mfw.QUANTIZATIONS:
-            raise UnsupportedQuantizationError(f"Unknown quantization {q!r}. Use one of: {', '.join(mfw.QUANTIZATIONS)}.")
+        name = quantization_name(q)
         if name not in wanted:
             wanted.append(name)
     return wanted
@@ -198,8 +197,3 @@ def _failure_message(result: RegistrationResult) -> str:
         f"Registered {done} of {result.name}; failed {failed}. Nothing was registered for the failed "
         "quantizations: fix the cause and register those quantizations again."
     )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]

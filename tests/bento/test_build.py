@@ -27,7 +27,8 @@ def test_built_bento_serves_the_imported_version_without_the_registry(tmp_path, 
     arg_file = tmp_path / "service.yaml"
     arg_file.write_text(
         yaml.safe_dump(
-            {"model": f"models:/{MODEL_NAME}@production", "decoding": {"beam_size": 1}, "allowed_languages": ["en", "zh"]}
+            {"model": f"models:/{MODEL_NAME}@production", "compute_type": "int8", "decoding": {"beam_size": 1},
+             "allowed_languages": ["en", "zh"]}
         )
     )
     build = subprocess.run(

@@ -20,7 +20,7 @@ def server(tmp_path_factory, whisper_tiny_en_ct2):
     root = tmp_path_factory.mktemp("faults")
     registry = make_registry(root / "registry", whisper_tiny_en_ct2, name=NAME)
     env = server_env(root / "bentoml", registry.uri)
-    with bentoml_serve("whisper_bento:Transcriber", {"model": f"models:/{NAME}@production"}, env, root / "serve.log") as server:
+    with bentoml_serve("whisper_bento:Transcriber", {"model": f"models:/{NAME}@production", "compute_type": "int8"}, env, root / "serve.log") as server:
         yield server
 
 

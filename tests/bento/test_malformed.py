@@ -44,6 +44,7 @@ def server(tmp_path_factory, whisper_tiny_en_ct2):
     env["WHISPER_TEST_KEYS"] = ",".join(KEYS)
     args = {
         "model": f"models:/{NAME}@production",
+        "compute_type": "int8",
         "max_audio_seconds": str(MAX_AUDIO_SECONDS),
         "max_upload_bytes": str(MAX_UPLOAD_BYTES),
         "api_key": "env:WHISPER_TEST_KEYS",

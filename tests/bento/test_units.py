@@ -23,7 +23,7 @@ def test_config_from_cli_strings():
     )
     assert config.decoding.beam_size == 1 and config.decoding.explicit() == {"beam_size": 1, "language": "zh"}
     assert config.allowed_languages == ("en", "zh") and config.allowed_tasks == ("transcribe",)
-    assert config.max_beam_size == 4 and config.cpu_threads == 2
+    assert config.max_beam_size == 4 and config.load.cpu_threads == 2
 
 
 def test_config_from_yaml_types_and_errors():
@@ -31,12 +31,15 @@ def test_config_from_yaml_types_and_errors():
         {"model": "models:/w/3", "decoding": {"temperature": 0.0}, "allowed_languages": ["EN"], "device": "cpu"}
     )
     assert config.decoding.temperature == (0.0,) and config.allowed_languages == ("en",)
+    assert config.load.device == "cpu" and config.load.compute_type == "default"  # flat keys land in `load`
     with pytest.raises(ValidationError, match="beem_size"):
         ServiceConfig(model="m", decoding={"beem_size": 1})
     with pytest.raises(ValidationError, match="unknown language"):
         ServiceConfig(model="m", allowed_languages="en,xx")
     with pytest.raises(ValidationError):
         ServiceConfig(model="m", device="tpu")
+    with pytest.raises(ValidationError, match="unknown compute_type 'int4'"):
+        ServiceConfig(model="m", compute_type="int4")
     with pytest.raises(ValidationError):
         ServiceConfig(model="m", surprise="1")
 
@@ -44,9 +47,9 @@ def test_config_from_yaml_types_and_errors():
 def test_bounds():
     config = ServiceConfig(model="m", max_beam_size=2, allowed_languages="en", allowed_tasks="transcribe")
     assert bound_violation(config, DecodingOptions.parse({"beam_size": 2})) is None
-    assert bound_violation(config, DecodingOptions.parse({"beam_size": 3}))[0] == "beam_size"
-    assert bound_violation(config, DecodingOptions.parse({"beam_size": 1, "language": "zh"}))[0] == "language"
-    assert bound_violation(config, DecodingOptions.parse({"beam_size": 1, "task": "translate"}))[0] == "task"
+    assert bound_violation(config, DecodingOptions.parse({"beam_size": 3})).field == "beam_size"
+    assert bound_violation(config, DecodingOptions.parse({"beam_size": 1, "language": "zh"})).field == "language"
+    assert bound_violation(config, DecodingOptions.parse({"beam_size": 1, "task": "translate"})).field == "task"
 
 
 def _result(**options):

@@ -13,21 +13,39 @@ import pytest
 
 import mlflow_faster_whisper as mfw
 from mlflow_faster_whisper import devices
-from mlflow_faster_whisper.errors import DeviceError
+from mlflow_faster_whisper.errors import DeviceError, LoadOptionsError
 
 NO_GPU = ctranslate2.get_cuda_device_count() == 0
 needs_no_gpu = pytest.mark.skipif(not NO_GPU, reason="checks what a machine without a GPU gets")
 
 
-def test_compute_type_defaults_and_fallback(caplog):
-    assert devices.default_compute_type("cpu", "float16") == "int8"
-    assert devices.default_compute_type("cuda", "int8") == "int8_float16"
-    assert devices.default_compute_type("cuda", "float32") == "float16"
-    assert devices.place("cpu", None, "float16").compute_type == "int8"
+def test_the_stored_quantization_is_the_default_and_falls_back_where_the_device_cannot_run_it(caplog):
+    assert devices.place("cpu", "default", "int8").compute_type == "int8"
+    assert devices.place("cpu", "default", "int8_float32").compute_type == "int8_float32"
+    assert devices.place("cpu", "default", None).compute_type == "default"  # unknown: CTranslate2 decides
+    with caplog.at_level(logging.INFO, logger="mlflow_faster_whisper.devices"):
+        stored = devices.place("cpu", "default", "float16")
+    assert stored.compute_type == "float32" and stored.requested_compute_type == "float16"
+    assert "'float16' (as stored) is not supported on cpu" in caplog.text
+    assert all(r.levelno == logging.INFO for r in caplog.records)  # as stored: information, not a warning
+    caplog.clear()
     with caplog.at_level(logging.WARNING, logger="mlflow_faster_whisper.devices"):
-        placement = devices.place("cpu", "float16", "float16")
-    assert placement.compute_type == "float32" and placement.requested_compute_type == "float16"
-    assert "not supported on cpu" in caplog.text
+        asked = devices.place("cpu", "int8_float16", "float32")
+    assert asked.compute_type == "int8_float32" and asked.requested_compute_type == "int8_float16"
+    assert "not supported on cpu" in caplog.text and caplog.records[0].levelno == logging.WARNING
+
+
+def test_load_options_parse_like_decoding_options():
+    assert mfw.LoadOptions.parse(None) == mfw.LoadOptions(device="auto", compute_type="default", cpu_threads=0, num_workers=1)
+    assert mfw.LoadOptions.parse({"device": "cpu", "cpu_threads": None}).cpu_threads == 0  # None: the default
+    with pytest.raises(LoadOptionsError, match="Unknown load option 'gpu'") as caught:
+        mfw.LoadOptions.parse({"gpu": True})
+    assert caught.value.field == "gpu"
+    with pytest.raises(LoadOptionsError, match="compute_type.*unknown compute_type 'int4'") as caught:
+        mfw.LoadOptions.parse({"compute_type": "int4"})
+    assert caught.value.field == "compute_type"
+    with pytest.raises(LoadOptionsError, match="num_workers"):
+        mfw.LoadOptions.parse({"num_workers": 0})
 
 
 @needs_no_gpu

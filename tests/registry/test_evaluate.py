@@ -79,3 +79,12 @@ def test_unknown_version_or_uri(tiny_registered, two_clips_manifest):
         evaluate("models:/tiny@production", two_clips_manifest)
     with pytest.raises(ModelNotFoundError, match="models:/<name>/<version>"):
         evaluate("runs:/abc/model", two_clips_manifest)
+
+
+def test_the_run_records_how_the_version_ran_as_serving_would(tiny_registered, two_clips_manifest):
+    stored = evaluate("models:/tiny/2", two_clips_manifest)  # version 2 is float32: run as stored
+    params = MlflowClient().get_run(stored.run_id).data.params
+    assert (params["device"], params["compute_type"]) == ("cpu", "float32")
+    asked = evaluate("models:/tiny/2", two_clips_manifest, load={"compute_type": "int8", "cpu_threads": 1})
+    params = MlflowClient().get_run(asked.run_id).data.params
+    assert params["compute_type"] in ("int8", "int8_float32") and params["cpu_threads"] == "1"
