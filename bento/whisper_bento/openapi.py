@@ -59,8 +59,8 @@ def _form(properties: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def transcription_route(native: bool) -> dict[str, Any]:
-    """``responses`` and ``openapi_extra`` for a transcription route (native or OpenAI)."""
+def transcription_route(native: bool, task: str = "transcribe") -> dict[str, Any]:
+    """``responses`` and ``openapi_extra`` for a transcription route (native, or OpenAI's ``task``)."""
     if native:
         properties = {"file": _FILE, "stream": {"type": "boolean"}, "response_format": {"type": "string", "enum": formats.names(native=True)}}
         # Every decoding option, as the text a form carries (forms.coerce_text_value parses it).
@@ -69,7 +69,7 @@ def transcription_route(native: bool) -> dict[str, Any]:
         properties = {
             "file": _FILE,
             "model": {"type": "string"},
-            "language": {"type": "string"},
+            **({"language": {"type": "string"}} if task == "transcribe" else {}),  # translations take none
             "prompt": {"type": "string"},
             "temperature": {"type": "number"},
             "response_format": {"type": "string", "enum": formats.names()},

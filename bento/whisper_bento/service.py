@@ -128,7 +128,7 @@ class Transcriber:
     async def openai_transcriptions(self, request: Request) -> Response:
         return await self._serve(request, await forms.parse_openai(request, CONFIG.max_upload_bytes, task="transcribe"))
 
-    @app.post("/v1/audio/translations", **openapi.transcription_route(native=False))
+    @app.post("/v1/audio/translations", **openapi.transcription_route(native=False, task="translate"))
     async def openai_translations(self, request: Request) -> Response:
         return await self._serve(request, await forms.parse_openai(request, CONFIG.max_upload_bytes, task="translate"))
 

@@ -35,13 +35,14 @@ MAX_MS = 3_600_000  # VAD durations
 class VadParameters(BaseModel):
     """Silero VAD settings (faster_whisper.vad.VadOptions)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     threshold: float = Field(0.5, ge=0.0, le=1.0, description="Speech probability threshold.")
     neg_threshold: Optional[float] = Field(None, ge=0.0, le=1.0, description="Silence threshold.")
     min_speech_duration_ms: int = Field(0, ge=0, le=MAX_MS, description="Drop speech chunks shorter than this.")
-    # inf (the default) is meaningful here: never split a chunk; NaN fails gt.
-    max_speech_duration_s: float = Field(float("inf"), gt=0, description="Split longer chunks.")
+    # None (faster-whisper's inf): never split a chunk. Not inf itself: the options used are part of
+    # every answer, and JSON has no inf (a service answering vad_parameters={} failed to render it).
+    max_speech_duration_s: Optional[float] = Field(None, gt=0, description="Split longer chunks (none: never).")
     min_silence_duration_ms: int = Field(2000, ge=0, le=MAX_MS, description="Silence that ends a chunk.")
     speech_pad_ms: int = Field(400, ge=0, le=MAX_MS, description="Padding added to each side of a chunk.")
 
@@ -196,6 +197,8 @@ class DecodingOptions(BaseModel):
         kwargs = self.model_dump()
         kwargs["temperature"] = list(self.temperature)
         kwargs["suppress_tokens"] = list(self.suppress_tokens)
+        if self.vad_parameters is not None and self.vad_parameters.max_speech_duration_s is None:
+            del kwargs["vad_parameters"]["max_speech_duration_s"]  # faster-whisper's default: inf
         return kwargs
 
 

@@ -171,6 +171,7 @@ def _request_cases(fox) -> list[Case]:
                 ("initial_prompt", "x" * 10_001), ("chunk_length", "0"), ("beam_size", "6"),  # above max_beam_size
             ]
         ],
+        Case("vad defaults as {}", NATIVE, 200, "fox", file=good, data={"vad_filter": "true", "vad_parameters": "{}"}),
         Case("unknown option", NATIVE, 422, "beam_size", file=good, data={"beem_size": "1"}),
         Case("word option value", NATIVE, 422, "temperature", file=good, data={"temperature": "hot"}),
         Case("model field on /transcribe", NATIVE, 422, "model", file=good, data={"model": "/etc/passwd"}),

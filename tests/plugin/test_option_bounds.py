@@ -159,3 +159,17 @@ def test_samples_that_are_not_sound_are_refused_before_the_model(samples, words)
 def test_sound_in_range_is_kept(level):
     samples = np.full(1600, level, np.float32)
     assert np.array_equal(decode_audio(samples), samples)
+
+
+def test_vad_defaults_are_json_and_mean_never_split():
+    """``vad_parameters={}`` used to carry max_speech_duration_s=inf, which no JSON answer can hold."""
+    import json
+
+    options = DecodingOptions.parse({"vad_filter": True, "vad_parameters": "{}"})
+    json.dumps(options.model_dump(mode="json"), allow_nan=False)  # what the service renders
+    assert "max_speech_duration_s" not in options.to_transcribe_kwargs()["vad_parameters"]  # faster-whisper's inf
+    assert options.to_transcribe_kwargs()["vad_parameters"]["min_silence_duration_ms"] == 2000
+    split = DecodingOptions.parse({"vad_parameters": {"max_speech_duration_s": 20}})
+    assert split.to_transcribe_kwargs()["vad_parameters"]["max_speech_duration_s"] == 20
+    with pytest.raises(DecodingOptionsError, match="max_speech_duration_s"):
+        DecodingOptions.parse({"vad_parameters": '{"max_speech_duration_s": Infinity}'})
