@@ -65,28 +65,6 @@ def _words(text: str) -> list[str]:
     return normalize_english(text).split()
 
 
-def gpu_memory_used_mib() -> float | None:
-    """Memory in use on GPU 0 (all processes), from NVML; None without an NVIDIA driver."""
-    import ctypes
-
-    class Memory(ctypes.Structure):
-        _fields_ = [("total", ctypes.c_ulonglong), ("free", ctypes.c_ulonglong), ("used", ctypes.c_ulonglong)]
-
-    try:
-        nvml = ctypes.CDLL("libnvidia-ml.so.1")
-    except OSError:
-        return None
-    if nvml.nvmlInit_v2() != 0:
-        return None
-    try:
-        handle, memory = ctypes.c_void_p(), Memory()
-        if nvml.nvmlDeviceGetHandleByIndex_v2(0, ctypes.byref(handle)) or nvml.nvmlDeviceGetMemoryInfo(handle, ctypes.byref(memory)):
-            return None
-        return memory.used / 2**20
-    finally:
-        nvml.nvmlShutdown()
-
-
 def child(args: argparse.Namespace) -> dict:
     """One compute type in this fresh process: load, then interleaved runs of both paths."""
     import faster_whisper
@@ -97,14 +75,14 @@ def child(args: argparse.Namespace) -> dict:
 
     audio = read_wav(args.audio)
     options = DecodingOptions.parse(DECODING)
-    before = gpu_memory_used_mib()
+    before = devices.gpu_memory_used_mib()
     started = time.perf_counter()
     model = mfw.load_model(str(args.model), device=args.device, compute_type=args.compute_type)
     load_s = time.perf_counter() - started
     started = time.perf_counter()
     first = transcription.transcribe(model, audio, options)
     first_s = time.perf_counter() - started
-    after = gpu_memory_used_mib()
+    after = devices.gpu_memory_used_mib()
     reference = reference_text(args.audio)
     ours, raw, text_ours, text_raw = [], [], first.text, ""
     for _ in range(args.runs):

@@ -17,11 +17,12 @@ device cannot run it, the nearest type it can run (``place``, which logs what it
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import logging
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -243,15 +244,43 @@ def runtime_facts() -> dict[str, Any]:
     }
 
 
-def _nvml() -> tuple[Optional[str], list[str]]:
-    """(driver version, GPU names) from NVIDIA's management library, where the driver has it."""
+@contextlib.contextmanager
+def _nvml_session() -> Iterator[Optional[ctypes.CDLL]]:
+    """NVIDIA's management library, initialised, or None where the driver has none."""
     try:
         nvml = ctypes.CDLL("libnvidia-ml.so.1")
     except OSError:
-        return None, []
+        yield None
+        return
     if nvml.nvmlInit_v2() != 0:
-        return None, []
+        yield None
+        return
     try:
+        yield nvml
+    finally:
+        nvml.nvmlShutdown()
+
+
+def gpu_memory_used_mib(index: int = 0) -> Optional[float]:
+    """Memory in use on GPU ``index`` (all processes), from NVML; None without an NVIDIA driver."""
+
+    class Memory(ctypes.Structure):
+        _fields_ = [("total", ctypes.c_ulonglong), ("free", ctypes.c_ulonglong), ("used", ctypes.c_ulonglong)]
+
+    with _nvml_session() as nvml:
+        if nvml is None:
+            return None
+        handle, memory = ctypes.c_void_p(), Memory()
+        if nvml.nvmlDeviceGetHandleByIndex_v2(index, ctypes.byref(handle)) or nvml.nvmlDeviceGetMemoryInfo(handle, ctypes.byref(memory)):
+            return None
+        return memory.used / 2**20
+
+
+def _nvml() -> tuple[Optional[str], list[str]]:
+    """(driver version, GPU names) from NVIDIA's management library, where the driver has it."""
+    with _nvml_session() as nvml:
+        if nvml is None:
+            return None, []
         buffer = ctypes.create_string_buffer(96)
         driver = buffer.value.decode() if nvml.nvmlSystemGetDriverVersion(buffer, 96) == 0 else None
         count, names = ctypes.c_uint(0), []
@@ -261,5 +290,3 @@ def _nvml() -> tuple[Optional[str], list[str]]:
                 if nvml.nvmlDeviceGetHandleByIndex_v2(index, ctypes.byref(handle)) == 0 and nvml.nvmlDeviceGetName(handle, buffer, 96) == 0:
                     names.append(buffer.value.decode())
         return driver, names
-    finally:
-        nvml.nvmlShutdown()

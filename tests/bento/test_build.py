@@ -45,7 +45,7 @@ def test_built_bento_serves_the_imported_version_without_the_registry(tmp_path, 
     assert any(m["tag"].startswith(f"{MODEL_NAME}:v{registry.version}-") for m in bento_yaml["services"][0]["models"])
     python_env = home / "bentos" / "whisper" / "test1" / "env" / "python"
     assert not (python_env / "requirements.lock.txt").exists()
-    wheel = _shipped_wheel(python_env)
+    _shipped_wheel(python_env)
     assert _pip_would_install(python_env) == {"mlflow-faster-whisper": ["serve"]}
     assert "nvidia" not in (python_env / "requirements.txt").read_text()
     assert "cuda_version" not in (bento_yaml.get("docker") or {}) or bento_yaml["docker"]["cuda_version"] is None
