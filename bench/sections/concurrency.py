@@ -134,5 +134,5 @@ def run(settings) -> dict[str, Any]:
         "wer": {name: score(refs, t, "en").get("wer") for name, t in texts.items()},
         "server_rss_bytes": rss["total_bytes"],
         "costs": costs,
-        "server_config": {k: config.get(k) for k in ("max_batch_size", "max_latency_ms", "batch_size", "num_workers")},
+        "server_config": {k: config.get(k) for k in ("batch_size", "max_requests", "max_latency_ms", "num_workers")},
     }

@@ -133,7 +133,7 @@ def _import_floors() -> dict[str, float]:
             "faster_whisper_s": _seconds("import faster_whisper"),
             "mlflow_s": _seconds("import mlflow"),
             "mlflow_faster_whisper_s": _seconds("import mlflow_faster_whisper"),
-            "service_module_deps_s": _seconds("import bentoml, whisper_bento.config, whisper_bento.engine, "
+            "service_module_deps_s": _seconds("import bentoml, whisper_bento.config, mlflow_faster_whisper.engine, "
                                               "whisper_bento.forms, whisper_bento.formats"),
             "bentoml_sdk_s": _seconds("import bentoml; bentoml.service; bentoml.importing")}
 

@@ -107,13 +107,13 @@ def _run_model(settings, logged: models.LoggedModel, workloads: list[models.Audi
 
 
 _ACCESS = re.compile(r"path=/transcribe,.*\) (?P<ms>[\d.]+)ms \(trace=")
-_DECODED = re.compile(r"Decoded a batch of 1 request\(s\) in (?P<s>[\d.]+)s")
+_DECODED = re.compile(r"Decoded a request in (?P<s>[\d.]+)s")
 
 
 def server_split(log_text: str) -> dict[str, Any]:
     """From the server log of one sequential client: per /transcribe (BentoML's access log), the
-    time outside its decode (the "Decoded a batch of 1" line just before it): multipart parsing,
-    audio decoding, batching. Lines are paired in order: BentoML reuses one trace id across requests."""
+    time outside its decode (the "Decoded a request" line just before it): multipart parsing,
+    audio decoding. Lines are paired in order: BentoML reuses one trace id across requests."""
     outside, decoded = [], None
     for line in log_text.splitlines():
         if match := _DECODED.search(line):
@@ -122,7 +122,7 @@ def server_split(log_text: str) -> dict[str, Any]:
             outside.append(float(match["ms"]) - decoded)
             decoded = None
     if not outside:
-        return {"skipped": "no /transcribe access line after a 'Decoded a batch of 1' line in the server log"}
+        return {"skipped": "no /transcribe access line after a 'Decoded a request' line in the server log"}
     return {"transcribe_minus_decode": summary(outside)}
 
 

@@ -46,15 +46,17 @@ class ServiceConfig(BaseModel):
     )
     max_audio_seconds: float = Field(1800.0, gt=0, description="Longer audio gets 413.")
     max_upload_bytes: int = Field(100 * 1024 * 1024, gt=0, description="Bigger uploads get 413.")
-    # Adaptive batching (whisper_bento.batching).
-    max_batch_size: int = Field(8, ge=1, description="Most requests decoded together in one batch.")
+    # The decoding engine (mlflow_faster_whisper.engine).
+    batch_size: int = Field(8, ge=1, description="Most 30 s windows in one forward pass, from all requests in flight.")
+    max_requests: int = Field(
+        64, ge=1, description="Requests held at once (decoding, or waiting for the model); one more gets 503."
+    )
     max_latency_ms: int = Field(
         120_000,
         ge=100,
-        description="A queued request that waited longer than this for the model gets 503; Whisper "
-        "on CPU takes seconds per batch, so keep it large.",
+        description="A request that waited longer than this for its first forward pass gets 503; Whisper "
+        "on CPU takes seconds per pass, so keep it large.",
     )
-    batch_size: int = Field(8, ge=1, description="30 s windows per forward pass in the batched pipeline.")
     request_timeout_s: int = Field(600, ge=1, description="BentoML traffic timeout per request.")
     api_key: Optional[str] = Field(
         None,

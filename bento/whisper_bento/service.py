@@ -1,8 +1,9 @@
 """The BentoML service: ``bentoml serve whisper_bento:Transcriber --arg model=models:/NAME@production``.
 
 Every HTTP route lives in one mounted FastAPI app (so every error is an OpenAI-style JSON body
-with a precise status), and every non-streaming transcription goes through one in-process
-batcher (``batching.Batcher``), so concurrent requests from all endpoints are decoded together.
+with a precise status), and every transcription, streaming or not, from every endpoint goes
+through the flavor's one decoding engine (``mlflow_faster_whisper.engine``): concurrent requests
+share its forward passes, 30 s window by 30 s window.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from whisper_bento import auth, batching, forms, formats, model_ref, openapi
+from whisper_bento import auth, forms, formats, model_ref, openapi
 from whisper_bento.config import ServiceConfig, bound_violation
 from whisper_bento.errors import ApiError, bad_request, invalid_value, too_large
 
@@ -31,13 +32,12 @@ with bentoml.importing():
 
     import mlflow_faster_whisper
     from mlflow_faster_whisper import checksums, devices, transcription
+    from mlflow_faster_whisper.engine import Engine, Overloaded, PassStats, Ticket
     from mlflow_faster_whisper import constants as c
     from mlflow_faster_whisper.audio import decode_audio
     from mlflow_faster_whisper.decoding import DecodingOptions
     from mlflow_faster_whisper.errors import AudioDecodeError, AudioTooLongError, DecodingOptionsError
     from mlflow_faster_whisper.transcription import Transcription
-
-    from whisper_bento import engine
 
 _logger = logging.getLogger(__name__)
 # BentoML's server logging keeps the root at WARNING; the service's own lines (model loaded,
@@ -46,10 +46,22 @@ logging.getLogger("whisper_bento").setLevel(logging.INFO)
 
 CONFIG = bentoml.use_arguments(ServiceConfig)
 MODEL = model_ref.bento_model_for(CONFIG.model)
+_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 BATCH_SIZE = bentoml.metrics.Histogram(
     name="whisper_batch_size",
-    documentation="Requests decoded together per batch (whisper_bento.batching).",
-    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64),
+    documentation="Requests sharing one forward pass of the decoding engine.",
+    buckets=_BUCKETS,
+)
+PASS_WINDOWS = bentoml.metrics.Histogram(
+    name="whisper_pass_windows",
+    documentation="30 s windows per forward pass, by CTranslate2 call (encode, generate, ...).",
+    labelnames=["op"],
+    buckets=_BUCKETS,
+)
+QUEUE_WAIT = bentoml.metrics.Histogram(
+    name="whisper_queue_wait_seconds",
+    documentation="From a request's admission to its first forward pass.",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
 )
 
 app = FastAPI(title="whisper", docs_url=None, redoc_url=None, openapi_url=None)
@@ -105,8 +117,12 @@ class Transcriber:
                 f"{problem.message} Lower the default or raise the bound."
             )
         self.model_info = _model_info(stored, conf, self.placement)
-        self.batcher = batching.Batcher(
-            self._decode_jobs, max_batch_size=CONFIG.max_batch_size, max_wait_s=CONFIG.max_latency_ms / 1000
+        self.engine = Engine(
+            self.whisper,
+            batch_size=CONFIG.batch_size,
+            max_requests=CONFIG.max_requests,
+            max_wait_s=CONFIG.max_latency_ms / 1000,
+            on_pass=_observe_pass,
         )
         self.load_seconds = round(time.perf_counter() - started, 3)
         self.runtime = devices.runtime_facts()
@@ -167,8 +183,8 @@ class Transcriber:
         options = self._resolve(parsed.overrides)
         audio = await run_in_threadpool(_decode_audio, parsed.audio)
         if parsed.stream:
-            return StreamingResponse(self._events(audio, options), media_type="text/event-stream")
-        result, batch_size = await self._decode_batched(request, audio, options)
+            return await self._stream(audio, options)
+        result, batch_size = await self._decode(request, audio, options)
         return formats.render(
             parsed.response_format, formats.Result(result, options, self.model_info, batch_size)
         )
@@ -185,46 +201,58 @@ class Transcriber:
             raise invalid_value(problem.message, param=problem.field, code="out_of_bounds")
         return options
 
-    async def _decode_batched(self, request: Request, audio: np.ndarray, options: DecodingOptions) -> tuple[Transcription, int]:
-        """The one decoding path of every non-streaming request; concurrent ones share batches.
+    async def _decode(self, request: Request, audio: np.ndarray, options: DecodingOptions) -> tuple[Transcription, int]:
+        """A non-streaming request through the engine: its result, and the most requests that
+        shared one of its forward passes.
 
-        A request whose client goes away while it waits is taken out of the queue (a batch that
-        already runs finishes), so abandoned requests do not hold the model for the others.
+        A request whose client goes away is cancelled: its waiting windows leave the queue, and
+        it stops at its next forward pass, so abandoned requests do not hold the model.
         """
-        submitted = asyncio.ensure_future(self.batcher.submit(engine.Job(audio, options)))
+        ticket = Ticket()
+        started = time.perf_counter()
+        try:
+            future = self.engine.submit(audio, options, ticket)
+        except Overloaded as exc:
+            raise _overloaded(exc) from None
+        submitted = asyncio.wrap_future(future)
         gone = asyncio.ensure_future(_client_gone(request))
         try:
             await asyncio.wait({submitted, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             gone.cancel()
         if not submitted.done():
-            submitted.cancel()
+            ticket.cancel()  # the engine settles the future (Cancelled); nobody reads it
+            submitted.add_done_callback(lambda f: f.exception())
             raise ApiError(499, "The client closed the connection before the answer; the request was dropped.")
         try:
-            return submitted.result()
-        except batching.Overloaded as exc:
-            raise ApiError(503, f"The service is overloaded ({exc}); retry later.") from None
+            result = submitted.result()
+        except Overloaded as exc:
+            raise _overloaded(exc) from None
         except Exception as exc:
+            _logger.error("Decoding failed: %s: %s", type(exc).__name__, exc)
             raise ApiError(500, f"Decoding failed: {type(exc).__name__}: {exc}") from None
+        if ticket.queue_wait_s is not None:
+            QUEUE_WAIT.observe(ticket.queue_wait_s)
+        _logger.info(
+            "Decoded a request in %.3fs (%.1f s of audio; first pass after %.3fs; up to %d requests per pass)",
+            time.perf_counter() - started,
+            len(audio) / c.SAMPLE_RATE,
+            ticket.queue_wait_s or 0.0,
+            ticket.max_requests_per_pass,
+        )
+        return result, ticket.max_requests_per_pass
 
-    def _decode_jobs(self, jobs: list[engine.Job]) -> list[Transcription]:
-        started = time.perf_counter()
+    async def _stream(self, audio: np.ndarray, options: DecodingOptions) -> Response:
+        """Server-sent events as segments are decoded (OpenAI's transcript.text.* events); the
+        windows go through the engine's shared passes like every other request's."""
         try:
-            results = engine.decode_batch(self.whisper, jobs, batch_size=CONFIG.batch_size)
-        except Exception:  # one bad batch must not take the worker down
-            _logger.exception("Decoding a batch of %d failed", len(jobs))
-            raise
-        finally:
-            seconds = time.perf_counter() - started
-            engine.release_free_memory()  # after the timing: it counts as overhead, not decoding
-        BATCH_SIZE.observe(len(jobs))
-        _logger.info("Decoded a batch of %d request(s) in %.3fs", len(jobs), seconds)
-        return results
+            segments, info = await run_in_threadpool(self.engine.stream, audio, options)
+        except Overloaded as exc:
+            raise _overloaded(exc) from None
+        return StreamingResponse(self._events(segments, info, options), media_type="text/event-stream")
 
-    def _events(self, audio: np.ndarray, options: DecodingOptions) -> Iterator[str]:
-        """Server-sent events as segments are decoded (OpenAI's transcript.text.* events)."""
+    def _events(self, segments: Iterator, info: Any, options: DecodingOptions) -> Iterator[str]:
         try:
-            segments, info = transcription.stream_segments(self.whisper, audio, options)
             done = []
             for segment in segments:
                 done.append(segment)
@@ -242,6 +270,8 @@ class Transcriber:
         except Exception as exc:  # the status line is sent already: report in the stream
             _logger.exception("Streaming transcription failed")
             yield _sse({"type": "error", **ApiError(500, f"{type(exc).__name__}: {exc}").body()})
+        finally:
+            segments.close()
 
     def _openai_model(self) -> dict[str, Any]:
         return {"id": self.model_info["name"], "object": "model", "created": 0, "owned_by": "whisper-bento"}
@@ -250,6 +280,16 @@ class Transcriber:
 if CONFIG.api_key:
     # Loaded at import: a missing variable or file stops the start-up with the reason.
     Transcriber.add_asgi_middleware(auth.ApiKeyMiddleware, keys=auth.load_keys(CONFIG.api_key))
+
+
+def _observe_pass(stats: PassStats) -> None:
+    BATCH_SIZE.observe(stats.requests)
+    PASS_WINDOWS.labels(op=stats.op).observe(stats.windows)
+    _logger.debug("Forward pass: %s of %d window(s) from %d request(s) in %.3fs", stats.op, stats.windows, stats.requests, stats.seconds)
+
+
+def _overloaded(exc: Overloaded) -> ApiError:
+    return ApiError(503, f"The service is overloaded ({exc}); retry later.")
 
 
 def _decode_audio(data: bytes) -> np.ndarray:

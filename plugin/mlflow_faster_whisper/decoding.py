@@ -104,6 +104,12 @@ class DecodingOptions(BaseModel):
     )
     language_detection_threshold: Optional[float] = Field(0.5, ge=0, le=1, description="Accept a detected language above this.")
     language_detection_segments: int = Field(1, ge=1, le=30, description="Windows used to detect the language.")
+    long_form: Literal["sequential", "batched"] = Field(
+        "sequential",
+        description="Audio longer than one window: 'sequential' decodes its windows in turn, each prompted with "
+        "the previous text (faster-whisper's transcribe); 'batched' cuts it at pauses (Silero VAD) and decodes "
+        "the chunks side by side (faster-whisper's BatchedInferencePipeline).",
+    )
 
     @field_validator("language")
     @classmethod
@@ -194,7 +200,7 @@ class DecodingOptions(BaseModel):
 
     def to_transcribe_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``WhisperModel.transcribe``."""
-        kwargs = self.model_dump()
+        kwargs = self.model_dump(exclude={"long_form"})
         kwargs["temperature"] = list(self.temperature)
         kwargs["suppress_tokens"] = list(self.suppress_tokens)
         if self.vad_parameters is not None and self.vad_parameters.max_speech_duration_s is None:

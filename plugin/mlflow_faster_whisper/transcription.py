@@ -90,28 +90,30 @@ def _longest_prompt(model, options: DecodingOptions) -> int:
     return (1 if previous or hotwords else 0) + previous + hotwords + start + int(options.without_timestamps) + prefix
 
 
-def stream_segments(model, audio: np.ndarray, options: DecodingOptions, *, batch_size: int = 0):
+def stream_segments(model, audio: np.ndarray, options: DecodingOptions, *, batch_size: int = 8):
     """Start decoding; returns (segments iterator, faster-whisper TranscriptionInfo).
 
     Segments are decoded lazily as the iterator is consumed, which is what lets the service stream.
-    With ``batch_size`` > 0 the audio's 30 s windows go through faster-whisper's batched pipeline.
+    Audio longer than one window with ``long_form="batched"`` is cut at pauses (Silero VAD) and its
+    chunks decoded side by side by faster-whisper's batched pipeline, ``batch_size`` per pass.
 
     Raises:
         DecodingOptionsError: options this model cannot decode with (``check_options``).
     """
     check_options(model, options)
     kwargs = options.to_transcribe_kwargs()
-    if batch_size > 0:
+    window = options.chunk_length or model.feature_extractor.chunk_length
+    if options.long_form == "batched" and len(audio) > window * model.feature_extractor.sampling_rate:
         from faster_whisper import BatchedInferencePipeline
 
-        kwargs["batch_size"] = batch_size
-        segments, info = BatchedInferencePipeline(model).transcribe(audio, **kwargs)
+        kwargs["vad_filter"] = True  # its chunks end at pauses
+        segments, info = BatchedInferencePipeline(model).transcribe(audio, batch_size=batch_size, **kwargs)
     else:
         segments, info = model.transcribe(audio, **kwargs)
     return (to_segment(s) for s in segments), info
 
 
-def transcribe(model, audio: np.ndarray, options: DecodingOptions, *, batch_size: int = 0) -> Transcription:
+def transcribe(model, audio: np.ndarray, options: DecodingOptions, *, batch_size: int = 8) -> Transcription:
     """Transcribe decoded 16 kHz samples with the given options."""
     segments, info = stream_segments(model, audio, options, batch_size=batch_size)
     segments = list(segments)

@@ -1,4 +1,8 @@
-"""The python_function wrapper: a column of audio in, one transcription per row out."""
+"""The python_function wrapper: a column of audio in, one transcription per row out.
+
+The rows of one ``predict`` call (a Spark UDF's Arrow batch, a DataFrame sent to ``mlflow models
+serve``) are decoded through the flavor's engine, so they share forward passes.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from mlflow_faster_whisper.audio import audio_from_cell
 from mlflow_faster_whisper.constants import AUDIO_COLUMN
 from mlflow_faster_whisper.decoding import DecodingOptions
 from mlflow_faster_whisper.errors import AudioDecodeError, FasterWhisperFlavorError
-from mlflow_faster_whisper.transcription import check_options, transcribe
+from mlflow_faster_whisper.transcription import check_options
 
 _logger = logging.getLogger(__name__)
 
@@ -19,9 +23,20 @@ _logger = logging.getLogger(__name__)
 class FasterWhisperPyfunc:
     """``predict`` transcribes each row; a bad row gets an ``error`` instead of failing the batch."""
 
-    def __init__(self, model, defaults: DecodingOptions):
+    def __init__(self, model, defaults: DecodingOptions, *, batch_size: int = 8):
         self.model = model
         self.defaults = defaults
+        self.batch_size = batch_size
+        self._engine = None
+
+    @property
+    def engine(self):
+        """The decoding engine of this model, started on first use."""
+        if self._engine is None:
+            from mlflow_faster_whisper.engine import Engine
+
+            self._engine = Engine(self.model, batch_size=self.batch_size)
+        return self._engine
 
     def get_raw_model(self):
         """The ``faster_whisper.WhisperModel`` (MLflow's accessor for the underlying model)."""
@@ -49,15 +64,23 @@ class FasterWhisperPyfunc:
             cells = _audio_cells(data)
         except FasterWhisperFlavorError as exc:
             raise exc.to_mlflow() from exc
+
+        def rows():
+            for index, cell in enumerate(cells):
+                try:
+                    yield audio_from_cell(cell), options
+                except AudioDecodeError as exc:
+                    _logger.warning("Row %d: %s", index, exc.message)
+                    yield exc
+
         results = []
-        for index, cell in enumerate(cells):
-            try:
-                audio = audio_from_cell(cell)
-            except AudioDecodeError as exc:
-                _logger.warning("Row %d: %s", index, exc.message)
-                results.append(_error_row(exc.message))
-                continue
-            results.append({**transcribe(self.model, audio, options).model_dump(), "error": None})
+        for outcome in self.engine.transcribe_many(rows()):
+            if isinstance(outcome, AudioDecodeError):
+                results.append(_error_row(outcome.message))
+            elif isinstance(outcome, BaseException):
+                raise outcome
+            else:
+                results.append({**outcome.model_dump(), "error": None})
         return results
 
 

@@ -134,12 +134,15 @@ def _stop(process: subprocess.Popen) -> None:
             process.wait(timeout=10)
 
 
-def batches_observed(metrics_text: str) -> tuple[float, float]:
-    """(number of batches, number of requests in them) from the service's whisper_batch_size histogram."""
+def passes_observed(metrics_text: str, op: str = "encode") -> tuple[float, float]:
+    """(forward passes, windows in them) of one CTranslate2 call, from the service's
+    whisper_pass_windows histogram."""
     count = total = 0.0
     for line in metrics_text.splitlines():
-        if line.startswith("whisper_batch_size_count"):
+        if f'op="{op}"' not in line:
+            continue
+        if line.startswith("whisper_pass_windows_count"):
             count += float(line.rsplit(" ", 1)[1])
-        elif line.startswith("whisper_batch_size_sum"):
+        elif line.startswith("whisper_pass_windows_sum"):
             total += float(line.rsplit(" ", 1)[1])
     return count, total

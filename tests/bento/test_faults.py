@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from bench import faults
-from tests.bento.conftest import batches_observed, bentoml_serve, make_registry, server_env
+from tests.bento.conftest import passes_observed, bentoml_serve, make_registry, server_env
 
 pytestmark = [pytest.mark.server, pytest.mark.real_weights]
 
@@ -36,7 +36,7 @@ def _transcribe(server, clip) -> httpx.Response:
 
 def _decoded(server) -> float:
     with server.client() as http:
-        return batches_observed(http.get("/metrics").text)[1]
+        return passes_observed(http.get("/metrics").text, "generate")[1]
 
 
 def test_clients_that_go_away_leave_the_service_serving(server, clip):
@@ -46,8 +46,8 @@ def test_clients_that_go_away_leave_the_service_serving(server, clip):
     assert storm["clients"] == 30
     after = _transcribe(server, clip)
     assert after.status_code == 200 and after.json()["text"].strip() == "Hello world."
-    # The 15 complete requests queued behind one another; those whose client had gone were dropped
-    # from the queue instead of decoded (only the ones already in a running batch were).
+    # The 15 complete requests' windows queued for the model; those whose client had gone were
+    # dropped instead of decoded (only the ones already in a running pass were).
     assert _decoded(server) - decoded - 1 <= 5
     assert "client closed the connection" in server.log_text()
     load = faults.request_loop(server.url, clip, clients=4, seconds=8)

@@ -1,0 +1,508 @@
+"""One batched decoding engine for every front-end; its unit of work is a 30 s window.
+
+Each request runs faster-whisper's own decoding (``transcription.stream_segments``: sequential
+long-form, or the batched pipeline) on its own thread, against a view of the model whose
+CTranslate2 calls (``encode``, ``generate``, ``detect_language``, ``align``) are not run on that
+thread but handed to the engine. One scheduler thread runs every forward pass: it takes the
+oldest waiting call and every other waiting call that can share its CTranslate2 call, up to
+``batch_size`` windows, runs them as one batch and hands each request its rows back.
+
+- Any encode shares a pass with any other; a generate shares one with every generate whose
+  decoding arguments are the same, whatever its prompt (language, task, previous text): one
+  prompt per batch item. Requests whose arguments differ form their own passes, taken in turn.
+- A request alone makes exactly the calls ``WhisperModel.transcribe`` makes, with the same
+  inputs: it decodes the same text, and starts at once.
+- A long file's windows go one after the other (seek, previous text, temperature fallback are
+  faster-whisper's own), each step sharing a pass with other requests' windows; a short request
+  sent meanwhile waits for at most the pass in flight before it joins.
+- The service's requests (streaming too), the pyfunc's rows and an evaluation's utterances all
+  go through it, so they all share passes.
+
+CTranslate2 is only ever called from the scheduler thread: one thread's CUDA and allocator state.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import ctypes
+import functools
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+
+from mlflow_faster_whisper import transcription
+from mlflow_faster_whisper.decoding import DecodingOptions
+from mlflow_faster_whisper.transcription import Segment, Transcription
+
+_logger = logging.getLogger(__name__)
+
+
+class Overloaded(Exception):
+    """The engine holds ``max_requests`` already, or the request waited past ``max_wait_s``."""
+
+
+class Cancelled(Exception):
+    """The request was cancelled (its client went away); its waiting windows were dropped."""
+
+
+@dataclass(frozen=True)
+class PassStats:
+    """One forward pass: what ran, for how many windows of how many requests."""
+
+    op: str
+    windows: int
+    requests: int
+    seconds: float
+
+
+@dataclass
+class Ticket:
+    """A request in the engine: cancel it, and read how it was batched."""
+
+    submitted: float = field(default_factory=time.monotonic)
+    queue_wait_s: Optional[float] = None  # submission to its first forward pass
+    max_requests_per_pass: int = 1  # the most requests that shared one of its passes
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        """Drop its waiting windows; its thread stops at its next model call."""
+        self.cancelled = True
+
+
+class Engine:
+    """Decodes every submitted request through shared forward passes of one model.
+
+    Args:
+        model: a ``faster_whisper.WhisperModel``.
+        batch_size: the most windows one forward pass takes.
+        max_requests: requests held at once (decoding or waiting for a thread); one more is
+            refused with ``Overloaded``.
+        max_wait_s: a request that waits longer than this for its first pass is refused with
+            ``Overloaded`` (a full engine answers "retry later" rather than queueing forever).
+        gather_s: how long a pass that is not full waits for windows of requests whose thread
+            is between two model calls. A lone request never waits.
+        on_pass: called after each forward pass with its ``PassStats`` (metrics).
+    """
+
+    def __init__(
+        self,
+        model,
+        *,
+        batch_size: int = 8,
+        max_requests: int = 64,
+        max_wait_s: float = 600.0,
+        gather_s: float = 0.01,
+        on_pass: Optional[Callable[[PassStats], None]] = None,
+    ) -> None:
+        if batch_size < 1 or max_requests < 1:
+            raise ValueError("batch_size and max_requests must be at least 1")
+        self.model = model
+        self.batch_size = batch_size
+        self.max_requests = max_requests
+        self.max_wait_s = max_wait_s
+        self.gather_s = gather_s
+        self.on_pass = on_pass
+        self._ct2 = model.model
+        self._cond = threading.Condition()
+        self._waiting: list[_Call] = []
+        self._held = 0  # requests admitted and not finished
+        self._computing = 0  # admitted requests whose thread is not waiting on a call
+        # Enough threads to fill two passes; more requests wait for a thread (they are held).
+        self._threads = ThreadPoolExecutor(max_workers=max(2 * batch_size, 4), thread_name_prefix="whisper-request")
+        self._scheduler = threading.Thread(target=self._run, name="whisper-engine", daemon=True)
+        self._scheduler.start()
+
+    # -- front-ends -------------------------------------------------------------------------
+
+    def submit(self, audio: np.ndarray, options: DecodingOptions, ticket: Optional[Ticket] = None) -> Future:
+        """Start decoding; a future of its ``Transcription``.
+
+        Raises:
+            Overloaded: the engine holds ``max_requests`` already.
+        """
+        ticket = ticket or Ticket()
+        self._admit(computing=False)  # computing once a thread takes it
+        try:
+            return self._threads.submit(self._decode, audio, options, ticket)
+        except BaseException:
+            self._release(computing=False)
+            raise
+
+    def transcribe(self, audio: np.ndarray, options: DecodingOptions) -> Transcription:
+        """Decode one request and wait for it (a front-end's thread)."""
+        return self.submit(audio, options).result()
+
+    def transcribe_many(self, items: Iterable[tuple[np.ndarray, DecodingOptions] | BaseException]) -> list[Transcription | BaseException]:
+        """Decode all items through shared passes; each result, or its own exception, in order.
+
+        Items are taken lazily, a few passes' worth at a time (so a large batch of rows is never
+        all in memory as audio); an item that is an exception is passed through as its result.
+        """
+        results: list[Transcription | BaseException] = []
+        in_flight: collections.deque[tuple[int, Future]] = collections.deque()
+        limit = min(self.max_requests, 2 * self.batch_size)
+
+        def settle(index: int, future: Future) -> None:
+            try:
+                results[index] = future.result()
+            except Exception as exc:
+                results[index] = exc
+
+        for item in items:
+            results.append(item if isinstance(item, BaseException) else None)  # type: ignore[arg-type]
+            if isinstance(item, BaseException):
+                continue
+            while len(in_flight) >= limit:
+                settle(*in_flight.popleft())
+            while True:
+                try:
+                    in_flight.append((len(results) - 1, self.submit(*item)))
+                    break
+                except Overloaded:  # other front-ends fill the engine: wait for one of ours
+                    if not in_flight:
+                        time.sleep(0.05)
+                        continue
+                    settle(*in_flight.popleft())
+        while in_flight:
+            settle(*in_flight.popleft())
+        return results
+
+    def stream(self, audio: np.ndarray, options: DecodingOptions, ticket: Optional[Ticket] = None):
+        """(segments iterator, faster-whisper info); decoded as the caller iterates, in passes
+        shared with every other request. Close the iterator (or cancel the ticket) to stop.
+
+        Raises:
+            Overloaded: the engine holds ``max_requests`` already.
+        """
+        ticket = ticket or Ticket()
+        self._admit(computing=True)  # the caller's thread runs it
+        try:
+            segments, info = transcription.stream_segments(self._view(ticket), audio, options, batch_size=self.batch_size)
+        except BaseException:
+            self._release(computing=True)
+            raise
+        return self._held_until_done(segments), info
+
+    def close(self) -> None:
+        """Stop the scheduler once no call waits; requests still decoding fail."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._threads.shutdown(wait=False, cancel_futures=True)
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def _admit(self, *, computing: bool) -> None:
+        with self._cond:
+            if self._held >= self.max_requests:
+                raise Overloaded(f"{self._held} requests are being decoded, the most this engine holds")
+            self._held += 1
+            self._computing += int(computing)
+
+    def _release(self, *, computing: bool) -> None:
+        with self._cond:
+            self._held -= 1
+            if computing:
+                self._computing -= 1
+            self._cond.notify_all()
+
+    def _decode(self, audio: np.ndarray, options: DecodingOptions, ticket: Ticket) -> Transcription:
+        with self._cond:
+            self._computing += 1
+        try:
+            return transcription.transcribe(self._view(ticket), audio, options, batch_size=self.batch_size)
+        finally:
+            self._release(computing=True)
+
+    def _held_until_done(self, segments: Iterator[Segment]) -> Iterator[Segment]:
+        try:
+            yield from segments
+        finally:
+            self._release(computing=True)
+
+    def _view(self, ticket: Ticket):
+        """The model as one request sees it: its CTranslate2 calls go through the engine."""
+        view = copy.copy(self.model)
+        view.model = _Routed(self, ticket)
+        return view
+
+    def _call(self, ticket: Ticket, op: str, key: tuple, windows: int, args: dict[str, Any]) -> Any:
+        """Queue one model call of a request's thread and wait for its result."""
+        call = _Call(ticket, op, key, windows, args)
+        with self._cond:
+            if ticket.cancelled:
+                raise Cancelled("the request was cancelled")
+            self._waiting.append(call)
+            self._computing -= 1
+            self._cond.notify_all()
+        try:
+            call.done.wait()
+        finally:
+            with self._cond:
+                self._computing += 1
+        if call.error is not None:
+            raise call.error
+        return call.result
+
+    # -- the scheduler ----------------------------------------------------------------------
+
+    _closed = False
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._waiting and not self._closed:
+                    self._cond.wait()
+                if self._closed and not self._waiting:
+                    return
+                self._wait_for_company()
+                batch = self._next_batch()
+            if batch:
+                self._execute(batch)
+                if not self._waiting:
+                    release_free_memory()
+
+    def _wait_for_company(self) -> None:
+        """Wait (briefly) for the windows of requests that are about to make their next call."""
+        deadline = time.monotonic() + self.gather_s
+        while self._computing > 0 and sum(c.windows for c in self._waiting) < self.batch_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._cond.wait(remaining)
+
+    def _next_batch(self) -> list[_Call]:
+        """The oldest live call and the calls that can share its pass, up to ``batch_size`` windows."""
+        now = time.monotonic()
+        live: list[_Call] = []
+        for call in self._waiting:
+            ticket = call.ticket
+            if ticket.cancelled:
+                call.fail(Cancelled("the request was cancelled"))
+            elif ticket.queue_wait_s is None and now - ticket.submitted > self.max_wait_s:
+                call.fail(Overloaded(f"waited {now - ticket.submitted:.1f} s for the model"))
+            else:
+                live.append(call)
+        if not live:
+            self._waiting = []
+            return []
+        first = live[0]
+        batch, windows = [first], first.windows
+        for call in live[1:]:
+            if call.key == first.key and windows + call.windows <= self.batch_size:
+                batch.append(call)
+                windows += call.windows
+        taken = {id(c) for c in batch}
+        self._waiting = [c for c in live if id(c) not in taken]
+        return batch
+
+    def _execute(self, batch: list[_Call]) -> None:
+        started = time.perf_counter()
+        now = time.monotonic()
+        requests = len({id(c.ticket) for c in batch})
+        for call in batch:
+            if call.ticket.queue_wait_s is None:
+                call.ticket.queue_wait_s = now - call.ticket.submitted
+            call.ticket.max_requests_per_pass = max(call.ticket.max_requests_per_pass, requests)
+        try:
+            results = _OPS[batch[0].op](self, batch)
+        except Exception as exc:
+            if len(batch) == 1:
+                batch[0].fail(exc)
+            else:  # one bad call must not fail the others: run each alone
+                for call in batch:
+                    self._execute([call])
+                return
+        else:
+            for call, result in zip(batch, results):
+                call.succeed(result)
+        if self.on_pass is not None:
+            stats = PassStats(batch[0].op, sum(c.windows for c in batch), requests, time.perf_counter() - started)
+            try:
+                self.on_pass(stats)
+            except Exception:  # metrics must never stop decoding
+                _logger.exception("on_pass failed")
+
+    # -- the CTranslate2 calls, batched -----------------------------------------------------
+
+    def _encode(self, batch: list[_Call]) -> list[_Encoded]:
+        if len(batch) == 1:  # as faster-whisper made it
+            output = self._ct2.encode(batch[0].args["features"], to_cpu=False)
+        else:
+            features = _HostStorage(np.concatenate([np.asarray(c.args["features"]) for c in batch]))
+            output = self._ct2.encode(features.view, to_cpu=False)
+        block = _Block(output)
+        encoded, row = [], 0
+        for call in batch:
+            encoded.append(_Encoded(block, range(row, row + call.windows)))
+            row += call.windows
+        return encoded
+
+    def _generate(self, batch: list[_Call]) -> list[list[Any]]:
+        features, _ = _rows([c.args["encoder_output"] for c in batch])
+        prompts = [p for c in batch for p in c.args["prompts"]]
+        return _split(self._ct2.generate(features, prompts, **batch[0].args["kwargs"]), batch)
+
+    def _detect_language(self, batch: list[_Call]) -> list[list[Any]]:
+        features, _ = _rows([c.args["encoder_output"] for c in batch])
+        return _split(self._ct2.detect_language(features), batch)
+
+    def _align(self, batch: list[_Call]) -> list[Any]:
+        (call,) = batch  # word alignment runs per call (its key is unique)
+        a = call.args
+        features, _ = _rows([a["encoder_output"]])
+        return [self._ct2.align(features, a["start_sequence"], a["text_tokens"], a["num_frames"], **a["kwargs"])]
+
+
+_OPS: dict[str, Callable[[Engine, list["_Call"]], list[Any]]] = {
+    "encode": Engine._encode,
+    "generate": Engine._generate,
+    "detect_language": Engine._detect_language,
+    "align": Engine._align,
+}
+
+
+@dataclass(eq=False)
+class _Call:
+    ticket: Ticket
+    op: str
+    key: tuple
+    windows: int
+    args: dict[str, Any]
+    done: threading.Event = field(default_factory=threading.Event)
+    result: Any = None
+    error: Optional[BaseException] = None
+
+    def succeed(self, result: Any) -> None:
+        self.result = result
+        self.done.set()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.done.set()
+
+
+class _Block:
+    """One encode pass's output; rows are read back on the host only when passes regroup them."""
+
+    def __init__(self, storage) -> None:
+        self.storage = storage
+        self.size = storage.shape[0]
+        self._host: Optional[np.ndarray] = None
+
+    def host(self) -> np.ndarray:
+        if self._host is None:
+            import ctranslate2
+
+            storage = self.storage if self.storage.device == "cpu" else self.storage.to_device(ctranslate2.Device.cpu)
+            self._host = np.array(storage, copy=True)
+        return self._host
+
+
+@dataclass(frozen=True)
+class _Encoded:
+    """What faster-whisper gets for an ``encode``: opaque, handed back to the engine's calls."""
+
+    block: _Block
+    rows: range
+
+    @property
+    def shape(self) -> list[int]:
+        return [len(self.rows), *self.block.storage.shape[1:]]
+
+
+def _rows(encoded: list[_Encoded]) -> tuple[Any, Optional[_HostStorage]]:
+    """The encoder output of the given rows, in order, as one batch: a pass's own output when it
+    is exactly that, else the rows stacked on the host (with the array to keep alive)."""
+    blocks = {id(e.block) for e in encoded}
+    if len(blocks) == 1:
+        block = encoded[0].block
+        if [r for e in encoded for r in e.rows] == list(range(block.size)):
+            return block.storage, None
+    stacked = _HostStorage(np.stack([e.block.host()[r] for e in encoded for r in e.rows]))
+    return stacked.view, stacked
+
+
+class _HostStorage:
+    """A StorageView over a host array, with the array it borrows (``from_array`` does not copy)."""
+
+    def __init__(self, array: np.ndarray) -> None:
+        import ctranslate2
+
+        self.array = np.ascontiguousarray(array)
+        self.view = ctranslate2.StorageView.from_array(self.array)
+
+
+def _split(results: list[Any], batch: list[_Call]) -> list[list[Any]]:
+    out, row = [], 0
+    for call in batch:
+        out.append(results[row:row + call.windows])
+        row += call.windows
+    return out
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
+    return value
+
+
+class _Routed:
+    """A request's view of the CTranslate2 model: its forward passes go through the engine."""
+
+    def __init__(self, engine: Engine, ticket: Ticket) -> None:
+        self._engine = engine
+        self._ticket = ticket
+
+    def __getattr__(self, name: str) -> Any:  # device, is_multilingual, n_mels, ...
+        return getattr(self._engine._ct2, name)
+
+    def encode(self, features, to_cpu: bool = False) -> _Encoded:
+        return self._engine._call(self._ticket, "encode", ("encode",), features.shape[0], {"features": features})
+
+    def generate(self, encoder_output: _Encoded, prompts, **kwargs) -> list[Any]:
+        key = ("generate", _freeze(kwargs))
+        args = {"encoder_output": encoder_output, "prompts": prompts, "kwargs": kwargs}
+        return self._engine._call(self._ticket, "generate", key, len(encoder_output.rows), args)
+
+    def detect_language(self, encoder_output: _Encoded) -> list[Any]:
+        args = {"encoder_output": encoder_output}
+        return self._engine._call(self._ticket, "detect_language", ("detect_language",), len(encoder_output.rows), args)
+
+    def align(self, encoder_output: _Encoded, start_sequence, text_tokens, num_frames, **kwargs) -> list[Any]:
+        args = {
+            "encoder_output": encoder_output,
+            "start_sequence": start_sequence,
+            "text_tokens": text_tokens,
+            "num_frames": num_frames,
+            "kwargs": kwargs,
+        }
+        return self._engine._call(self._ticket, "align", ("align", object()), len(encoder_output.rows), args)
+
+
+def release_free_memory() -> None:
+    """Give the malloc heap's free pages back to the OS (glibc's ``malloc_trim``; a no-op elsewhere).
+
+    A pass frees its features, encoder output and beams, but glibc keeps those pages mapped, so
+    the process's RSS would read as its largest pass so far rather than what it holds.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None

@@ -1,0 +1,191 @@
+"""The decoding engine on real weights: requests share forward passes, each gets its own answer."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pandas as pd
+import pytest
+from faster_whisper import WhisperModel
+
+from mlflow_faster_whisper import transcription
+from mlflow_faster_whisper.audio import decode_audio
+from mlflow_faster_whisper.decoding import DecodingOptions
+from mlflow_faster_whisper.engine import Cancelled, Engine, Overloaded
+from mlflow_faster_whisper.errors import DecodingOptionsError
+from mlflow_faster_whisper.wrapper import FasterWhisperPyfunc
+from whisper_registry.normalize import normalizer_for
+
+pytestmark = pytest.mark.real_weights
+
+GREEDY = DecodingOptions.parse({"beam_size": 1, "temperature": 0})
+
+
+@pytest.fixture(scope="module")
+def base(whisper_base_ct2):
+    return WhisperModel(str(whisper_base_ct2), device="cpu", compute_type="int8", cpu_threads=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_en(whisper_tiny_en_ct2):
+    return WhisperModel(str(whisper_tiny_en_ct2), device="cpu", compute_type="int8", cpu_threads=2)
+
+
+@pytest.fixture(scope="module")
+def clips(speech_clips):
+    return {f"{c.language}/{c.name}": (c, decode_audio(c.path.read_bytes())) for c in speech_clips}
+
+
+def _same(language, hypothesis, reference) -> bool:
+    normalize = normalizer_for(language)
+    return normalize(hypothesis) == normalize(reference)
+
+
+def test_a_request_alone_decodes_exactly_as_transcribe(tiny_en, clips):
+    _, audio = clips["en/quick_brown_fox"]
+    passes = []
+    engine = Engine(tiny_en, on_pass=passes.append)
+    try:
+        options = DecodingOptions()  # beam 5, temperature fallback, previous-text conditioning
+        assert engine.transcribe(audio, options) == transcription.transcribe(tiny_en, audio, options)
+    finally:
+        engine.close()
+    assert passes and all(p.windows == 1 and p.requests == 1 for p in passes)
+    assert [p.op for p in passes][:2] == ["encode", "generate"]
+
+
+def test_a_mixed_batch_gives_every_request_its_own_text_and_times(base, clips, long_speech):
+    long_audio = decode_audio(long_speech.read_bytes())
+    phrases = [p["text"] for p in json.loads(long_speech.with_suffix(".json").read_text())]
+    passes = []
+    engine = Engine(base, batch_size=8, on_pass=passes.append)
+    cases = [
+        ("long", long_audio, GREEDY, "en"),
+        ("en", clips["en/quick_brown_fox"][1], GREEDY.layered(GREEDY, {"language": "en"}), "en"),
+        ("zh", clips["zh/nihao_shijie"][1], GREEDY.layered(GREEDY, {"language": "zh"}), "zh"),
+        ("es detected", clips["es/pangrama"][1], GREEDY, "es"),
+        ("fr translated", clips["fr/bonjour_monde"][1], GREEDY.layered(GREEDY, {"task": "translate", "language": "fr"}), "fr"),
+    ]
+    try:
+        futures = [engine.submit(audio, options) for _, audio, options, _ in cases]
+        results = [f.result(timeout=600) for f in futures]
+    finally:
+        engine.close()
+    for (name, audio, options, language), result in zip(cases, results):
+        assert result.language == language, name
+        assert result.duration == pytest.approx(len(audio) / 16000, abs=0.01), name
+        assert result.segments and result.segments[0].start < 1.0, name  # times from its own audio
+        assert all(s.start < result.duration for s in result.segments), name
+        if name != "long":  # the text and segment times it gets alone
+            alone = transcription.transcribe(base, audio, options)
+            assert [(s.start, s.end, s.text) for s in result.segments] == [(s.start, s.end, s.text) for s in alone.segments], name
+    normalize = normalizer_for("en")
+    long_text = normalize(results[0].text)
+    for phrase in set(phrases):  # every sentence of the file, about as often as it was said
+        assert long_text.count(normalize(phrase)) >= 0.8 * phrases.count(phrase), (phrase, results[0].text)
+    assert results[0].segments[-1].end > 100  # the long file's windows went one after another to its end
+    # Windows of different requests (languages, tasks, a detected language) shared forward passes.
+    shared = [p for p in passes if p.requests > 1]
+    assert any(p.op == "encode" for p in shared) and any(p.op == "generate" for p in shared), passes
+
+
+def test_a_short_request_beside_a_long_file_is_not_held_until_the_file_is_done(tiny_en, clips, long_speech):
+    long_audio = decode_audio(long_speech.read_bytes())
+    short = clips["en/hello_world"][1]
+    engine = Engine(tiny_en, batch_size=8)
+    try:
+        started = time.perf_counter()
+        long_future = engine.submit(long_audio, GREEDY)
+        time.sleep(0.5)  # the long file is decoding
+        short_result = engine.transcribe(short, GREEDY)
+        short_done = time.perf_counter()
+        long_future.result(timeout=600)
+        long_done = time.perf_counter()
+    finally:
+        engine.close()
+    assert _same("en", short_result.text, clips["en/hello_world"][0].text)
+    # Not a timing bound: the order. The short request finished while the long file still had windows.
+    assert short_done < long_done and long_done - short_done > 0.25 * (long_done - started)
+
+
+def test_cancelling_frees_capacity_and_a_full_engine_refuses_at_once(tiny_en, clips, long_speech):
+    long_audio = decode_audio(long_speech.read_bytes())
+    engine = Engine(tiny_en, max_requests=1)
+    try:
+        from mlflow_faster_whisper.engine import Ticket
+
+        ticket = Ticket()
+        held = engine.submit(long_audio, GREEDY, ticket)
+        with pytest.raises(Overloaded):
+            engine.submit(clips["en/hello_world"][1], GREEDY)
+        time.sleep(0.5)
+        ticket.cancel()
+        with pytest.raises(Cancelled):
+            held.result(timeout=60)
+        assert _same("en", engine.transcribe(clips["en/hello_world"][1], GREEDY).text, clips["en/hello_world"][0].text)
+    finally:
+        engine.close()
+
+
+def test_a_request_that_fails_fails_alone(tiny_en, clips):
+    engine = Engine(tiny_en)
+    good = clips["en/quick_brown_fox"][1]
+    # Options this model cannot decode with: refused inside the request's own decoding.
+    bad = DecodingOptions.parse({"max_new_tokens": 448, "initial_prompt": "word " * 300})
+    try:
+        futures = [engine.submit(good, GREEDY), engine.submit(good, bad), engine.submit(good, GREEDY)]
+        assert _same("en", futures[0].result(timeout=120).text, clips["en/quick_brown_fox"][0].text)
+        with pytest.raises(DecodingOptionsError, match="max_new_tokens"):
+            futures[1].result(timeout=120)
+        assert _same("en", futures[2].result(timeout=120).text, clips["en/quick_brown_fox"][0].text)
+    finally:
+        engine.close()
+
+
+def test_streaming_shares_passes_with_other_requests(tiny_en, clips, long_speech):
+    long_audio = decode_audio(long_speech.read_bytes())
+    passes = []
+    engine = Engine(tiny_en, on_pass=passes.append)
+    try:
+        others = [engine.submit(clips[f"en/{n}"][1], GREEDY) for n in ("hello_world", "counting", "quick_brown_fox")]
+        segments, info = engine.stream(long_audio, GREEDY)
+        streamed = list(segments)
+        for future in others:
+            future.result(timeout=120)
+    finally:
+        engine.close()
+    assert info.language == "en" and streamed[-1].end > 100
+    assert streamed == transcription.transcribe(tiny_en, long_audio, GREEDY).segments
+    assert any(p.requests > 1 for p in passes)
+
+
+def test_pyfunc_rows_share_passes_and_equal_row_by_row(tiny_en, clips):
+    names = ["en/hello_world", "en/counting", "en/quick_brown_fox", "en/hello_world"]
+    rows = [clips[n][0].path.read_bytes() for n in names] + [b"not audio"]
+    pyfunc = FasterWhisperPyfunc(tiny_en, GREEDY)
+    passes = []
+    pyfunc.engine.on_pass = passes.append
+    try:
+        out = pyfunc.predict(pd.DataFrame({"audio": rows}))
+    finally:
+        pyfunc.engine.close()
+    one_by_one = [transcription.transcribe(tiny_en, clips[n][1], GREEDY) for n in names]
+    assert [row["text"] for row in out[:4]] == [r.text for r in one_by_one]
+    assert out[4]["error"] and out[4]["text"] is None
+    assert max(p.windows for p in passes if p.op == "encode") > 1
+
+
+def test_word_timestamps_through_the_engine_equal_transcribe(tiny_en, clips):
+    _, audio = clips["en/quick_brown_fox"]
+    options = GREEDY.layered(GREEDY, {"word_timestamps": True})
+    engine = Engine(tiny_en)
+    try:
+        futures = [engine.submit(audio, options) for _ in range(2)]  # two requests' alignments side by side
+        results = [f.result(timeout=120) for f in futures]
+    finally:
+        engine.close()
+    alone = transcription.transcribe(tiny_en, audio, options)
+    assert alone.segments[0].words
+    assert all(r.segments == alone.segments for r in results)
