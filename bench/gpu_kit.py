@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         long_file = real.long_speech()
         for path in (long_file, long_file.with_suffix(".json")):
             shutil.copy2(path, root / path.name)
+        _pack_clips(real.speech_clips(), root / "clips.npz")
         archive = Path(tmp) / "kit.tar"
         with tarfile.open(archive, "w") as tar:
             tar.add(root, arcname="kit")
@@ -67,6 +68,23 @@ def main(argv: list[str] | None = None) -> int:
     for index in range(1, len(parts) + 1):
         print(f'  run(carry=[".gpu-kit/part-{index:02d}"], command="bash bench/gpu_run.sh", timeout_s=540)')
     return 0
+
+
+def _pack_clips(clips, target: Path) -> None:
+    """The real clips as float32 arrays (the GPU image has numpy, not PyAV) and their references."""
+    import json
+
+    import numpy as np
+
+    from tests.fixtures.audio import read_wav
+
+    arrays, meta = {}, []
+    for index, clip in enumerate(clips):
+        key = f"c{index:02d}"
+        arrays[key] = read_wav(clip.path)[0].astype(np.float32)
+        meta.append({"key": key, "language": clip.language, "name": clip.name, "text": clip.text})
+    np.savez(target, **arrays)
+    target.with_suffix(".json").write_text(json.dumps(meta, ensure_ascii=False))
 
 
 if __name__ == "__main__":

@@ -42,4 +42,5 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null
 export PYTHONPATH="$SITE:$(pwd)/plugin:$(pwd)/registry" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 python3 bench/gpu.py --model "$STAGE/kit/model" --audio "$STAGE/kit/long_speech.wav" \
   --device "${GPU_DEVICE:-cuda}" ${GPU_COMPUTE_TYPES:+--compute-types "$GPU_COMPUTE_TYPES"} \
-  --runs "${GPU_RUNS:-3}" --out "$OUT/gpu.md"
+  --runs "${GPU_RUNS:-3}" --out "$OUT/gpu.md" --clips "$STAGE/kit/clips.npz" \
+  ${GPU_ENGINE_COMPUTE_TYPES:+--engine-compute-types "$GPU_ENGINE_COMPUTE_TYPES"} --batch-size "${GPU_BATCH_SIZE:-32}"

@@ -108,31 +108,46 @@ def single(r: dict[str, Any]) -> str:
 
 
 def concurrency(r: dict[str, Any]) -> str:
-    w = r["wall_seconds"]
-    rows = [
-        ["raw faster-whisper, sequential", w["raw_sequential"]["n"], sec(w["raw_sequential"]["median"]),
-         num(r["throughput_clips_per_s"]["raw_sequential"], 2), num(r["wer"].get("raw_sequential")), "1.00"],
-        [f"bento, {r['clients']} concurrent clients", w["bento_concurrent"]["n"], sec(w["bento_concurrent"]["median"]),
-         num(r["throughput_clips_per_s"]["bento_concurrent"], 2), num(r["wer"].get("bento_concurrent")),
-         num(r["throughput_ratio"], 2)],
-    ]
-    text = table(["path", "n", "wall", "clips/s", "WER", "throughput ratio"], rows)
-    batches = ", ".join(f"{k}: {v}" for k, v in r["bento_batch_sizes"].items())
-    reading = (
-        f"**Reading.** {r['requests']} requests ({r['clients']} clients x {r['clips_per_client']} English clips, "
-        f"{r['audio_seconds']:.0f} s of audio), base int8, cpu_threads {r['cpu_threads']}, server config "
-        f"{r['server_config']}. Requests per batch size seen by clients: {batches}. "
-        f"Client latency under load: median {sec(r['bento_latency_s']['median'])}, max {sec(r['bento_latency_s']['max'])}. "
-        "A short clip costs a full 30 s encoder window whatever its length (faster-whisper pads "
-        "every window to 3000 mel frames); batching puts up to max_batch_size such windows through "
-        "one encode and one generate call. The first request of a burst is dispatched alone, the "
-        "rest queue behind it and go as one batch: see the batch sizes. The batched pipeline decodes "
-        "with the first temperature only and without previous-text conditioning (faster-whisper's "
-        "BatchedInferencePipeline), hence the WER column. The table below times the two CTranslate2 "
-        "calls directly, per window, at batch 1 and batched, on this machine."
+    rows = []
+    names = {"short_en": "short English clips", "languages_forced": "27 clips, 9 languages, forced",
+             "languages_detected": "27 clips, 9 languages, detected"}
+    for key, w in r["workloads"].items():
+        rows.append([names.get(key, key), "raw sequential", w["requests"], sec(w["raw_s"]), "1.00", "", "1.000",
+                     pct(w["wer_raw"]["wer"]), pct(w["wer_raw"]["cer"])])
+        if "limit_s" in w:
+            rows.append(["", "one-call limit (BatchedInferencePipeline)", w["requests"], sec(w["limit_s"]),
+                         num(w["limit_speedup"], 2), "1.00", "", pct(w["wer_limit"]["wer"]), pct(w["wer_limit"]["cer"])])
+        for clients in sorted((k for k in w if k.startswith("bento_c")), key=lambda k: int(k[7:])):
+            b = w[clients]
+            rows.append(["", f"bento, {clients[7:]} clients", w["requests"], sec(b["wall_s"]), num(b["speedup"], 2),
+                         num(b["of_limit"], 2) if b.get("of_limit") is not None else "", num(b["same_text_rate"]),
+                         pct(b["wer"]["wer"]), pct(b["wer"]["cer"])])
+    parts = [table(["workload", "path", "requests", "wall", "x raw sequential", "of the limit", "same text as raw", "WER", "CER"], rows)]
+    lone, beside, long = r["lone"], r["beside_long"], r["long"]
+    parts.append(table(
+        ["measure", "figure"],
+        [["lone request over HTTP / raw (median latency, 1 client)",
+          f"{num(lone['ratio'], 3)} ({sec(lone['bento_s']['median'])} vs {sec(lone['raw_s']['median'])}, n={lone['raw_s']['n']})"],
+         ["short request beside the long file / alone (median latency)",
+          f"{num(beside['ratio'], 2)} ({sec(beside['beside_long_s']['median'])} vs {sec(beside['alone_s']['median'])}, n={beside['beside_long_s']['n']})"],
+         [f"long file ({long['audio_s']:.0f} s), raw sequential", f"{sec(long['raw_sequential_s'])}, WER {pct(long['wer_raw_sequential']['wer'])}"],
+         ["long file over HTTP, long_form=sequential", f"{sec(long['bento_sequential_s'])}, WER {pct(long['wer_bento_sequential']['wer'])}"],
+         ["long file, raw BatchedInferencePipeline (VAD chunks)", f"{sec(long['raw_batched_s'])}, WER {pct(long['wer_raw_batched']['wer'])}"],
+         ["long file over HTTP, long_form=batched", f"{sec(long['bento_batched_s'])} ({num(long['bento_batched_speedup'], 2)}x raw sequential), "
+          f"WER {pct(long['wer_bento_batched']['wer'])}"]],
+    ))
+    parts.append(
+        f"**Reading.** {r['model']} {r['compute_type']}, cpu_threads {r['cpu_threads']}, beam {r['beam_size']}, server config "
+        f"{r['server_config']}; walls are medians of {next(iter(r['workloads'].values())).get('reps', 1)} interleaved "
+        "repetitions. Every request, from any client, goes through the flavor's decoding engine "
+        "(mlflow_faster_whisper.engine): faster-whisper's own decoding per request, its encode and generate calls "
+        "run in passes shared with the other requests' windows, up to batch_size windows per pass. 'x raw sequential' "
+        "is throughput against faster-whisper's transcribe over the same requests one after the other, in the same "
+        "run; 'of the limit' is against ONE BatchedInferencePipeline call over all the windows at once (first "
+        "temperature only, no previous text), the most the library gets from batching them. Same text: the share "
+        "of requests whose text equals raw sequential's."
     )
     costs = r.get("costs")
-    parts = [text, reading]
     if costs:
         one, many = costs["batch_1"], costs[f"batch_{costs['batch']}"]
         parts.append(table(
@@ -144,7 +159,7 @@ def concurrency(r: dict[str, Any]) -> str:
         parts.append(
             f"The encoder is {pct(costs['encoder_share_batch_1'], 0)} of a short clip's model time at batch 1, and "
             f"batching these two calls alone would change throughput by {num(costs['batching_speedup_bound'], 2)}x: "
-            "that bounds what adaptive batching can give here, whatever the service does."
+            "on this CPU the encoder's cost per window does not fall with batching, which bounds what any batching gives here."
         )
     return "\n\n".join(parts)
 

@@ -68,6 +68,7 @@ class Ticket:
 
     submitted: float = field(default_factory=time.monotonic)
     queue_wait_s: Optional[float] = None  # submission to its first forward pass
+    decode_s: Optional[float] = None  # submission to its result (or error)
     max_requests_per_pass: int = 1  # the most requests that shared one of its passes
     cancelled: bool = False
 
@@ -188,7 +189,7 @@ class Engine:
         except BaseException:
             self._release(computing=True)
             raise
-        return self._held_until_done(segments), info
+        return _Held(segments, lambda: self._release(computing=True)), info
 
     def close(self) -> None:
         """Stop the scheduler once no call waits; requests still decoding fail."""
@@ -217,14 +218,11 @@ class Engine:
         with self._cond:
             self._computing += 1
         try:
+            if ticket.cancelled:
+                raise Cancelled("the request was cancelled")
             return transcription.transcribe(self._view(ticket), audio, options, batch_size=self.batch_size)
         finally:
-            self._release(computing=True)
-
-    def _held_until_done(self, segments: Iterator[Segment]) -> Iterator[Segment]:
-        try:
-            yield from segments
-        finally:
+            ticket.decode_s = time.monotonic() - ticket.submitted
             self._release(computing=True)
 
     def _view(self, ticket: Ticket):
@@ -367,6 +365,35 @@ _OPS: dict[str, Callable[[Engine, list["_Call"]], list[Any]]] = {
     "detect_language": Engine._detect_language,
     "align": Engine._align,
 }
+
+
+class _Held:
+    """A streaming request's segments; the engine holds the request until they are exhausted or
+    closed (or, as a last resort, collected: a response that never started is never iterated)."""
+
+    def __init__(self, segments: Iterator[Segment], release: Callable[[], None]) -> None:
+        self._segments, self._release, self._open = segments, release, True
+
+    def __iter__(self) -> "_Held":
+        return self
+
+    def __next__(self) -> Segment:
+        try:
+            return next(self._segments)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self._open:
+            self._open = False
+            try:
+                self._segments.close()
+            finally:
+                self._release()
+
+    def __del__(self) -> None:
+        self.close()
 
 
 @dataclass(eq=False)

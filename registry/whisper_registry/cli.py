@@ -104,6 +104,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         skip_bad=args.skip_bad,
         split=args.split,
         load={"device": args.device, "compute_type": args.compute_type, "cpu_threads": args.cpu_threads},
+        concurrency=args.concurrency,
         progress=not args.no_progress,
     )
     print(f"{result.name} version {result.version}: {result.headline}={_num(result.headline_value)} "
@@ -180,6 +181,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto: the GPU when there is one, as serving")
     p.add_argument("--compute-type", help="CTranslate2 compute type (default: the stored quantization, as serving)")
     p.add_argument("--cpu-threads", type=int, help="CTranslate2 threads (default: its own)")
+    p.add_argument("--concurrency", type=_positive_int, default=1,
+                   help="utterances in flight, sharing forward passes (default 1: each alone, its own latency)")
     _decoding_option(p, "overrides of the version's stored decoding options")
     _progress_option(p)
     p.set_defaults(handler=_evaluate)
@@ -250,6 +253,13 @@ def _print_table(rows: list[dict[str, str]], columns: Sequence[str]) -> None:
     print("  ".join(c.ljust(widths[c]) for c in columns))
     for row in rows:
         print("  ".join(row[c].ljust(widths[c]) for c in columns))
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def _num(value: Optional[float]) -> str:

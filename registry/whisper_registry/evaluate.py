@@ -7,6 +7,7 @@ headline results are written back as ``eval.*`` tags on the version for the MLfl
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import time
@@ -22,7 +23,8 @@ import mlflow_faster_whisper as mfw
 from mlflow_faster_whisper import constants as c
 from mlflow_faster_whisper.decoding import DecodingOptions
 from mlflow_faster_whisper.devices import LoadOptions
-from mlflow_faster_whisper.transcription import check_options, transcribe
+from mlflow_faster_whisper.engine import Engine, Ticket
+from mlflow_faster_whisper.transcription import check_options
 from tqdm.auto import tqdm
 
 from whisper_registry import metrics, tags, tracking, versions
@@ -61,6 +63,7 @@ def evaluate(
     skip_bad: bool = False,
     split: Optional[str] = None,
     load: LoadOptions | Mapping[str, Any] | None = None,
+    concurrency: int = 1,
     progress: bool = False,
 ) -> EvaluationResult:
     """Transcribe every row of ``dataset`` with a registered version and score it.
@@ -76,6 +79,10 @@ def evaluate(
         load: how to load the version (``LoadOptions``: device, compute_type, cpu_threads,
             num_workers), the same policy as serving: by default the stored quantization, on a
             GPU when there is one. The run records the device and compute type in force.
+        concurrency: utterances in flight at once, decoded through the flavor's engine in shared
+            forward passes (as a service under load decodes them). 1, the default, decodes each
+            alone: latencies are an utterance's own. Above 1, a latency includes its wait for
+            the others, and ``rtf`` is the run's wall time per audio second.
         progress: show a progress bar over utterances on stderr.
 
     Returns:
@@ -99,6 +106,8 @@ def evaluate(
         raise BadRowsError(data.bad_rows)
     if not data.rows:
         raise DatasetError(f"No usable rows are left in {data.source}: every row's audio is missing or undecodable.")
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be at least 1, not {concurrency}")
     stored = mfw.flavor_config(version_uri).get(c.DECODING) or {}
     headline = metrics.headline_metric(data.languages)
     started = time.perf_counter()
@@ -122,10 +131,13 @@ def evaluate(
             "device": model.model.device,
             "compute_type": model.model.compute_type,  # in force, after any fallback
             "cpu_threads": load.cpu_threads,
+            "concurrency": concurrency,
             "headline": headline,
         })
-        scored, table = _transcribe_all(model, data, stored, overrides, progress)
-        results = metrics.compute_all(metrics.Measurements(scored, load_time_s=load_time, n_skipped=len(data.bad_rows)))
+        started = time.perf_counter()
+        scored, table = _transcribe_all(model, data, stored, overrides, progress, concurrency)
+        wall = time.perf_counter() - started if concurrency > 1 else None
+        results = metrics.compute_all(metrics.Measurements(scored, load_time_s=load_time, n_skipped=len(data.bad_rows), wall_s=wall))
         mlflow.log_metrics(results, model_id=versions.logged_model_id(mv), dataset=_mlflow_dataset(data))
         mlflow.log_table(_columns(table), UTTERANCES_TABLE)
         if data.bad_rows:
@@ -136,15 +148,17 @@ def evaluate(
     return EvaluationResult(name, version, run_id, data.digest, headline, results, table, list(data.bad_rows))
 
 
-def _transcribe_all(model, data: EvaluationDataset, stored: dict, overrides: dict, progress: bool):
+def _transcribe_all(model, data: EvaluationDataset, stored: dict, overrides: dict, progress: bool, concurrency: int):
+    """Every row through the engine, ``concurrency`` at a time; scored rows in dataset order."""
+    engine = Engine(model, batch_size=max(concurrency, 1), max_requests=concurrency)
     scored, table = [], []
-    for row in tqdm(data.rows, desc="evaluate", unit="utterance", disable=not progress):
-        language_layer = {"language": row.language} if row.language and "language" not in overrides else {}
-        options = DecodingOptions.layered(stored, language_layer, overrides)
-        samples = row.samples()
-        started = time.perf_counter()
-        hypothesis = transcribe(model, samples, options)
-        latency = time.perf_counter() - started
+    in_flight: collections.deque = collections.deque()
+    bar = tqdm(total=len(data.rows), desc="evaluate", unit="utterance", disable=not progress)
+
+    def finish() -> None:
+        row, samples, future, ticket = in_flight.popleft()
+        hypothesis = future.result()
+        latency = ticket.decode_s
         duration = len(samples) / c.SAMPLE_RATE
         language = row.language or hypothesis.language
         utterance = metrics.score_utterance(row.reference, hypothesis.text, language, duration_s=duration, latency_s=latency)
@@ -163,6 +177,22 @@ def _transcribe_all(model, data: EvaluationDataset, stored: dict, overrides: dic
             "latency_s": round(latency, 4),
             "rtf": round(latency / duration, 4),
         })
+        bar.update()
+
+    try:
+        for row in data.rows:
+            language_layer = {"language": row.language} if row.language and "language" not in overrides else {}
+            options = DecodingOptions.layered(stored, language_layer, overrides)
+            samples = row.samples()
+            if len(in_flight) == concurrency:
+                finish()
+            ticket = Ticket()
+            in_flight.append((row, samples, engine.submit(samples, options, ticket), ticket))
+        while in_flight:
+            finish()
+    finally:
+        bar.close()
+        engine.close()
     return scored, table
 
 

@@ -38,6 +38,15 @@ def test_evaluation_run_is_linked_to_the_version_and_tags_it(tiny_registered, tw
     assert t[tags.EVAL_HEADLINE] == "cer"  # a dataset with Chinese is headlined by CER
 
 
+def test_concurrent_utterances_share_passes_and_score_as_one_at_a_time(tiny_registered, two_clips_manifest):
+    alone = evaluate("models:/tiny/1", two_clips_manifest)
+    together = evaluate("models:/tiny/1", two_clips_manifest, concurrency=2)
+    assert [r["hypothesis"] for r in together.utterances] == [r["hypothesis"] for r in alone.utterances]
+    assert together.metrics["cer"] == alone.metrics["cer"]
+    params = MlflowClient().get_run(together.run_id).data.params
+    assert params["concurrency"] == "2" and together.metrics["rtf"] > 0
+
+
 def test_stored_decoding_and_overrides_are_used(tiny_registered, two_clips_manifest):
     result = evaluate("models:/tiny/2", two_clips_manifest, decoding={"max_new_tokens": 3})
     params = MlflowClient().get_run(result.run_id).data.params
