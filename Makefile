@@ -41,10 +41,10 @@ test-fast: install
 	$(PY) -m pytest -q -m "not real_weights and not server and not cuda_libs"
 
 demo: install
-	$(PY) -m whisper_bento.demo
+	$(PY) -m demo.serve
 
 demo-finetune: install
-	$(PY) -m whisper_registry.demo_finetune
+	$(PY) -m demo.finetune
 
 bench: install
 	$(PY) -m bench

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from tests.fixtures.offline import OFFLINE
+
 REPO = Path(__file__).resolve().parents[1]
 WORK = REPO / ".bench"  # scratch: tracking store, artifacts, BentoML home, server logs (gitignored)
 RESULTS = REPO / "bench" / "results"
@@ -58,15 +60,10 @@ def setup_environment() -> None:
     WORK.mkdir(exist_ok=True)
     os.environ.update(
         {
-            "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
-            "MLFLOW_DISABLE_TELEMETRY": "true",
-            "BENTOML_DO_NOT_TRACK": "True",
-            "DO_NOT_TRACK": "true",
+            **OFFLINE,
             "MLFLOW_TRACKING_URI": f"sqlite:///{TRACKING_DB}",
             "MLFLOW_EXPERIMENT_NAME": EXPERIMENT,
             "BENTOML_HOME": str(WORK / "bentoml"),
-            "TOKENIZERS_PARALLELISM": "false",
         }
     )
     bin_dir = str(Path(sys.executable).parent)

@@ -3,26 +3,17 @@
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
-import time
 from pathlib import Path
 from typing import Any, Optional
 
 from bench.common import REPO, WORK, process_tree_rss
+from tests.fixtures.processes import ServerProcess, ServerStartError, free_port, venv_path_env
 
 READY_TIMEOUT_S = 180.0
 
 
 class ServiceUnavailable(RuntimeError):
     """The bento service could not be started: the section that needs it is skipped."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 SERVICE = "whisper_bento:Transcriber"
@@ -46,7 +37,7 @@ class BentoServer:
             self.args["model"] = model_uri
         self.env = env
         self.log_path = WORK / "logs" / f"{log_name}.log"
-        self.proc: Optional[subprocess.Popen] = None
+        self.server: Optional[ServerProcess] = None
 
     def command(self) -> list[str]:
         cmd = ["bentoml", "serve", self.target, "--host", "127.0.0.1", "--port", str(self.port)]
@@ -55,34 +46,17 @@ class BentoServer:
         return cmd
 
     def start(self) -> float:
-        import httpx
-
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log_file = open(self.log_path, "w")
-        started = time.perf_counter()
+        env = venv_path_env({**os.environ, **self.env} if self.env else None)
+        self.server = ServerProcess(self.command(), ready_url=self.url + "/readyz", log_path=self.log_path, env=env, cwd=REPO,
+                                    timeout_s=READY_TIMEOUT_S, fail_marker="Application startup failed")
         try:
-            self.proc = subprocess.Popen(
-                self.command(), cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-                env={**os.environ, **self.env} if self.env else None,
-            )
-        except FileNotFoundError as exc:
-            raise ServiceUnavailable(f"bentoml is not on PATH ({exc}); install the serve extra.") from None
-        finally:
-            log_file.close()
-        with httpx.Client(timeout=2.0) as client:
-            while time.perf_counter() - started < READY_TIMEOUT_S:
-                if self.proc.poll() is not None:
-                    raise ServiceUnavailable(
-                        f"bentoml serve exited with {self.proc.returncode} before /readyz:\n{self.log_tail()}"
-                    )
-                try:
-                    if client.get(self.url + "/readyz").status_code == 200:
-                        return time.perf_counter() - started
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.05)
-        self.stop()
-        raise ServiceUnavailable(f"/readyz not 200 within {READY_TIMEOUT_S:.0f} s:\n{self.log_tail()}")
+            return self.server.start()
+        except (ServerStartError, FileNotFoundError) as exc:
+            raise ServiceUnavailable(str(exc)) from None
+
+    @property
+    def proc(self):
+        return self.server.process if self.server else None
 
     def info(self) -> dict[str, Any]:
         import httpx
@@ -103,22 +77,11 @@ class BentoServer:
         }
 
     def log_tail(self, chars: int = 3000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
+        return self.server.log_tail(chars) if self.server else ""
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)  # the group this server's own Popen created
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
-        except ProcessLookupError:
-            pass
+        if self.server is not None:
+            self.server.stop()
 
     def __enter__(self) -> "BentoServer":
         self.start()

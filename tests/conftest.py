@@ -1,15 +1,8 @@
 """Test-wide settings: no model hub, no telemetry, a private MLflow store per test."""
 
-import os
+from tests.fixtures.offline import go_offline
 
-# Set before anything imports transformers/huggingface_hub/mlflow.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("DO_NOT_TRACK", "true")
-os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+go_offline()  # before anything imports transformers, huggingface_hub, mlflow or bentoml
 
 import mlflow  # noqa: E402
 import pytest  # noqa: E402

@@ -7,12 +7,7 @@ Each server test module starts ONE server (module-scoped fixture) and reuses it:
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +18,8 @@ import pytest
 from mlflow import MlflowClient
 
 import mlflow_faster_whisper
+from tests.fixtures.offline import OFFLINE
+from tests.fixtures.processes import ServerProcess, free_port, venv_path_env
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL_NAME = "whisper-base"
@@ -57,20 +54,11 @@ def make_registry(root: Path, ct2_dir: Path, alias: str = "production", name: st
     return Registry(uri=uri, root=root, version=version)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def server_env(bentoml_home: Path, tracking_uri: str | None) -> dict[str, str]:
-    env = dict(os.environ)
+    env = venv_path_env()
     env.update(
         BENTOML_HOME=str(bentoml_home),
-        BENTOML_DO_NOT_TRACK="True",
-        MLFLOW_DISABLE_TELEMETRY="true",
-        HF_HUB_OFFLINE="1",
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        **OFFLINE,
     )
     env.pop("MLFLOW_EXPERIMENT_ID", None)
     if tracking_uri is None:
@@ -83,11 +71,10 @@ def server_env(bentoml_home: Path, tracking_uri: str | None) -> dict[str, str]:
 @dataclass
 class Server:
     url: str
-    log: Path
-    process: subprocess.Popen
+    process: ServerProcess
 
     def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
+        return self.process.log_text()
 
     def client(self, timeout: float = 300) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=timeout)
@@ -100,38 +87,11 @@ def bentoml_serve(target: str, args: dict[str, str], env: dict[str, str], log: P
     command = [sys.executable, "-m", "bentoml", "serve", target, "--host", "127.0.0.1", "--port", str(port)]
     for key, value in args.items():
         command += ["--arg", f"{key}={value}"]
-    with open(log, "w") as out:
-        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    server = Server(url=f"http://127.0.0.1:{port}", log=log, process=process)
-    try:
-        _wait_ready(server, timeout=240)
-        yield server
-    finally:
-        _stop(process)
-
-
-def _wait_ready(server: Server, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise RuntimeError(f"bentoml serve exited with {server.process.returncode}:\n{server.log_text()[-4000:]}")
-        if "Application startup failed" in server.log_text():  # BentoML would restart it forever
-            raise RuntimeError(f"The service failed to start:\n{server.log_text()[-4000:]}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
-                return
-        time.sleep(0.5)
-    raise RuntimeError(f"bentoml serve not ready after {timeout}s:\n{server.log_text()[-4000:]}")
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)  # the group this test started: arbiter + workers
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
+    url = f"http://127.0.0.1:{port}"
+    # "Application startup failed": BentoML would restart the worker forever.
+    with ServerProcess(command, ready_url=f"{url}/readyz", log_path=log, env=env, cwd=cwd,
+                       fail_marker="Application startup failed") as process:
+        yield Server(url=url, process=process)
 
 
 def passes_observed(metrics_text: str, op: str = "encode") -> tuple[float, float]:

@@ -5,16 +5,15 @@ and float32, registered, and transcribing real English and Mandarin speech throu
 import base64
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import mlflow
 import pytest
 
 import mlflow_faster_whisper as mfw
+from tests.fixtures.processes import ServerProcess, free_port, venv_path_env
 from whisper_registry.metrics import score
 
 pytestmark = pytest.mark.real_weights
@@ -117,42 +116,16 @@ def test_a_local_model_directory_loads_and_transcribes_without_importing_mlflow(
     assert "IMPORTED []" in out.stdout
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def served(registry):
+def served(registry, tmp_path_factory):
     """`mlflow models serve` on the production alias, as a real process."""
-    port = _free_port()
-    bin_dir = os.path.dirname(sys.executable)
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-    process = subprocess.Popen(
-        [os.path.join(bin_dir, "mlflow"), "models", "serve", "-m", f"models:/{NAME}@production",
-         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
+    port = free_port()
+    command = [os.path.join(os.path.dirname(sys.executable), "mlflow"), "models", "serve", "-m", f"models:/{NAME}@production",
+               "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"mlflow models serve exited: {process.stdout.read()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/ping", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    else:
-        process.kill()
-        pytest.fail("mlflow models serve did not become ready in 180 s")
-    yield url
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
+    log = tmp_path_factory.mktemp("served") / "serve.log"
+    with ServerProcess(command, ready_url=f"{url}/ping", log_path=log, env=venv_path_env(), timeout_s=180):
+        yield url
 
 
 def test_mlflow_models_serve_answers_base64_audio_with_params(served, speech_clips):

@@ -4,13 +4,8 @@ server (--artifacts-destination). PostgreSQL comes from .ci/postgres.sh (`make p
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 import traceback
-import urllib.request
 import uuid
 from pathlib import Path
 from urllib.parse import urlparse, urlunparse
@@ -18,6 +13,8 @@ from urllib.parse import urlparse, urlunparse
 import mlflow
 import pytest
 from mlflow import MlflowClient
+
+from tests.fixtures.processes import ServerProcess, free_port, venv_path_env
 
 from tests.registry.conftest import TINY_DECODING
 from whisper_registry.cli import main
@@ -73,51 +70,19 @@ def postgres_database():
         admin.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(postgres_database, tmp_path_factory):
     """`mlflow server` as a real process; yields (tracking URI, artifacts destination)."""
     root = tmp_path_factory.mktemp("mlflow-server")
     artifacts = root / "artifacts"
-    port = _free_port()
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    port = free_port()
+    env = venv_path_env()
     env.pop("MLFLOW_TRACKING_URI", None)
-    log = open(root / "server.log", "w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", postgres_database,
-         "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-    )
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", postgres_database,
+               "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"mlflow server exited with {process.returncode}:\n{(root / 'server.log').read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not answer /health in 120 s:\n{(root / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
+    with ServerProcess(command, ready_url=f"{url}/health", log_path=root / "server.log", env=env, timeout_s=120):
         yield url, artifacts
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)  # the server's own session: it and its workers
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-        log.close()
 
 
 @pytest.fixture

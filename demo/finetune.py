@@ -8,7 +8,7 @@ and evaluates that version with faster-whisper. Everything is written under
 ``mlflow ui --backend-store-uri sqlite:///.demo/finetune/mlflow.db``.
 A few minutes on two CPU cores; a GPU is used when present.
 
-    python -m whisper_registry.demo_finetune [--workdir .demo/finetune] [--steps 6]
+    python -m demo.finetune [--workdir .demo/finetune] [--steps 6]
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Optional
 
 from whisper_registry.tracking import fresh_embedded_workdir
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 MODEL_NAME = "whisper-base-zh-lora"
 # LoRA on the decoder only: the frozen encoder needs no backward pass, which makes a CPU step
 # about three times cheaper than adapting every layer (the default target modules).
@@ -36,14 +36,13 @@ DECODER_MODULES = tuple(
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m whisper_registry.demo_finetune", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m demo.finetune", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, default=REPO / ".demo" / "finetune", help="where everything is written (wiped first)")
     parser.add_argument("--steps", type=int, default=6, help="LoRA optimizer steps (default 6)")
     args = parser.parse_args(argv)
     workdir = args.workdir.resolve()
     fresh_embedded_workdir(workdir)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    sys.path.insert(0, str(REPO))  # the fixtures live in the repository's tests package
 
     from tests.fixtures import real
     from whisper_registry.cli import main as cli

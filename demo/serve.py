@@ -7,7 +7,7 @@ prints the transcript and the comparison table. Everything is written under ``.d
 registry's embedded ``mlflow.db`` + ``mlartifacts``, the BentoML home, the plot); run
 ``mlflow ui --backend-store-uri sqlite:///.demo/mlflow.db`` afterwards to browse it.
 
-    python -m whisper_bento.demo [--workdir .demo] [--port 3000]
+    python -m demo.serve [--workdir .demo] [--port 3000]
 """
 
 from __future__ import annotations
@@ -16,22 +16,21 @@ import argparse
 import contextlib
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Optional
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.fixtures.offline import go_offline
+from tests.fixtures.processes import ServerProcess, ServerStartError, free_port, venv_path_env
+
+REPO = Path(__file__).resolve().parents[1]
 MODEL_NAME = "whisper-base"
 LANGUAGES = ("en", "zh")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m whisper_bento.demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m demo.serve", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, default=REPO / ".demo", help="where everything is written (wiped first)")
     parser.add_argument("--port", type=int, default=0, help="port of bentoml serve (default: a free one)")
     args = parser.parse_args(argv)
@@ -73,7 +72,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     _step("5/6 Serving models:/whisper-base@production with bentoml serve")
     clip = next(c for c in clips if c.name == "quick_brown_fox")
-    with _serve(workdir, args.port or _free_port()) as url:
+    with _serve(workdir, args.port or free_port()) as url:
         import httpx
 
         with open(clip.path, "rb") as f:
@@ -101,9 +100,8 @@ def _prepare(workdir: Path) -> None:
     from whisper_registry.tracking import fresh_embedded_workdir
 
     fresh_embedded_workdir(workdir)
-    os.environ.update(BENTOML_DO_NOT_TRACK="True", BENTOML_HOME=str(workdir / "bentoml"))
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))  # tests.fixtures builds the real weights and speech
+    go_offline()
+    os.environ.update(BENTOML_HOME=str(workdir / "bentoml"))
 
 
 def _manifest(path: Path, clips) -> Path:
@@ -114,39 +112,25 @@ def _manifest(path: Path, clips) -> Path:
 
 @contextlib.contextmanager
 def _serve(workdir: Path, port: int) -> Iterator[str]:
-    import httpx
-
     command = [
         sys.executable, "-m", "bentoml", "serve", "whisper_bento:Transcriber",
         "--host", "127.0.0.1", "--port", str(port),
         "--arg", f"model=models:/{MODEL_NAME}@production",
     ]
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     log_path = workdir / "bentoml-serve.log"
     print(f"    $ {' '.join(command[2:])}\n    (log: {log_path})")
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
+    server = ServerProcess(command, ready_url=f"{url}/readyz", log_path=log_path, env=venv_path_env(), cwd=workdir,
+                           timeout_s=300, fail_marker="Application startup failed")
     try:
-        started = time.monotonic()
-        while True:
-            if process.poll() is not None or "Application startup failed" in log_path.read_text(errors="replace"):
-                raise SystemExit(f"bentoml serve failed; see {log_path}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() - started > 300:
-                raise SystemExit(f"bentoml serve not ready after 300 s; see {log_path}")
-            time.sleep(0.5)
-        print(f"    ready at {url} after {time.monotonic() - started:.1f} s")
+        seconds = server.start()
+    except ServerStartError as exc:
+        raise SystemExit(f"bentoml serve failed to start: {str(exc).splitlines()[0]}") from None
+    try:
+        print(f"    ready at {url} after {seconds:.1f} s")
         yield url
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)  # the server's own process group
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
+        server.stop()
         print("    server stopped")
 
 
@@ -163,13 +147,3 @@ def _print_table(rows: list[dict[str, str]]) -> None:
 
 def _step(text: str) -> None:
     print(f"\n== {text}", flush=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-if __name__ == "__main__":
-    sys.exit(main())
