@@ -11,6 +11,8 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import fields
+from pathlib import Path
 from typing import Optional
 
 import mlflow
@@ -22,10 +24,10 @@ from mlflow_faster_whisper.errors import FasterWhisperFlavorError
 from whisper_registry.compare import COLUMNS, compare
 from whisper_registry.doctor import doctor, format_report
 from whisper_registry.evaluate import evaluate
-from whisper_registry.finetune import add_finetune_parser
+from whisper_registry.finetune import ADAPTER_ARTIFACT, DEVICES, FinetuneOptions, finetune
 from whisper_registry.promote import ALIASES, promote, rollback
 from whisper_registry.register import register
-from whisper_registry.errors import GateFailedError, RegistrationError, RegistryError
+from whisper_registry.errors import GateFailedError, RegistrationError, RegistryError, TrainingInterrupted
 
 PROG = "whisper-registry"
 
@@ -264,3 +266,61 @@ def _positive_int(text: str) -> int:
 
 def _num(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.4g}"
+
+
+def add_finetune_parser(commands) -> None:
+    """Add ``finetune`` to the CLI's subparsers (``commands`` from ``add_subparsers``)."""
+    d = FinetuneOptions()
+    p = commands.add_parser("finetune", help="train a LoRA adapter on a dataset, tracked in an MLflow run")
+    p.add_argument("--base", required=True, metavar="CHECKPOINT", help="transformers Whisper checkpoint directory or hub id")
+    p.add_argument("--dataset", required=True, help="training set: .jsonl/.csv manifest (audio, text, language) or save_to_disk directory")
+    p.add_argument("--eval-dataset", help="scored before/after and used for the eval loss (default: scores on the training set)")
+    p.add_argument("--split", help="split of a DatasetDict training set")
+    p.add_argument("--eval-split", help="split of a DatasetDict evaluation set")
+    p.add_argument("--output-dir", default="whisper-finetune", help="checkpoints and the final adapter (default: ./whisper-finetune)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
+    p.add_argument("--language", help="language of the label prefix for rows without one, e.g. zh")
+    p.add_argument("--task", default=d.task, choices=("transcribe", "translate"))
+    p.add_argument("--lora-r", type=int, default=d.lora_r)
+    p.add_argument("--lora-alpha", type=int, default=d.lora_alpha)
+    p.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
+    p.add_argument("--target-modules", default=",".join(d.target_modules), metavar="M[,M...]", help="linear layers to adapt")
+    steps = p.add_mutually_exclusive_group()
+    steps.add_argument("--max-steps", type=int, help="optimizer steps to train")
+    steps.add_argument("--epochs", type=float, default=d.epochs, help=f"passes over the training set (default {d.epochs:g})")
+    p.add_argument("--learning-rate", type=float, default=d.learning_rate)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--gradient-accumulation", type=int, default=d.gradient_accumulation)
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    p.add_argument("--save-steps", type=int, default=d.save_steps, help="checkpoint every N steps")
+    p.add_argument("--eval-steps", type=int, help="eval loss every N steps (default: --save-steps)")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="longest transcript when scoring")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=d.device, choices=DEVICES)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=run_finetune)
+
+
+def run_finetune(args) -> int:
+    """The ``finetune`` command: 0 done, 128+signal when interrupted (library errors go to cli.main)."""
+    option_names = {f.name for f in fields(FinetuneOptions)}
+    options = {k: v for k, v in vars(args).items() if k in option_names}
+    try:
+        result = finetune(args.base, args.dataset, args.output_dir, eval_dataset=args.eval_dataset, options=options,
+                          split=args.split, eval_split=args.eval_split, resume=args.resume, progress=not args.no_progress)
+    except TrainingInterrupted as exc:
+        print(f"whisper-registry: interrupted: {exc}", file=sys.stderr)
+        return 128 + exc.signum
+    h = result.headline
+    before, after = result.before.get(h), result.after.get(h)
+    change = f"; {h} on the {result.scored_on} set: {before:.4f} -> {after:.4f}" if before is not None and after is not None else ""
+    print(f"fine-tuned {result.global_step} steps{change}")
+    print(f"adapter: {result.adapter_uri} (also in {result.output_dir / ADAPTER_ARTIFACT})")
+    print(f"register: whisper-registry register {result.adapter_uri} --base {_base_for_print(args.base)} --name NAME --quantization int8")
+    print(f"fine-tune run: {result.run_id}")
+    return 0
+
+
+def _base_for_print(base: str) -> str:
+    path = Path(base)
+    return str(path.resolve()) if path.exists() else base

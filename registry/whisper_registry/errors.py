@@ -6,7 +6,9 @@ speak of library arguments and MLflow URIs, never of CLI flags, so they read rig
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Sequence
+from typing import Optional
 
 
 class RegistryError(Exception):
@@ -88,3 +90,30 @@ class RegistrationError(RegistryError):
     def __init__(self, message: str, result=None):
         super().__init__(message)
         self.result = result
+
+
+class FinetuneError(RegistryError):
+    """Fine-tuning cannot start or continue as asked; the message names the fix."""
+
+
+class TrainingInterrupted(FinetuneError):
+    """SIGINT or SIGTERM stopped training; the run is marked KILLED.
+
+    Attributes:
+        signum: the signal number.
+        checkpoint: the last checkpoint written to the output directory, if any.
+    """
+
+    def __init__(self, signum: int, checkpoint: Optional[str] = None):
+        self.signum = signum
+        self.checkpoint = checkpoint
+        where = f"the last checkpoint is {checkpoint}: resume=True continues from it" if checkpoint else "no checkpoint was written yet"
+        super().__init__(f"Fine-tuning was interrupted by {signal.Signals(signum).name}; {where}.")
+
+
+class FinetuneDataError(DatasetError):
+    """A training or evaluation dataset that cannot be used for fine-tuning; names the rows."""
+
+
+class LanguageError(RegistryError):
+    """A language or task the model's tokenizer cannot put in the label prefix."""

@@ -142,7 +142,7 @@ def evaluate(
         mlflow.log_table(_columns(table), UTTERANCES_TABLE)
         if data.bad_rows:
             mlflow.log_table({"where": [b.where for b in data.bad_rows], "reason": [b.reason for b in data.bad_rows]}, SKIPPED_TABLE)
-            mlflow.set_tag("skipped_rows", "; ".join(b.where for b in data.bad_rows)[:5000])
+            mlflow.set_tag(tags.RUN_SKIPPED_ROWS, "; ".join(b.where for b in data.bad_rows)[:5000])
         run_id = run.info.run_id
     _tag_version(name, version, results, headline, data, run_id)
     return EvaluationResult(name, version, run_id, data.digest, headline, results, table, list(data.bad_rows))

@@ -6,8 +6,9 @@ evaluation set (the training set when none is given) with the registry's own met
 the adapter with the processor files as the run artifact ``adapter/``. The run id is all that
 registering needs::
 
-    from whisper_registry import finetune, register
-    result = finetune.finetune("./whisper-base", "train.jsonl", "./ft", options={"language": "zh", "max_steps": 200})
+    from whisper_registry.finetune import finetune
+    from whisper_registry.register import register
+    result = finetune("./whisper-base", "train.jsonl", "./ft", options={"language": "zh", "max_steps": 200})
     register(result.adapter_uri, "whisper-zh", ["int8"], base_model="./whisper-base")
 
 The trainer checkpoints to ``output_dir`` every ``save_steps``; ``resume=True`` continues from the
@@ -18,12 +19,8 @@ training runs in float32.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import re
 import signal
-import threading
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
@@ -31,12 +28,10 @@ from typing import Any, Optional
 import mlflow
 from mlflow_faster_whisper import sources
 
-from whisper_registry import metrics, tags, tracking
-from whisper_registry.errors import RegistryError
+from whisper_registry import metrics, tags, tracking, training
+from whisper_registry.errors import FinetuneError, TrainingInterrupted
 from whisper_registry.finetune_data import (
     PreparedData,
-    WhisperCollator,
-    WhisperTrainingSet,
     check_language,
     check_task,
     prepare,
@@ -47,39 +42,8 @@ _logger = logging.getLogger(__name__)
 
 ADAPTER_ARTIFACT = "adapter"
 PREDICTIONS_TABLE = "finetune/predictions.json"
-RUN_RECORD = "finetune_run.json"  # in output_dir: which run wrote its checkpoints
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 DEVICES = ("auto", "cpu", "cuda")
-RUN_RESUMED_FROM = "whisper_registry.resumed_from_run"
-_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
-
-
-class FinetuneError(RegistryError):
-    """Fine-tuning cannot start or continue as asked; the message names the fix."""
-
-
-class TrainingInterrupted(FinetuneError):
-    """SIGINT or SIGTERM stopped training; the run is marked KILLED.
-
-    Attributes:
-        signum: the signal number.
-        checkpoint: the last checkpoint written to the output directory, if any.
-    """
-
-    def __init__(self, signum: int, checkpoint: Optional[str] = None):
-        self.signum = signum
-        self.checkpoint = checkpoint
-        where = f"the last checkpoint is {checkpoint}: resume=True continues from it" if checkpoint else "no checkpoint was written yet"
-        super().__init__(f"Fine-tuning was interrupted by {signal.Signals(signum).name}; {where}.")
-
-
-class _Interrupt(BaseException):
-    """Raised by the signal handler. A BaseException, like KeyboardInterrupt, so that the broad
-    ``except Exception`` of libraries on the way (audio decoding, the trainer) cannot swallow it."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
 
 
 @dataclass(frozen=True)
@@ -227,7 +191,7 @@ def _finetune(base, dataset, output_dir, eval_dataset, options: FinetuneOptions,
     from transformers import GenerationConfig, WhisperProcessor
 
     output_dir = Path(output_dir).resolve()
-    checkpoint = _checkpoint_to_resume(output_dir, resume)
+    checkpoint = training.checkpoint_to_resume(output_dir, resume)
     base_ref = _base_reference(base)
     processor = _load(WhisperProcessor.from_pretrained, base_ref)
     generation_config = _load(GenerationConfig.from_pretrained, base_ref)
@@ -242,12 +206,12 @@ def _finetune(base, dataset, output_dir, eval_dataset, options: FinetuneOptions,
         task=options.task, max_label_tokens=max_labels, split=eval_split)
     device, precision = _device(options.device)
     setup = tracking.configure()
-    previous_run = _read_run_record(output_dir) if checkpoint else None
-    with _signals_raise_interrupted():
+    previous_run = training.read_run_record(output_dir) if checkpoint else None
+    with training.signals_raise_interrupted():
         run = mlflow.start_run(experiment_id=setup.experiment_id, run_name=f"finetune {Path(base_ref).name}")
         try:
-            _write_run_record(output_dir, run.info.run_id)
-            mlflow.set_tags({tags.RUN_KIND: "finetune", **({RUN_RESUMED_FROM: previous_run} if previous_run else {})})
+            training.write_run_record(output_dir, run.info.run_id)
+            mlflow.set_tags({tags.RUN_KIND: "finetune", **({tags.RUN_RESUMED_FROM: previous_run} if previous_run else {})})
             mlflow.log_params(_params(base_ref, train, held_out, options, device, precision, peft_model, checkpoint))
             scored = held_out or train
             result = FinetuneResult(run.info.run_id, output_dir, 0, scored_on="eval" if held_out else "train",
@@ -260,7 +224,7 @@ def _finetune(base, dataset, output_dir, eval_dataset, options: FinetuneOptions,
             with peft_model.disable_adapter():
                 before_texts = transcribe()
             result.before = _log_scores(scored, before_texts, result.scored_on, "before")
-            trainer = _trainer(peft_model, processor, train, held_out, output_dir, options, device, precision,
+            trainer = training.trainer(peft_model, processor, train, held_out, output_dir, options, device, precision,
                                run.info.run_id, progress)
             _logger.info("Training (%s, %s)%s", device, precision, f", resuming from {checkpoint}" if checkpoint else "")
             trainer.train(resume_from_checkpoint=checkpoint)
@@ -270,10 +234,10 @@ def _finetune(base, dataset, output_dir, eval_dataset, options: FinetuneOptions,
             result.after = _log_scores(scored, after_texts, result.scored_on, "after")
             mlflow.log_table(_predictions(scored, before_texts, after_texts), PREDICTIONS_TABLE)
             _log_adapter(peft_model, processor, output_dir / ADAPTER_ARTIFACT)
-        except _Interrupt as exc:
-            mlflow.set_tag("interrupted_by", signal.Signals(exc.signum).name)
+        except training.Interrupt as exc:
+            mlflow.set_tag(tags.RUN_INTERRUPTED_BY, signal.Signals(exc.signum).name)
             mlflow.end_run("KILLED")
-            raise TrainingInterrupted(exc.signum, _last_checkpoint(output_dir)) from None
+            raise TrainingInterrupted(exc.signum, training.last_checkpoint(output_dir)) from None
         except BaseException:
             mlflow.end_run("FAILED")
             raise
@@ -339,126 +303,6 @@ def _device(requested: str) -> tuple[str, str]:
     return "cuda", "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
-# ------------------------------------------------------------------------------------- training
-
-
-def _trainer(model, processor, train: PreparedData, held_out: Optional[PreparedData], output_dir: Path,
-             options: FinetuneOptions, device: str, precision: str, run_id: str, progress: bool):
-    from transformers import PrinterCallback, Seq2SeqTrainer, Seq2SeqTrainingArguments
-
-    args = Seq2SeqTrainingArguments(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=options.batch_size,
-        per_device_eval_batch_size=options.batch_size,
-        gradient_accumulation_steps=options.gradient_accumulation,
-        learning_rate=options.learning_rate,
-        warmup_steps=options.warmup_steps,
-        max_steps=options.max_steps or -1,
-        num_train_epochs=options.epochs,
-        logging_strategy="steps",
-        logging_steps=1,
-        save_strategy="steps",
-        save_steps=options.save_steps,
-        save_total_limit=options.save_total_limit,
-        eval_strategy="steps" if held_out else "no",
-        eval_steps=(options.eval_steps or options.save_steps) if held_out else None,
-        seed=options.seed,
-        use_cpu=device == "cpu",
-        bf16=precision == "bf16",
-        fp16=precision == "fp16",
-        # We own the MLflow run: transformers' integration must not start one of its own.
-        report_to="none",
-        disable_tqdm=not progress,
-        remove_unused_columns=False,
-        label_names=["labels"],
-        dataloader_num_workers=0,
-    )
-    extractor = processor.feature_extractor
-    trainer = Seq2SeqTrainer(
-        model=model,
-        args=args,
-        data_collator=WhisperCollator(model.config.decoder_start_token_id),
-        train_dataset=WhisperTrainingSet(train.examples, extractor),
-        eval_dataset=WhisperTrainingSet(held_out.examples, extractor) if held_out else None,
-        callbacks=[_loss_logger(run_id)],
-    )
-    trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout; the run has them
-    return trainer
-
-
-def _loss_logger(run_id: str):
-    """A trainer callback logging every log line (train loss, eval loss, learning rate, ...) to our run by step."""
-    from transformers import TrainerCallback
-
-    # The trainer's end-of-training summary calls the mean loss "train_loss": keep that name for the steps.
-    renames = {"loss": "train_loss", "train_loss": "train_loss_mean"}
-
-    class MlflowLossLogger(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            values = {renames.get(k, k): float(v) for k, v in (logs or {}).items() if isinstance(v, (int, float))}
-            if values:
-                mlflow.log_metrics(values, step=state.global_step, run_id=run_id)
-
-    return MlflowLossLogger()
-
-
-def _checkpoint_to_resume(output_dir: Path, resume: bool) -> Optional[str]:
-    last = _last_checkpoint(output_dir)
-    if resume and last is None:
-        raise FinetuneError(f"There is no complete checkpoint in {output_dir} to resume from: start a new fine-tune (resume=False).")
-    earlier = sorted(p.name for p in output_dir.glob("checkpoint-*")) if output_dir.is_dir() else []
-    if not resume and earlier:
-        raise FinetuneError(
-            f"{output_dir} holds checkpoints of an earlier fine-tune ({', '.join(earlier)}): resume it "
-            "(resume=True), or give an output directory of its own to the new fine-tune."
-        )
-    return last
-
-
-def _last_checkpoint(output_dir: Path) -> Optional[str]:
-    """The newest complete checkpoint: the trainer writes trainer_state.json last, so a checkpoint
-    cut short by a signal has none and is skipped."""
-    complete = [
-        (int(match.group(1)), path)
-        for path in (output_dir.glob("checkpoint-*") if output_dir.is_dir() else ())
-        if (match := _CHECKPOINT.fullmatch(path.name)) and (path / "trainer_state.json").is_file()
-    ]
-    return str(max(complete)[1]) if complete else None
-
-
-def _write_run_record(output_dir: Path, run_id: str) -> None:
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / RUN_RECORD).write_text(json.dumps({"run_id": run_id}))
-
-
-def _read_run_record(output_dir: Path) -> Optional[str]:
-    try:
-        return json.loads((output_dir / RUN_RECORD).read_text()).get("run_id")
-    except (OSError, ValueError):
-        return None
-
-
-@contextlib.contextmanager
-def _signals_raise_interrupted():
-    """SIGINT/SIGTERM raise ``_Interrupt`` once (later ones are ignored while the run is closed)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers can only be installed from the main thread
-        return
-    received: list[int] = []
-
-    def handler(signum, frame):
-        if not received:
-            received.append(signum)
-            raise _Interrupt(signum)
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
 # ------------------------------------------------------------------------------------- scoring
 
 
@@ -517,64 +361,3 @@ def _params(base_ref: str, train: PreparedData, held_out: Optional[PreparedData]
 
 
 # ------------------------------------------------------------------------------------------ CLI
-# The ``finetune`` subcommand, registered by cli.py; parsing and printing only.
-
-
-def add_finetune_parser(commands) -> None:
-    """Add ``finetune`` to the CLI's subparsers (``commands`` from ``add_subparsers``)."""
-    d = FinetuneOptions()
-    p = commands.add_parser("finetune", help="train a LoRA adapter on a dataset, tracked in an MLflow run")
-    p.add_argument("--base", required=True, metavar="CHECKPOINT", help="transformers Whisper checkpoint directory or hub id")
-    p.add_argument("--dataset", required=True, help="training set: .jsonl/.csv manifest (audio, text, language) or save_to_disk directory")
-    p.add_argument("--eval-dataset", help="scored before/after and used for the eval loss (default: scores on the training set)")
-    p.add_argument("--split", help="split of a DatasetDict training set")
-    p.add_argument("--eval-split", help="split of a DatasetDict evaluation set")
-    p.add_argument("--output-dir", default="whisper-finetune", help="checkpoints and the final adapter (default: ./whisper-finetune)")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
-    p.add_argument("--language", help="language of the label prefix for rows without one, e.g. zh")
-    p.add_argument("--task", default=d.task, choices=("transcribe", "translate"))
-    p.add_argument("--lora-r", type=int, default=d.lora_r)
-    p.add_argument("--lora-alpha", type=int, default=d.lora_alpha)
-    p.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
-    p.add_argument("--target-modules", default=",".join(d.target_modules), metavar="M[,M...]", help="linear layers to adapt")
-    steps = p.add_mutually_exclusive_group()
-    steps.add_argument("--max-steps", type=int, help="optimizer steps to train")
-    steps.add_argument("--epochs", type=float, default=d.epochs, help=f"passes over the training set (default {d.epochs:g})")
-    p.add_argument("--learning-rate", type=float, default=d.learning_rate)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--gradient-accumulation", type=int, default=d.gradient_accumulation)
-    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    p.add_argument("--save-steps", type=int, default=d.save_steps, help="checkpoint every N steps")
-    p.add_argument("--eval-steps", type=int, help="eval loss every N steps (default: --save-steps)")
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="longest transcript when scoring")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default=d.device, choices=DEVICES)
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(handler=run_finetune)
-
-
-def run_finetune(args) -> int:
-    """The ``finetune`` command: 0 done, 128+signal when interrupted (library errors go to cli.main)."""
-    import sys
-
-    option_names = {f.name for f in fields(FinetuneOptions)}
-    options = {k: v for k, v in vars(args).items() if k in option_names}
-    try:
-        result = finetune(args.base, args.dataset, args.output_dir, eval_dataset=args.eval_dataset, options=options,
-                          split=args.split, eval_split=args.eval_split, resume=args.resume, progress=not args.no_progress)
-    except TrainingInterrupted as exc:
-        print(f"whisper-registry: interrupted: {exc}", file=sys.stderr)
-        return 128 + exc.signum
-    h = result.headline
-    before, after = result.before.get(h), result.after.get(h)
-    change = f"; {h} on the {result.scored_on} set: {before:.4f} -> {after:.4f}" if before is not None and after is not None else ""
-    print(f"fine-tuned {result.global_step} steps{change}")
-    print(f"adapter: {result.adapter_uri} (also in {result.output_dir / ADAPTER_ARTIFACT})")
-    print(f"register: whisper-registry register {result.adapter_uri} --base {_base_for_print(args.base)} --name NAME --quantization int8")
-    print(f"fine-tune run: {result.run_id}")
-    return 0
-
-
-def _base_for_print(base: str) -> str:
-    path = Path(base)
-    return str(path.resolve()) if path.exists() else base

@@ -25,21 +25,13 @@ from mlflow_faster_whisper.constants import SAMPLE_RATE
 from mlflow_faster_whisper.decoding import WHISPER_LANGUAGES
 
 from whisper_registry.datasets import EvaluationDataset, Row, load_dataset
-from whisper_registry.errors import DatasetError, RegistryError
+from whisper_registry.errors import FinetuneDataError, LanguageError
 
 
 # Whisper's encoder sees exactly one 30 s window; longer audio would be silently truncated.
 MAX_AUDIO_SECONDS = 30.0
 TASKS = ("transcribe", "translate")
 IGNORE_INDEX = -100  # the label value PyTorch's cross-entropy skips
-
-
-class FinetuneDataError(DatasetError):
-    """A training or evaluation dataset that cannot be used for fine-tuning; names the rows."""
-
-
-class LanguageError(RegistryError):
-    """A language or task the model's tokenizer cannot put in the label prefix."""
 
 
 @dataclass(frozen=True)

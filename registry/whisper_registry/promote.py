@@ -244,7 +244,7 @@ def alias_lock(name: str, alias: str, *, wait_s: float = LOCK_WAIT_S, stale_s: f
     while True:
         try:
             client.create_registered_model(
-                lock, tags={"whisper_registry.lock": owner},
+                lock, tags={tags.LOCK_OWNER: owner},
                 description=f"Held by whisper-registry while it moves {name}@{alias}; it is deleted after the move.",
             )
             break
@@ -280,7 +280,7 @@ def _lock_age_and_owner(client, lock: str) -> Optional[tuple[float, str]]:
         model = client.get_registered_model(lock)
     except MlflowException:
         return None  # released in the meantime
-    return time.time() - model.creation_timestamp / 1000, (model.tags or {}).get("whisper_registry.lock", "?")
+    return time.time() - model.creation_timestamp / 1000, (model.tags or {}).get(tags.LOCK_OWNER, "?")
 
 
 def _move(result: PromotionResult) -> None:

@@ -25,13 +25,18 @@ EVAL_HEADLINE = "eval.headline"  # "cer" or "wer"
 EVAL_TIME = "eval.time"
 
 # Run tags of evaluation runs, linking them to the version (searchable).
-RUN_KIND = "whisper_registry.kind"  # register | evaluate | compare
+RUN_KIND = "whisper_registry.kind"  # register | evaluate | compare | finetune
 RUN_MODEL_NAME = "whisper_registry.model_name"
 RUN_MODEL_VERSION = "whisper_registry.model_version"
 RUN_MODEL_URI = "whisper_registry.model_uri"
 RUN_DATASET_DIGEST = "whisper_registry.dataset_digest"
+RUN_SKIPPED_ROWS = "skipped_rows"  # evaluation runs: the rows left out (skip_bad)
+RUN_RESUMED_FROM = "whisper_registry.resumed_from_run"  # fine-tune runs: the interrupted run continued
+RUN_INTERRUPTED_BY = "interrupted_by"  # fine-tune runs ended by a signal: its name
 
 # Registered model tags of the audit trail: "audit.<alias>.<0001>" = JSON event.
 AUDIT_PREFIX = "audit."
 # Model version tags summarising the latest promotion to an alias: "promoted.<alias>.<field>".
 PROMOTED_PREFIX = "promoted."
+# Registered model tag of an alias lock (a registered model "<name>.<alias>.lock"): its holder.
+LOCK_OWNER = "whisper_registry.lock"

@@ -23,12 +23,10 @@ from tests.fixtures import audio
 from tests.registry.conftest import clip_rows, write_manifest
 from whisper_registry import metrics, tags
 from whisper_registry.cli import main
-from whisper_registry.errors import DatasetError
-from whisper_registry.finetune import FinetuneError, finetune
+from whisper_registry.errors import DatasetError, FinetuneDataError, FinetuneError, LanguageError
+from whisper_registry.finetune import finetune
 from whisper_registry.finetune_data import (
     IGNORE_INDEX,
-    FinetuneDataError,
-    LanguageError,
     WhisperCollator,
     WhisperTrainingSet,
     check_language,
