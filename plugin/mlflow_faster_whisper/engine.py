@@ -213,6 +213,9 @@ class Engine:
             if computing:
                 self._computing -= 1
             self._cond.notify_all()
+            idle = self._held == 0
+        if idle:  # not between two passes of a request, whose next pass would fault the pages back in
+            release_free_memory()
 
     def _decode(self, audio: np.ndarray, options: DecodingOptions, ticket: Ticket) -> Transcription:
         with self._cond:
@@ -264,8 +267,6 @@ class Engine:
                 batch = self._next_batch()
             if batch:
                 self._execute(batch)
-                if not self._waiting:
-                    release_free_memory()
 
     def _wait_for_company(self) -> None:
         """Wait (briefly) for the windows of requests that are about to make their next call."""
@@ -494,7 +495,9 @@ class _Routed:
         return getattr(self._engine._ct2, name)
 
     def encode(self, features, to_cpu: bool = False) -> _Encoded:
-        return self._engine._call(self._ticket, "encode", ("encode",), features.shape[0], {"features": features})
+        # Windows of one length share a pass (a window encoded at its own length has fewer frames).
+        key = ("encode", tuple(features.shape[1:]))
+        return self._engine._call(self._ticket, "encode", key, features.shape[0], {"features": features})
 
     def generate(self, encoder_output: _Encoded, prompts, **kwargs) -> list[Any]:
         key = ("generate", _freeze(kwargs))

@@ -102,6 +102,8 @@ def stream_segments(model, audio: np.ndarray, options: DecodingOptions, *, batch
     """
     check_options(model, options)
     kwargs = options.to_transcribe_kwargs()
+    if not options.pad_to_30s:
+        model = _unpadded(model)
     window = options.chunk_length or model.feature_extractor.chunk_length
     if options.long_form == "batched" and len(audio) > window * model.feature_extractor.sampling_rate:
         from faster_whisper import BatchedInferencePipeline
@@ -124,6 +126,46 @@ def transcribe(model, audio: np.ndarray, options: DecodingOptions, *, batch_size
         duration=float(info.duration),
         segments=segments,
     )
+
+
+# A window encoded at its own length keeps this many frames (2 s) after its content, and is cut at
+# a multiple of it, so that windows of similar length can share an encoder pass.
+_UNPADDED_STEP = 200
+
+
+def _unpadded(model):
+    """The model as faster-whisper sees it, but encoding each window without its padding to 30 s.
+
+    faster-whisper pads a window's log-mel features with zeros up to 3000 frames; the encoder
+    (CTranslate2 accepts any even length up to 3000) then spends most of a short clip's time on
+    the padding. Here the zero frames after the content are cut, to the next multiple of 2 s past
+    it. The output is no longer Whisper's trained input: measured, not assumed (BENCHMARKS.md).
+    """
+    import copy
+
+    view = copy.copy(model)
+    view.model = _UnpaddedEncoder(model.model)
+    return view
+
+
+class _UnpaddedEncoder:
+    def __init__(self, inner) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
+
+    def encode(self, features, to_cpu: bool = False):
+        import ctranslate2
+
+        array = np.asarray(features)
+        voiced = np.flatnonzero(np.any(array != 0.0, axis=(0, 1)))
+        content = int(voiced[-1]) + 1 if voiced.size else 0
+        frames = min(array.shape[-1], (content // _UNPADDED_STEP + 2) * _UNPADDED_STEP)
+        if frames >= array.shape[-1]:
+            return self._inner.encode(features, to_cpu=to_cpu)
+        cut = np.ascontiguousarray(array[..., :frames])
+        return self._inner.encode(ctranslate2.StorageView.from_array(cut), to_cpu=to_cpu)
 
 
 def join_text(segments: list[Segment]) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import pandas as pd
@@ -189,3 +188,22 @@ def test_word_timestamps_through_the_engine_equal_transcribe(tiny_en, clips):
     alone = transcription.transcribe(tiny_en, audio, options)
     assert alone.segments[0].words
     assert all(r.segments == alone.segments for r in results)
+
+
+def test_a_window_encoded_without_its_padding(tiny_en, clips):
+    import ctranslate2
+    import numpy as np
+
+    features = np.zeros((1, 80, 3000), dtype=np.float32)
+    features[..., :330] = 0.5  # 3.3 s of content, then faster-whisper's zero padding
+    encoded = transcription._unpadded(tiny_en).model.encode(ctranslate2.StorageView.from_array(features))
+    assert encoded.shape[:2] == [1, 300]  # 600 frames: the content and at least 2 s after it, halved by the encoder
+    _, audio = clips["en/quick_brown_fox"]
+    options = GREEDY.layered(GREEDY, {"pad_to_30s": False})
+    engine = Engine(tiny_en)
+    try:
+        through_engine = engine.transcribe(audio, options)
+    finally:
+        engine.close()
+    assert through_engine == transcription.transcribe(tiny_en, audio, options)
+    assert _same("en", through_engine.text, clips["en/quick_brown_fox"][0].text)
