@@ -147,3 +147,7 @@ def _print_table(rows: list[dict[str, str]]) -> None:
 
 def _step(text: str) -> None:
     print(f"\n== {text}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
