@@ -24,7 +24,6 @@ CTranslate2 is only ever called from the scheduler thread: one thread's CUDA and
 from __future__ import annotations
 
 import collections
-import copy
 import ctypes
 import functools
 import logging
@@ -115,6 +114,7 @@ class Engine:
         self._waiting: list[_Call] = []
         self._held = 0  # requests admitted and not finished
         self._computing = 0  # admitted requests whose thread is not waiting on a call
+        self._closed = False
         # Enough threads to fill two passes; more requests wait for a thread (they are held).
         self._threads = ThreadPoolExecutor(max_workers=max(2 * batch_size, 4), thread_name_prefix="whisper-request")
         self._scheduler = threading.Thread(target=self._run, name="whisper-engine", daemon=True)
@@ -140,40 +140,35 @@ class Engine:
         """Decode one request and wait for it (a front-end's thread)."""
         return self.submit(audio, options).result()
 
-    def transcribe_many(self, items: Iterable[tuple[np.ndarray, DecodingOptions] | BaseException]) -> list[Transcription | BaseException]:
-        """Decode all items through shared passes; each result, or its own exception, in order.
+    def transcribe_many(
+        self, items: Iterable[tuple[np.ndarray, DecodingOptions] | BaseException], *, window: Optional[int] = None
+    ) -> Iterator[tuple[Optional[Ticket], Transcription | BaseException]]:
+        """Decode items through shared passes; yields, in order, (ticket, result or its own exception).
 
-        Items are taken lazily, a few passes' worth at a time (so a large batch of rows is never
-        all in memory as audio); an item that is an exception is passed through as its result.
+        Items are taken lazily, at most ``window`` in flight (default: two passes' worth), so a
+        large batch of rows is never all in memory as audio; an item that is an exception is
+        passed through as its result (with no ticket).
         """
-        results: list[Transcription | BaseException] = []
-        in_flight: collections.deque[tuple[int, Future]] = collections.deque()
-        limit = min(self.max_requests, 2 * self.batch_size)
-
-        def settle(index: int, future: Future) -> None:
-            try:
-                results[index] = future.result()
-            except Exception as exc:
-                results[index] = exc
-
+        window = window or min(self.max_requests, 2 * self.batch_size)
+        in_flight: collections.deque[tuple[Optional[Ticket], Future | BaseException]] = collections.deque()
         for item in items:
-            results.append(item if isinstance(item, BaseException) else None)  # type: ignore[arg-type]
+            while len(in_flight) >= window:
+                yield _settled(*in_flight.popleft())
             if isinstance(item, BaseException):
+                in_flight.append((None, item))
                 continue
-            while len(in_flight) >= limit:
-                settle(*in_flight.popleft())
+            ticket = Ticket()
             while True:
                 try:
-                    in_flight.append((len(results) - 1, self.submit(*item)))
+                    in_flight.append((ticket, self.submit(*item, ticket)))
                     break
                 except Overloaded:  # other front-ends fill the engine: wait for one of ours
                     if not in_flight:
                         time.sleep(0.05)
                         continue
-                    settle(*in_flight.popleft())
+                    yield _settled(*in_flight.popleft())
         while in_flight:
-            settle(*in_flight.popleft())
-        return results
+            yield _settled(*in_flight.popleft())
 
     def stream(self, audio: np.ndarray, options: DecodingOptions, ticket: Optional[Ticket] = None):
         """(segments iterator, faster-whisper info); decoded as the caller iterates, in passes
@@ -230,9 +225,7 @@ class Engine:
 
     def _view(self, ticket: Ticket):
         """The model as one request sees it: its CTranslate2 calls go through the engine."""
-        view = copy.copy(self.model)
-        view.model = _Routed(self, ticket)
-        return view
+        return transcription.with_ct2(self.model, _Routed(self, ticket))
 
     def _call(self, ticket: Ticket, op: str, key: tuple, windows: int, args: dict[str, Any]) -> Any:
         """Queue one model call of a request's thread and wait for its result."""
@@ -253,8 +246,6 @@ class Engine:
         return call.result
 
     # -- the scheduler ----------------------------------------------------------------------
-
-    _closed = False
 
     def _run(self) -> None:
         while True:
@@ -360,6 +351,15 @@ class Engine:
         return [self._ct2.align(features, a["start_sequence"], a["text_tokens"], a["num_frames"], **a["kwargs"])]
 
 
+def _settled(ticket: Optional[Ticket], pending: Future | BaseException) -> tuple[Optional[Ticket], Transcription | BaseException]:
+    if isinstance(pending, BaseException):
+        return ticket, pending
+    try:
+        return ticket, pending.result()
+    except Exception as exc:
+        return ticket, exc
+
+
 _OPS: dict[str, Callable[[Engine, list["_Call"]], list[Any]]] = {
     "encode": Engine._encode,
     "generate": Engine._generate,
@@ -440,10 +440,6 @@ class _Encoded:
 
     block: _Block
     rows: range
-
-    @property
-    def shape(self) -> list[int]:
-        return [len(self.rows), *self.block.storage.shape[1:]]
 
 
 def _rows(encoded: list[_Encoded]) -> tuple[Any, Optional[_HostStorage]]:

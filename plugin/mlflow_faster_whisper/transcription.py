@@ -141,10 +141,16 @@ def _unpadded(model):
     the padding. Here the zero frames after the content are cut, to the next multiple of 2 s past
     it. The output is no longer Whisper's trained input: measured, not assumed (BENCHMARKS.md).
     """
+    return with_ct2(model, _UnpaddedEncoder(model.model))
+
+
+def with_ct2(model, ct2):
+    """A shallow copy of a ``WhisperModel`` whose CTranslate2 model is ``ct2`` (a wrapper of it):
+    faster-whisper's own decoding, with its forward passes going where the wrapper sends them."""
     import copy
 
     view = copy.copy(model)
-    view.model = _UnpaddedEncoder(model.model)
+    view.model = ct2
     return view
 
 

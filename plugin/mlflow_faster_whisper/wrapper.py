@@ -74,7 +74,7 @@ class FasterWhisperPyfunc:
                     yield exc
 
         results = []
-        for outcome in self.engine.transcribe_many(rows()):
+        for _, outcome in self.engine.transcribe_many(rows()):
             if isinstance(outcome, AudioDecodeError):
                 results.append(_error_row(outcome.message))
             elif isinstance(outcome, BaseException):

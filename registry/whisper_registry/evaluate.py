@@ -7,7 +7,6 @@ headline results are written back as ``eval.*`` tags on the version for the MLfl
 
 from __future__ import annotations
 
-import collections
 import json
 import logging
 import time
@@ -23,7 +22,7 @@ import mlflow_faster_whisper as mfw
 from mlflow_faster_whisper import constants as c
 from mlflow_faster_whisper.decoding import DecodingOptions
 from mlflow_faster_whisper.devices import LoadOptions
-from mlflow_faster_whisper.engine import Engine, Ticket
+from mlflow_faster_whisper.engine import Engine
 from mlflow_faster_whisper.transcription import check_options
 from tqdm.auto import tqdm
 
@@ -150,48 +149,39 @@ def evaluate(
 
 def _transcribe_all(model, data: EvaluationDataset, stored: dict, overrides: dict, progress: bool, concurrency: int):
     """Every row through the engine, ``concurrency`` at a time; scored rows in dataset order."""
-    engine = Engine(model, batch_size=max(concurrency, 1), max_requests=concurrency)
-    scored, table = [], []
-    in_flight: collections.deque = collections.deque()
-    bar = tqdm(total=len(data.rows), desc="evaluate", unit="utterance", disable=not progress)
 
-    def finish() -> None:
-        row, samples, future, ticket = in_flight.popleft()
-        hypothesis = future.result()
-        latency = ticket.decode_s
-        duration = len(samples) / c.SAMPLE_RATE
-        language = row.language or hypothesis.language
-        utterance = metrics.score_utterance(row.reference, hypothesis.text, language, duration_s=duration, latency_s=latency)
-        scored.append(utterance)
-        table.append({
-            "audio": row.where,
-            "language": language,
-            "reference": row.reference,
-            "hypothesis": hypothesis.text,
-            "reference_normalized": utterance.reference,
-            "hypothesis_normalized": utterance.hypothesis,
-            "errors": utterance.errors,
-            "unit": "char" if utterance.by_characters else "word",
-            "error_rate": utterance.error_rate,
-            "duration_s": round(duration, 3),
-            "latency_s": round(latency, 4),
-            "rtf": round(latency / duration, 4),
-        })
-        bar.update()
-
-    try:
+    def requests():
         for row in data.rows:
             language_layer = {"language": row.language} if row.language and "language" not in overrides else {}
-            options = DecodingOptions.layered(stored, language_layer, overrides)
-            samples = row.samples()
-            if len(in_flight) == concurrency:
-                finish()
-            ticket = Ticket()
-            in_flight.append((row, samples, engine.submit(samples, options, ticket), ticket))
-        while in_flight:
-            finish()
+            yield row.samples(), DecodingOptions.layered(stored, language_layer, overrides)
+
+    engine = Engine(model, batch_size=concurrency, max_requests=concurrency)
+    scored, table = [], []
+    try:
+        outcomes = engine.transcribe_many(requests(), window=concurrency)
+        for row, (ticket, hypothesis) in tqdm(zip(data.rows, outcomes), total=len(data.rows), desc="evaluate",
+                                              unit="utterance", disable=not progress):
+            if isinstance(hypothesis, BaseException):
+                raise hypothesis
+            latency, duration = ticket.decode_s, hypothesis.duration
+            language = row.language or hypothesis.language
+            utterance = metrics.score_utterance(row.reference, hypothesis.text, language, duration_s=duration, latency_s=latency)
+            scored.append(utterance)
+            table.append({
+                "audio": row.where,
+                "language": language,
+                "reference": row.reference,
+                "hypothesis": hypothesis.text,
+                "reference_normalized": utterance.reference,
+                "hypothesis_normalized": utterance.hypothesis,
+                "errors": utterance.errors,
+                "unit": "char" if utterance.by_characters else "word",
+                "error_rate": utterance.error_rate,
+                "duration_s": round(duration, 3),
+                "latency_s": round(latency, 4),
+                "rtf": round(latency / duration, 4),
+            })
     finally:
-        bar.close()
         engine.close()
     return scored, table
 
