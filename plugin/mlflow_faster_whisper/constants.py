@@ -35,7 +35,8 @@ SOURCE_RUN_ID = "run_id"
 # goes to the model hub; without preprocessor_config.json it assumes 80 mel bins.
 REQUIRED_CT2_FILES = ("model.bin", "config.json", "tokenizer.json", "preprocessor_config.json")
 
-# The pyfunc input column.
+# The pyfunc input column, and the output field that carries a row's error.
 AUDIO_COLUMN = "audio"
+ERROR_COLUMN = "error"
 
 SAMPLE_RATE = 16000

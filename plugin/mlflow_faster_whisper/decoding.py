@@ -204,6 +204,14 @@ class DecodingOptions(BaseModel):
         """The fields set explicitly, JSON-ready (what a version stores as its defaults)."""
         return self.model_dump(mode="json", exclude_unset=True)
 
+    def as_params(self) -> dict[str, Any]:
+        """The fields set explicitly as pyfunc params (``predict(params=...)``, ``spark_udf``), in
+        the ``param_schema``'s types: nested options as a JSON object string."""
+        return {
+            name: json.dumps(value) if isinstance(getattr(self, name), BaseModel) else value
+            for name, value in self.explicit().items()
+        }
+
     def to_transcribe_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``WhisperModel.transcribe``."""
         kwargs = self.model_dump(exclude={"long_form", "pad_to_30s"})

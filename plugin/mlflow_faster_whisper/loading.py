@@ -6,7 +6,9 @@ URI (``models:/``, ``runs:/``, ...) imports it, to resolve and download.
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -99,16 +101,40 @@ def _load_local(local_path: str, conf: dict[str, Any], options: devices.LoadOpti
     )
 
 
+# The pyfunc a Spark Python worker loaded last, by (model directory, load options). spark_udf loads
+# the model once per task; Spark reuses its Python workers, so each later task of the job finds
+# the model here instead of verifying and loading it again.
+_SPARK_WORKER_MODEL: dict[tuple[str, str], FasterWhisperPyfunc] = {}
+# How many models this process loaded as a pyfunc (read by the tests of the Spark path).
+pyfunc_loads = 0
+
+
 def _load_pyfunc(path: str, model_config: Optional[dict[str, Any]] = None) -> FasterWhisperPyfunc:
     """Called by ``mlflow.pyfunc.load_model``; ``model_config`` may set device, compute_type,
     cpu_threads and num_workers."""
+    global pyfunc_loads
     from mlflow_faster_whisper.wrapper import FasterWhisperPyfunc
 
     # MLflow passes the data sub-path; the flavor configuration lives one level up.
     model_dir = Path(path) if (Path(path) / c.MLMODEL_FILE_NAME).is_file() else Path(path).parent
+    key = (str(model_dir.resolve()), json.dumps(model_config or {}, sort_keys=True))
+    in_spark_worker = _in_spark_task()
+    if in_spark_worker and key in _SPARK_WORKER_MODEL:
+        return _SPARK_WORKER_MODEL[key]
     # MLflow passes only the keys declared at save time (unknown ones are dropped with a warning).
     conf = _local_flavor_config(model_dir)
     model = _load_local(str(model_dir), conf, devices.LoadOptions.parse(model_config))
-    return FasterWhisperPyfunc(model, DecodingOptions.parse(conf.get(c.DECODING)))
+    pyfunc = FasterWhisperPyfunc(model, DecodingOptions.parse(conf.get(c.DECODING)))
+    pyfunc_loads += 1
+    if in_spark_worker:
+        _SPARK_WORKER_MODEL.clear()  # one model per worker: another version replaces it
+        _SPARK_WORKER_MODEL[key] = pyfunc
+    return pyfunc
+
+
+def _in_spark_task() -> bool:
+    """Whether this code runs inside a Spark task (pyspark is then already imported)."""
+    pyspark = sys.modules.get("pyspark")
+    return pyspark is not None and pyspark.TaskContext.get() is not None
 
 

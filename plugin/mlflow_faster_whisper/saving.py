@@ -9,19 +9,22 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import typing
 from pathlib import Path
 from typing import Any, Optional
 
 import mlflow
 from mlflow import pyfunc
 from mlflow.models import Model, ModelSignature
-from mlflow.types.schema import ColSpec, DataType, Schema
+from mlflow.types.schema import Array, ColSpec, DataType, Object, Property, Schema
+from pydantic import BaseModel
 
 from mlflow_faster_whisper import _mlflow_compat as _mc
 from mlflow_faster_whisper import checksums, constants as c, sources
 from mlflow_faster_whisper.conversion import check_quantization, convert
 from mlflow_faster_whisper.decoding import DecodingOptions, param_schema
 from mlflow_faster_whisper.loading import LOAD_DEFAULTS
+from mlflow_faster_whisper.transcription import Transcription
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 _FLAVOR_MODULE = "mlflow_faster_whisper"  # the flavor's public module: MLflow calls its save_model and _load_pyfunc
@@ -37,11 +40,39 @@ def get_default_conda_env() -> dict:
 
 
 def default_signature(decoding: Optional[DecodingOptions] = None) -> ModelSignature:
-    """Input: an ``audio`` column of bytes (base64 in JSON); params: the decoding options."""
+    """Input: an ``audio`` column of bytes (base64 in JSON); output: one transcription per row
+    (``mlflow.pyfunc.spark_udf`` infers its struct result type from it); params: the decoding
+    options."""
     return ModelSignature(
         inputs=Schema([ColSpec(DataType.binary, c.AUDIO_COLUMN)]),
+        outputs=output_schema(),
         params=param_schema(decoding),
     )
+
+
+def output_schema() -> Schema:
+    """What ``predict`` returns per row: the fields of ``Transcription`` (all empty on a row whose
+    audio could not be decoded) and ``error``."""
+    columns = [ColSpec(_spec_type(f.annotation), name, required=False) for name, f in Transcription.model_fields.items()]
+    return Schema(columns + [ColSpec(DataType.string, c.ERROR_COLUMN, required=False)])
+
+
+_SCALARS = {str: DataType.string, float: DataType.double, int: DataType.long, bool: DataType.boolean}
+
+
+def _spec_type(annotation):
+    """The MLflow schema type of a ``Transcription`` field's annotation."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is typing.Union:  # Optional[X]
+        return _spec_type(args[0])
+    if typing.get_origin(annotation) is list:
+        return Array(_spec_type(args[0]))
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return Object([
+            Property(name, _spec_type(f.annotation), required=f.is_required())
+            for name, f in annotation.model_fields.items()
+        ])
+    return _SCALARS[annotation]
 
 
 def save_model(

@@ -12,10 +12,11 @@ from typing import Any, Optional
 import pandas as pd
 
 from mlflow_faster_whisper.audio import audio_from_cell
+from mlflow_faster_whisper import constants as c
 from mlflow_faster_whisper.constants import AUDIO_COLUMN
 from mlflow_faster_whisper.decoding import DecodingOptions
 from mlflow_faster_whisper.errors import AudioDecodeError, FasterWhisperFlavorError
-from mlflow_faster_whisper.transcription import check_options
+from mlflow_faster_whisper.transcription import Transcription, check_options
 
 _logger = logging.getLogger(__name__)
 
@@ -51,7 +52,10 @@ class FasterWhisperPyfunc:
             params: decoding options overriding the version's defaults (see the ParamSchema).
 
         Returns:
-            One dict per row: text, language, language_probability, duration, segments, error.
+            One dict per row: text, language, language_probability, duration, segments (each
+            with ``words``, empty unless ``word_timestamps``), error: "" when the row was
+            transcribed, else why its audio could not be decoded (text and language are then
+            "", the numbers None).
 
         Raises:
             MlflowException: params that are not valid decoding options (for this model), or
@@ -76,12 +80,30 @@ class FasterWhisperPyfunc:
         results = []
         for _, outcome in self.engine.transcribe_many(rows()):
             if isinstance(outcome, AudioDecodeError):
-                results.append(_error_row(outcome.message))
+                results.append(error_row(outcome.message))
             elif isinstance(outcome, BaseException):
                 raise outcome
             else:
-                results.append({**outcome.model_dump(), "error": None})
+                results.append(_row(outcome))
         return results
+
+
+# A row's strings are never None and its arrays never null: mlflow.pyfunc.spark_udf turns a None
+# in a string field of its struct result into the string "nan" (it casts the column with astype)
+# and fails on a null array inside a struct (MLflow 3.17). Empty is what the rows say instead.
+
+
+def _row(transcription) -> dict[str, Any]:
+    row = transcription.model_dump()
+    for segment in row["segments"]:
+        segment["words"] = segment["words"] or []
+    return {**row, c.ERROR_COLUMN: ""}
+
+
+def error_row(message: str) -> dict[str, Any]:
+    """The output row of audio that could not be decoded: ``error`` says why, the strings are empty."""
+    return {**{name: None for name in Transcription.model_fields}, "text": "", "language": "", "segments": [],
+            c.ERROR_COLUMN: message}
 
 
 def _drop_none(params: Optional[dict[str, Any]]) -> dict[str, Any]:
@@ -107,14 +129,3 @@ def _audio_cells(data: Any) -> list:
     if isinstance(data, (list, tuple)):
         return list(data)
     return [data]
-
-
-def _error_row(message: str) -> dict[str, Any]:
-    return {
-        "text": None,
-        "language": None,
-        "language_probability": None,
-        "duration": None,
-        "segments": [],
-        "error": message,
-    }

@@ -72,7 +72,7 @@ def test_loaded_model_transcribes_and_pyfunc_reports_bad_rows(tiny_whisper_hf, t
 
     pyfunc = mlflow.pyfunc.load_model(str(tmp_path / "m"))
     rows = pyfunc.predict({"audio": [wav_bytes, b"not audio at all", b""]}, params={"language": "en"})
-    assert rows[0]["error"] is None and rows[0]["language"] == "en" and rows[0]["duration"] == pytest.approx(1.0)
+    assert rows[0]["error"] == "" and rows[0]["language"] == "en" and rows[0]["duration"] == pytest.approx(1.0)
     assert "Could not decode the audio" in rows[1]["error"]
     assert "empty" in rows[2]["error"]
 

@@ -51,7 +51,7 @@ def _transcribe(model_uri, clips):
     for language in ("en", "zh"):
         chosen = [c for c in clips if c.language == language]
         rows = model.predict({"audio": [c.path.read_bytes() for c in chosen]}, params={"language": language})
-        assert all(r["error"] is None for r in rows)
+        assert all(r["error"] == "" for r in rows)
         texts[language] = ([c.text for c in chosen], [r["text"] for r in rows])
     return texts
 
