@@ -16,7 +16,7 @@ export DO_NOT_TRACK := true
 # mlflow models serve (--env-manager local) and bentoml serve find their tools on PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install test test-fast demo demo-finetune bench fixtures postgres clean
+.PHONY: install test test-fast demo demo-finetune bench fixtures postgres java clean
 
 install: $(STAMP)
 
@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)" || $(PY) -m pip install -q --index-url https://download.pytorch.org/whl/cpu "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -c constraints.txt -e ".[convert,serve,finetune,dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[convert,serve,finetune,spark,dev]"
 	$(PY) -m pip check
 	touch $(STAMP)
 
@@ -34,11 +34,14 @@ fixtures: install
 postgres:
 	bash .ci/postgres.sh
 
-test: install postgres
+java:
+	bash .ci/java.sh
+
+test: install postgres java
 	$(PY) -m pytest -q
 
 test-fast: install
-	$(PY) -m pytest -q -m "not real_weights and not server and not cuda_libs"
+	$(PY) -m pytest -q -m "not real_weights and not server and not cuda_libs and not spark"
 
 demo: install
 	$(PY) -m demo.serve

@@ -21,6 +21,7 @@ from mlflow_faster_whisper.decoding import DecodingOptions, parse_cli_assignment
 from mlflow_faster_whisper.errors import FasterWhisperFlavorError
 
 # Each workflow function from its own module: the package re-exports nothing (whisper_registry/__init__.py).
+from whisper_registry.batch import DEFAULT_CHUNK, transcribe_files
 from whisper_registry.compare import COLUMNS, compare
 from whisper_registry.doctor import doctor, format_report
 from whisper_registry.evaluate import evaluate
@@ -119,6 +120,24 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _transcribe(args: argparse.Namespace) -> int:
+    result = transcribe_files(
+        args.model_uri,
+        args.input,
+        args.output,
+        decoding=parse_cli_assignments(args.decoding),
+        spark=args.spark,
+        chunk_size=args.chunk_size,
+        load={"device": args.device, "compute_type": args.compute_type, "cpu_threads": args.cpu_threads},
+        progress=not args.no_progress,
+    )
+    print(f"{result.name} version {result.version}: {result.done} files transcribed ({result.failed} failed), "
+          f"{result.skipped} already in {result.output}; {result.files_per_s:.3g} files/s, "
+          f"{result.audio_seconds / result.wall_s if result.wall_s else 0:.3g} audio s/s")
+    print(f"transcribe run: {result.run_id}")
+    return 0
+
+
 def _compare(args: argparse.Namespace) -> int:
     comparison = compare(args.name, output_dir=args.output_dir, log_artifact=not args.no_log)
     _print_table(comparison.rows(), COLUMNS)
@@ -188,6 +207,22 @@ def _parser() -> argparse.ArgumentParser:
     _decoding_option(p, "overrides of the version's stored decoding options")
     _progress_option(p)
     p.set_defaults(handler=_evaluate)
+
+    p = commands.add_parser("transcribe", help="transcribe a folder, glob or manifest of audio files into Parquet, resumably")
+    p.add_argument("model_uri", metavar="MODEL_URI", help="models:/<name>/<version> or models:/<name>@<alias>")
+    p.add_argument("input", metavar="INPUT", help="a folder, a quoted glob, or a .txt/.csv/.jsonl manifest of files")
+    p.add_argument("--output", required=True, metavar="OUT.parquet",
+                   help="a directory of Parquet files; files already in it are skipped (resume)")
+    p.add_argument("--spark", metavar="MASTER", help="run on Spark, e.g. local[4] or spark://host:7077 (default: here)")
+    p.add_argument("--chunk-size", type=_positive_int, default=DEFAULT_CHUNK,
+                   help=f"files per written part (and per Spark job) (default {DEFAULT_CHUNK})")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto: the GPU when there is one")
+    p.add_argument("--compute-type", help="CTranslate2 compute type (default: the stored quantization)")
+    p.add_argument("--cpu-threads", type=int, help="CTranslate2 threads per worker (default: local: its own; "
+                   "Spark local[N]: the cores divided by N)")
+    _decoding_option(p, "overrides of the version's stored decoding options")
+    _progress_option(p)
+    p.set_defaults(handler=_transcribe)
 
     p = commands.add_parser("compare", help="table and plot of every version: size, error, speed, aliases")
     p.add_argument("name", metavar="NAME")
