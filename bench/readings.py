@@ -191,6 +191,22 @@ def padding(r: dict[str, Any]) -> str:
     )
 
 
+def batch(r: dict[str, Any]) -> str:
+    labels = {"pyfunc_loop": "pyfunc, one predict per file (a Python loop)", "command_local": "whisper-registry transcribe (local)",
+              "command_spark": f"whisper-registry transcribe --spark {r['spark_master']}"}
+    rows = [[labels[way], sec(s["median"]), f"{sec(s['min'])} - {sec(s['max'])}", num(r["files_per_s"][way], 3),
+             num(r["same_text_as_loop"].get(way, 1.0))] for way, s in r["seconds"].items()]
+    text = table(["way", "wall (median)", "range", "files/s", "same text as the loop"], rows)
+    return text + "\n\n" + (
+        f"**Reading.** {r['files']} real clips in 9 languages, {r['model']} {r['compute_type']}, the version's stored "
+        f"decoding, language detected; each way a whole process started cold (model load and, for Spark, the JVM "
+        f"included), {r['reps']} interleaved runs. Spark over local: {num(r['spark_over_local'], 2)}x (target <= "
+        f"{r['target_spark_over_local_max']}); the command over the loop: {num(r['local_speedup_over_loop'], 2)}x "
+        "faster. On one machine Spark can only add overhead (its JVM, a job per chunk, the files shipped to Python "
+        "workers); its worth is more machines."
+    )
+
+
 def quantization(r: dict[str, Any]) -> str:
     parts = []
     for model, body in r["models"].items():

@@ -20,6 +20,7 @@ TITLES = {
     "conversion": "4. Conversion: log_model wall time and peak RSS",
     "service": "5. Service: cold start and RSS growth",
     "soak": "6. Soak and faults: 16 clients for 10 minutes, a killed worker, clients that go away",
+    "batch": "7. Batch transcription: a pyfunc loop vs whisper-registry transcribe, here and on Spark",
 }
 
 
@@ -109,6 +110,11 @@ def targets(sections: dict[str, Any]) -> list[list[Any]]:
     if soak:
         rows.append([f"soak: 0 errors ({soak['clients']} clients, {sec(soak['seconds'], 0)})", f"{soak['errors']} of {soak['requests']}",
                      status(soak["errors"] == 0), sections["soak"].get("mode")])
+    batch = sections.get("batch") or {}
+    if batch.get("spark_over_local") is not None:
+        rows.append([f"Spark {batch['spark_master']} within {batch['target_spark_over_local_max']}x of local workers (one machine)",
+                     num(batch["spark_over_local"], 2), status(batch["spark_over_local"] <= batch["target_spark_over_local_max"]),
+                     batch.get("mode")])
     return rows
 
 
