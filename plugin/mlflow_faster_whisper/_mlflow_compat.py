@@ -45,9 +45,3 @@ def write_environment_files(path, conda_env, pip_requirements, extra_pip_require
     write_to(os.path.join(path, _REQUIREMENTS_FILE_NAME), "\n".join(pip_requirements))
     _PythonEnv.current().to_yaml(os.path.join(path, _PYTHON_ENV_FILE_NAME))
 
-
-def spark_result_type(schema):
-    """The Spark type ``mlflow.pyfunc.spark_udf`` infers from an output schema (needs pyspark)."""
-    from mlflow.pyfunc import _infer_spark_udf_return_type
-
-    return _infer_spark_udf_return_type(schema)

@@ -11,9 +11,8 @@ from typing import Any, Optional
 
 import pandas as pd
 
-from mlflow_faster_whisper.audio import audio_from_cell
 from mlflow_faster_whisper import constants as c
-from mlflow_faster_whisper.constants import AUDIO_COLUMN
+from mlflow_faster_whisper.audio import audio_from_cell
 from mlflow_faster_whisper.decoding import DecodingOptions
 from mlflow_faster_whisper.errors import AudioDecodeError, FasterWhisperFlavorError
 from mlflow_faster_whisper.transcription import Transcription, check_options
@@ -114,17 +113,17 @@ def _drop_none(params: Optional[dict[str, Any]]) -> dict[str, Any]:
 
 def _audio_cells(data: Any) -> list:
     if isinstance(data, pd.DataFrame):
-        if AUDIO_COLUMN in data.columns:
-            return list(data[AUDIO_COLUMN])
+        if c.AUDIO_COLUMN in data.columns:
+            return list(data[c.AUDIO_COLUMN])
         if len(data.columns) == 1:
             return list(data.iloc[:, 0])
         raise FasterWhisperFlavorError(
-            f"Expected a column named {AUDIO_COLUMN!r}; got columns {list(data.columns)}."
+            f"Expected a column named {c.AUDIO_COLUMN!r}; got columns {list(data.columns)}."
         )
     if isinstance(data, pd.Series):
         return list(data)
-    if isinstance(data, dict) and AUDIO_COLUMN in data:
-        value = data[AUDIO_COLUMN]
+    if isinstance(data, dict) and c.AUDIO_COLUMN in data:
+        value = data[c.AUDIO_COLUMN]
         return list(value) if isinstance(value, (list, tuple)) else [value]
     if isinstance(data, (list, tuple)):
         return list(data)

@@ -35,8 +35,8 @@ import mlflow
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from mlflow.models import Model
 from mlflow.types.schema import Array, DataType, Object
-from mlflow_faster_whisper._mlflow_compat import spark_result_type
 from mlflow_faster_whisper.decoding import DecodingOptions
 from mlflow_faster_whisper.devices import LoadOptions
 from mlflow_faster_whisper.saving import output_schema
@@ -314,6 +314,10 @@ class _SparkRunner:
     with ``mlflow.pyfunc.spark_udf``; the executors append their rows to the output."""
 
     def __init__(self, master: str, version_uri: str, params: dict[str, Any], load: dict[str, Any]):
+        if Model.load(version_uri).get_output_schema() is None:
+            # Its workers would run the flavor code stored with it, which predates Spark support.
+            raise RegistryError(f"{version_uri} was logged before batch transcription on Spark (it has no output "
+                                "schema): register it again, or run without Spark.")
         if not shutil.which("java") and not os.environ.get("JAVA_HOME"):
             raise RegistryError("Spark needs Java 17 or newer: install it (Debian: apt-get install "
                                 "openjdk-17-jre-headless) or set JAVA_HOME.")
@@ -332,10 +336,8 @@ class _SparkRunner:
             # One model per Python worker: share this machine's cores between them.
             load = {**load, "cpu_threads": max(1, (os.cpu_count() or 1) // slots)}
         self.slots = slots
-        # The result type from the flavor's output schema, as spark_udf infers it from a version's
-        # signature; given here so versions logged without one work too.
-        self.udf = mlflow.pyfunc.spark_udf(self.spark, version_uri, result_type=spark_result_type(output_schema()),
-                                           env_manager="local", params=params or None, model_config=load or None)
+        self.udf = mlflow.pyfunc.spark_udf(self.spark, version_uri, env_manager="local", params=params or None,
+                                           model_config=load or None)
 
     def write(self, paths: list[str], output: Path, version: str) -> None:
         from pyspark.sql import functions as F

@@ -156,7 +156,7 @@ def test_the_command_resumes_after_being_killed_without_duplicating_or_losing_ro
 
 @pytest.mark.real_weights
 @pytest.mark.spark
-def test_the_command_on_spark_writes_what_it_writes_here(registered, audio_dir, tmp_path, java):
+def test_the_command_on_spark_writes_what_it_writes_here(registered, audio_dir, tmp_path, java, whisper_tiny_en_ct2):
     manifest = tmp_path / "some.txt"
     picked = list_inputs(audio_dir)[::4]  # 7 files, the corrupt one among them
     manifest.write_text("\n".join(os.path.relpath(p, tmp_path) for p in picked) + "\n")
@@ -176,6 +176,17 @@ def test_the_command_on_spark_writes_what_it_writes_here(registered, audio_dir, 
     run = _transcribe(f"models:/{NAME}/2", manifest, here)
     log = run.communicate(timeout=300)[0]
     assert run.returncode == 1 and "transcribed by version 1, not 2" in log and "another output" in log
+
+    # A version logged without an output schema (before Spark support) is refused on Spark.
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, Schema
+
+    with mlflow.start_run():
+        mfw.log_model(str(whisper_tiny_en_ct2), name="old", registered_model_name=NAME,
+                      signature=ModelSignature(inputs=Schema([ColSpec("binary", "audio")])))  # version 3
+    run = _transcribe(f"models:/{NAME}/3", manifest, tmp_path / "old.parquet", "--spark", "local[2]")
+    log = run.communicate(timeout=300)[0]
+    assert run.returncode == 1 and "has no output schema): register it again, or run without Spark" in log, log
 
 
 def test_inputs_are_a_folder_a_glob_or_a_manifest(tmp_path):
