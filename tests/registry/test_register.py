@@ -1,3 +1,10 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import mlflow
 import pytest
 from mlflow import MlflowClient
@@ -67,3 +74,30 @@ def test_a_failed_quantization_registers_nothing_and_is_reported(mlflow_store, t
     assert [mv.version for mv in client.search_model_versions("name='ct2'")] in (["1"], [1])
     run = client.get_run(result.run_id)
     assert run.info.status == "FAILED" and run.data.tags["failed_quantizations"] == "int8"
+
+
+@pytest.mark.real_weights
+def test_a_registration_killed_mid_conversion_leaves_no_version_and_reruns(mlflow_store, whisper_base_hf, tmp_path):
+    """SIGKILL while CTranslate2 converts whisper-base: no version, no alias; the same command then succeeds."""
+    exe = Path(sys.executable).parent / "whisper-registry"
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    command = [str(exe), "register", str(whisper_base_hf), "--name", "killed", "--quantization", "int8", "--no-progress"]
+    proc = subprocess.Popen(command, env={**os.environ, "TMPDIR": str(scratch)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    # The converter's working directory appears when the conversion starts.
+    while not list(scratch.glob("mlflow-faster-whisper-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(1.0)  # well into the conversion of 290 MB of weights
+    assert proc.poll() is None, "the registration finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    client = mlflow.MlflowClient()
+    assert client.search_model_versions("name='killed'") == []
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    versions = client.search_model_versions("name='killed'")
+    assert [str(v.version) for v in versions] == ["1"]
+    assert client.get_registered_model("killed").aliases == {}
