@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +87,7 @@ def convert(source: sources.WhisperSource, output_dir: Path, quantization: Optio
     quantization = check_quantization(quantization, source)
     if source.kind == sources.CTRANSLATE2:
         return _copy_ct2(Path(source.model), output_dir, quantization)
+    check_memory(source)
     with tempfile.TemporaryDirectory(prefix="mlflow-faster-whisper-") as tmp:
         checkpoint, processor = _transformers_checkpoint(source, Path(tmp))
         _check_mel_bins(checkpoint, processor, source.revision)
@@ -93,6 +96,59 @@ def convert(source: sources.WhisperSource, output_dir: Path, quantization: Optio
     for name in _JSON_TO_COMPACT:
         _compact_json(output_dir / name)
     return _inspect(output_dir, quantization)
+
+
+# A conversion's peak memory above the process's own, per byte of checkpoint weights: measured
+# about 2.0-2.3 for whisper-base (BENCHMARKS.md section 4), plus torch and transformers' imports.
+_PEAK_PER_WEIGHT_BYTE = 2.5
+_IMPORT_FLOOR_BYTES = 600 << 20
+_WEIGHT_FILES = ("model*.safetensors", "pytorch_model*.bin", "adapter_model.*")
+# Set to 0 to convert even when the estimate says the memory here is too small.
+MEMORY_CHECK_ENV = "MLFLOW_FASTER_WHISPER_MEMORY_CHECK"
+
+
+def check_memory(source: sources.WhisperSource) -> None:
+    """Refuse, before loading anything, a local checkpoint whose conversion would not fit the
+    memory available here (the OOM killer would end the process with no message).
+
+    Raises:
+        ConversionError: naming the estimated need, the memory available and the fixes.
+    """
+    if os.environ.get(MEMORY_CHECK_ENV, "1") == "0":
+        return
+    folders = [source.model, source.base_model] if source.kind == sources.PEFT else [source.model]
+    local = [Path(f) for f in folders if isinstance(f, str) and Path(f).is_dir()]
+    if source.kind not in (sources.TRANSFORMERS, sources.PEFT) or len(local) != len(folders):
+        return  # weights in memory already, or behind a hub id: their size is not known here
+    weights = sum(f.stat().st_size for d in local for pattern in _WEIGHT_FILES for f in d.glob(pattern))
+    need = _PEAK_PER_WEIGHT_BYTE * weights + (0 if "torch" in sys.modules else _IMPORT_FLOOR_BYTES)
+    available = available_memory_bytes()
+    if available is not None and need > available:
+        gib = 1 << 30
+        raise ConversionError(
+            f"Converting {source.model} needs about {need / gib:.1f} GiB of memory ({weights / gib:.1f} GiB of "
+            f"weights), but {available / gib:.1f} GiB is available here. Free memory, or convert on a machine with "
+            f"more (the converted model serves in far less); set {MEMORY_CHECK_ENV}=0 to try anyway."
+        )
+
+
+def available_memory_bytes() -> Optional[int]:
+    """What this process may still allocate: the system's MemAvailable, or less under a cgroup
+    (container) memory limit; None where neither can be read."""
+    found = []
+    try:
+        with open("/proc/meminfo") as f:
+            found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+    except OSError:
+        pass
+    for limit, usage in (("memory.max", "memory.current"), ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        try:
+            cap = Path("/sys/fs/cgroup", limit).read_text().strip()
+            if cap.isdigit() and int(cap) < 1 << 60:
+                found.append(int(cap) - int(Path("/sys/fs/cgroup", usage).read_text()))
+        except (OSError, ValueError):
+            continue
+    return min(found) if found else None
 
 
 def _transformers_checkpoint(source: sources.WhisperSource, tmp: Path) -> tuple[str, Any]:

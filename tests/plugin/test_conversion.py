@@ -179,6 +179,21 @@ def test_failed_conversion_leaves_no_version_no_temp_dirs(tiny_variant, mlflow_s
     assert list(scratch.iterdir()) == []
 
 
+def test_a_checkpoint_too_big_for_the_memory_here_is_refused_before_loading(mlflow_store, tiny_whisper_hf, tmp_path):
+    big = tmp_path / "big"
+    big.mkdir()
+    for f in tiny_whisper_hf.iterdir():
+        if f.name != "model.safetensors":
+            (big / f.name).symlink_to(f)
+    with open(big / "model.safetensors", "wb") as weights:
+        weights.truncate(1 << 40)  # 1 TiB of weights, as a sparse file: no disk used, never read
+
+    with pytest.raises(ConversionError, match=r"needs about 2560\.\d GiB of memory \(1024\.0 GiB of weights\), but "
+                                              r"\d+\.\d GiB is available here\. Free memory, or convert on a machine"):
+        mfw.log_model(str(big), name="model", registered_model_name="big")
+    assert mlflow.MlflowClient().search_model_versions("name='big'") == []
+
+
 def test_tampered_or_partial_artifact_is_refused(tiny_whisper_hf, tmp_path):
     target = tmp_path / "m"
     mfw.save_model(str(tiny_whisper_hf), target, quantization="int8")
