@@ -106,7 +106,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         decoding=parse_cli_assignments(args.decoding),
         skip_bad=args.skip_bad,
         split=args.split,
-        load={"device": args.device, "compute_type": args.compute_type, "cpu_threads": args.cpu_threads},
+        load=_load(args),
         concurrency=args.concurrency,
         progress=not args.no_progress,
     )
@@ -128,7 +128,7 @@ def _transcribe(args: argparse.Namespace) -> int:
         decoding=parse_cli_assignments(args.decoding),
         spark=args.spark,
         chunk_size=args.chunk_size,
-        load={"device": args.device, "compute_type": args.compute_type, "cpu_threads": args.cpu_threads},
+        load=_load(args),
         progress=not args.no_progress,
     )
     print(f"{result.name} version {result.version}: {result.done} files transcribed ({result.failed} failed), "
@@ -199,9 +199,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, help=".jsonl/.csv manifest (audio, text, language) or a save_to_disk directory")
     p.add_argument("--split", help="split of a DatasetDict (default: test, or the only one)")
     p.add_argument("--skip-bad", action="store_true", help="skip rows with missing/undecodable audio and record them")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto: the GPU when there is one, as serving")
-    p.add_argument("--compute-type", help="CTranslate2 compute type (default: the stored quantization, as serving)")
-    p.add_argument("--cpu-threads", type=int, help="CTranslate2 threads (default: its own)")
+    _load_options(p, "CTranslate2 threads (default: its own)")
     p.add_argument("--concurrency", type=_positive_int, default=1,
                    help="utterances in flight, sharing forward passes (default 1: each alone, its own latency)")
     _decoding_option(p, "overrides of the version's stored decoding options")
@@ -216,10 +214,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--spark", metavar="MASTER", help="run on Spark, e.g. local[4] or spark://host:7077 (default: here)")
     p.add_argument("--chunk-size", type=_positive_int, default=DEFAULT_CHUNK,
                    help=f"files per written part (and per Spark job) (default {DEFAULT_CHUNK})")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto: the GPU when there is one")
-    p.add_argument("--compute-type", help="CTranslate2 compute type (default: the stored quantization)")
-    p.add_argument("--cpu-threads", type=int, help="CTranslate2 threads per worker (default: local: its own; "
-                   "Spark local[N]: the cores divided by N)")
+    _load_options(p, "CTranslate2 threads per worker (default: here, its own; Spark local[N]: the cores divided by N)")
     _decoding_option(p, "overrides of the version's stored decoding options")
     _progress_option(p)
     p.set_defaults(handler=_transcribe)
@@ -257,6 +252,17 @@ def _parser() -> argparse.ArgumentParser:
 def _decoding_option(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--decoding", nargs="+", action="extend", metavar="KEY=VALUE",
                    help=f"{what}, e.g. beam_size=1 temperature=0 language=zh; keys: {', '.join(DecodingOptions.model_fields)}")
+
+
+def _load_options(p: argparse.ArgumentParser, threads_help: str) -> None:
+    """How the version is loaded: the flavor's LoadOptions, with serving's defaults."""
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto: the GPU when there is one, as serving")
+    p.add_argument("--compute-type", help="CTranslate2 compute type (default: the stored quantization, as serving)")
+    p.add_argument("--cpu-threads", type=int, help=threads_help)
+
+
+def _load(args: argparse.Namespace) -> dict:
+    return {"device": args.device, "compute_type": args.compute_type, "cpu_threads": args.cpu_threads}
 
 
 def _progress_option(p: argparse.ArgumentParser) -> None:
