@@ -58,6 +58,12 @@ class ServiceConfig(BaseModel):
         "on CPU takes seconds per pass, so keep it large.",
     )
     request_timeout_s: int = Field(600, ge=1, description="BentoML traffic timeout per request.")
+    follow_interval_s: float = Field(
+        30.0,
+        ge=0,
+        description="A service started on models:/NAME@ALIAS checks the alias this often and moves to the version "
+        "it names (0: never); a pinned version, a path or a built bento never moves.",
+    )
     api_key: Optional[str] = Field(
         None,
         pattern=r"^(env|file):.+$",

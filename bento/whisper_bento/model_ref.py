@@ -116,7 +116,7 @@ def import_from_registry(model_uri: str) -> tuple[str, Optional[RegistryVersion]
         mlflow_faster_whisper.errors.FasterWhisperFlavorError: it is not a faster_whisper model.
     """
     _use_default_tracking_store(model_uri)
-    registered = _registry_version(model_uri)
+    registered = registry_version(model_uri)
     pinned_uri = f"models:/{registered.name}/{registered.version}" if registered else model_uri
     conf = mlflow_faster_whisper.flavor_config(pinned_uri)
     digest = checksums.digest(conf[c.CHECKSUMS])
@@ -150,7 +150,14 @@ def import_from_registry(model_uri: str) -> tuple[str, Optional[RegistryVersion]
     return tag, registered
 
 
-def _registry_version(model_uri: str) -> Optional[RegistryVersion]:
+def alias_of(model_uri: str) -> Optional[tuple[str, str]]:
+    """(name, alias) of a ``models:/NAME@ALIAS`` URI, else None."""
+    match = _REGISTRY_URI.match(model_uri)
+    return (match["name"], match["alias"]) if match and match["alias"] else None
+
+
+def registry_version(model_uri: str) -> Optional[RegistryVersion]:
+    """The registry version a ``models:/`` URI names now (an alias resolved); None for other URIs."""
     match = _REGISTRY_URI.match(model_uri)
     if match is None:  # runs:/, models:/m-<id>, a path: not a registry version
         return None

@@ -9,12 +9,15 @@ share its forward passes, 30 s window by 30 s window.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import bentoml
@@ -32,7 +35,7 @@ with bentoml.importing():
 
     import mlflow_faster_whisper
     from mlflow_faster_whisper import checksums, devices, transcription
-    from mlflow_faster_whisper.engine import Engine, Overloaded, PassStats, Ticket
+    from mlflow_faster_whisper.engine import Engine, Overloaded, PassStats, Ticket, release_free_memory
     from mlflow_faster_whisper import constants as c
     from mlflow_faster_whisper.audio import decode_audio
     from mlflow_faster_whisper.decoding import DecodingOptions
@@ -58,6 +61,13 @@ PASS_WINDOWS = bentoml.metrics.Histogram(
     labelnames=["op"],
     buckets=_BUCKETS,
 )
+SWAPS = bentoml.metrics.Counter(
+    name="whisper_model_swaps",
+    documentation="Moves to the version the followed alias names: ok, or failed (the served version stays).",
+    labelnames=["outcome"],
+)
+# Every response names the version that answered it.
+VERSION_HEADER = "x-whisper-model-version"
 QUEUE_WAIT = bentoml.metrics.Histogram(
     name="whisper_queue_wait_seconds",
     documentation="From a request's admission to its first forward pass.",
@@ -98,42 +108,69 @@ class Transcriber:
     bento_model = MODEL.ref
 
     def __init__(self) -> None:
-        started = time.perf_counter()
-        stored = self.bento_model
-        self.model_dir = model_ref.model_path(stored)
-        conf = mlflow_faster_whisper.flavor_config(self.model_dir)
-        self.whisper = mlflow_faster_whisper.load_model(self.model_dir, **CONFIG.load.model_dump())
-        # In force, after any fallback (devices.place): what /info and every response report.
-        self.placement = devices.Placement(
-            self.whisper.model.device, self.whisper.model.compute_type, CONFIG.load.compute_type
-        )
-        self.version_defaults = DecodingOptions.parse(conf.get(c.DECODING))
-        self.defaults = DecodingOptions.layered(self.version_defaults, CONFIG.decoding)
-        transcription.check_options(self.whisper, self.defaults)
-        problem = bound_violation(CONFIG, self.defaults)
-        if problem is not None:
-            raise ValueError(
-                f"The decoding defaults (model version + service config) break the service's bounds: "
-                f"{problem.message} Lower the default or raise the bound."
-            )
-        self.model_info = _model_info(stored, conf, self.placement)
-        self.engine = Engine(
-            self.whisper,
-            batch_size=CONFIG.batch_size,
-            max_requests=CONFIG.max_requests,
-            max_wait_s=CONFIG.max_latency_ms / 1000,
-            on_pass=_observe_pass,
-        )
-        self.load_seconds = round(time.perf_counter() - started, 3)
+        self.served = _load(self.bento_model, MODEL.registry)
         self.runtime = devices.runtime_facts()
-        _logger.info(
-            "Serving %s (%s) on %s/%s, loaded in %.2fs",
-            self.model_info["name"],
-            self.model_info["version"],
-            self.placement.device,
-            self.placement.compute_type,
-            self.load_seconds,
-        )
+        self._lock = threading.Lock()
+        self.follow = _Follow(CONFIG.model, MODEL.source, CONFIG.follow_interval_s)
+        if self.follow.target is not None:
+            threading.Thread(target=self._follow_alias, name="whisper-follow", daemon=True).start()
+
+    # -- the version served -----------------------------------------------------------------
+
+    def _acquire(self) -> _Served:
+        """The version a new request runs on, to the end, whatever moves meanwhile."""
+        with self._lock:
+            served = self.served
+            served.users += 1
+            return served
+
+    def _release(self, served: _Served) -> None:
+        with self._lock:
+            served.users -= 1
+            retired = served is not self.served and served.users == 0
+        if retired:
+            _retire(served)
+
+    def _follow_alias(self) -> None:
+        """Check the alias every interval; load, verify and warm a new holder beside the served
+        version, then switch between two requests. A version that fails is not retried until
+        the alias moves again; the served one stays."""
+        follow = self.follow
+        # What a move needs, loaded now: the worker's memory then holds still across moves.
+        import bentoml.mlflow  # noqa: F401
+
+        while True:
+            time.sleep(follow.interval_s)
+            try:
+                holder = model_ref.registry_version(CONFIG.model)
+            except Exception as exc:  # the registry is unreachable: keep serving, say so
+                follow.note_error(f"checking {follow.target}: {type(exc).__name__}: {exc}")
+                continue
+            follow.last_check = time.time()
+            if holder is None or holder.version in (self.served.model_info["version"], follow.failed_version):
+                continue
+            _logger.info("%s moved to version %s; loading it beside version %s", follow.target, holder.version,
+                         self.served.model_info["version"])
+            try:
+                tag, registered = model_ref.import_from_registry(CONFIG.model)
+                new = _load(bentoml.models.get(tag), registered)
+                new.engine.transcribe(np.zeros(c.SAMPLE_RATE, dtype=np.float32), new.defaults)  # smoke decode
+            except Exception as exc:
+                follow.failed_version = holder.version
+                follow.note_error(f"version {holder.version} was not served: {type(exc).__name__}: {exc}")
+                SWAPS.labels(outcome="failed").inc()
+                continue
+            with self._lock:
+                old, self.served = self.served, new
+                idle = old.users == 0
+            follow.failed_version, follow.last_error = None, None
+            follow.swaps += 1
+            SWAPS.labels(outcome="ok").inc()
+            _logger.info("Now serving %s version %s (was %s; loaded in %.2fs)", new.model_info["name"],
+                         new.model_info["version"], old.model_info["version"], new.load_seconds)
+            if idle:
+                _retire(old)
+            del old, new  # the last references of this thread: a retired version's memory goes back
 
     @app.post("/transcribe", **openapi.transcription_route(native=True))
     async def transcribe(self, request: Request) -> Response:
@@ -150,28 +187,30 @@ class Transcriber:
 
     @app.get("/v1/models", **openapi.read_route())
     async def openai_models(self) -> Response:
-        return JSONResponse({"object": "list", "data": [self._openai_model()]})
+        return JSONResponse({"object": "list", "data": [_openai_model(self.served)]})
 
     @app.get("/v1/models/{model_id}", **openapi.read_route(404))
     async def openai_model(self, model_id: str) -> Response:
-        return JSONResponse(self._openai_model())
+        return JSONResponse(_openai_model(self.served))
 
     @app.get("/info", **openapi.read_route())
     async def info(self) -> Response:
+        served = self.served
         return JSONResponse(
             {
-                "model": self.model_info,
-                "device": self.placement.device,
-                "compute_type": self.placement.compute_type,
-                "requested_compute_type": self.placement.requested_compute_type,
+                "model": served.model_info,
+                "device": served.placement.device,
+                "compute_type": served.placement.compute_type,
+                "requested_compute_type": served.placement.requested_compute_type,
+                "follow": self.follow.report(),
                 "config": {**CONFIG.model_dump(mode="json"), "model": auth.redact_uri(CONFIG.model)},
                 "worker_pid": os.getpid(),
                 "decoding": {
-                    "version_defaults": self.version_defaults.explicit(),
+                    "version_defaults": served.version_defaults.explicit(),
                     "service_defaults": CONFIG.decoding.explicit(),
-                    "effective": self.defaults.model_dump(mode="json"),
+                    "effective": served.defaults.model_dump(mode="json"),
                 },
-                "load_seconds": self.load_seconds,
+                "load_seconds": served.load_seconds,
                 "runtime": self.runtime,
                 # Serving needs neither torch, transformers nor (once resolved) MLflow; this shows it live.
                 "imports": {name: name in sys.modules for name in ("torch", "transformers", "mlflow")},
@@ -180,20 +219,28 @@ class Transcriber:
 
     async def _serve(self, request: Request, parsed: forms.ParsedRequest, *, native: bool = False) -> Response:
         formats.check_format(parsed.response_format, native=native)
-        options = self._resolve(parsed.overrides)
-        audio = await run_in_threadpool(_decode_audio, parsed.audio)
-        if parsed.stream:
-            return await self._stream(audio, options)
-        result, batch_size = await self._decode(request, audio, options)
-        return formats.render(
-            parsed.response_format, formats.Result(result, options, self.model_info, batch_size)
-        )
+        served = self._acquire()
+        streaming = False
+        try:
+            options = self._resolve(served, parsed.overrides)
+            audio = await run_in_threadpool(_decode_audio, parsed.audio)
+            if parsed.stream:
+                response = await self._stream(served, audio, options)
+                streaming = True  # the stream releases the version when it ends
+            else:
+                result, batch_size = await self._decode(served, request, audio, options)
+                response = formats.render(parsed.response_format, formats.Result(result, options, served.model_info, batch_size))
+        finally:
+            if not streaming:
+                self._release(served)
+        response.headers[VERSION_HEADER] = str(served.model_info["version"])
+        return response
 
-    def _resolve(self, overrides: dict[str, Any]) -> DecodingOptions:
+    def _resolve(self, served: _Served, overrides: dict[str, Any]) -> DecodingOptions:
         """Version defaults < service config < request, then the service's bounds."""
         try:
-            options = DecodingOptions.layered(self.defaults, overrides)
-            transcription.check_options(self.whisper, options)
+            options = DecodingOptions.layered(served.defaults, overrides)
+            transcription.check_options(served.whisper, options)
         except DecodingOptionsError as exc:
             raise invalid_value(exc.message, param=exc.field) from None
         problem = bound_violation(CONFIG, options)
@@ -201,7 +248,7 @@ class Transcriber:
             raise invalid_value(problem.message, param=problem.field, code="out_of_bounds")
         return options
 
-    async def _decode(self, request: Request, audio: np.ndarray, options: DecodingOptions) -> tuple[Transcription, int]:
+    async def _decode(self, served: _Served, request: Request, audio: np.ndarray, options: DecodingOptions) -> tuple[Transcription, int]:
         """A non-streaming request through the engine: its result, and the most requests that
         shared one of its forward passes.
 
@@ -210,7 +257,7 @@ class Transcriber:
         """
         ticket = Ticket()
         try:
-            future = self.engine.submit(audio, options, ticket)
+            future = served.engine.submit(audio, options, ticket)
         except Overloaded as exc:
             raise _overloaded(exc) from None
         submitted = asyncio.wrap_future(future)
@@ -241,16 +288,16 @@ class Transcriber:
         )
         return result, ticket.max_requests_per_pass
 
-    async def _stream(self, audio: np.ndarray, options: DecodingOptions) -> Response:
+    async def _stream(self, served: _Served, audio: np.ndarray, options: DecodingOptions) -> Response:
         """Server-sent events as segments are decoded (OpenAI's transcript.text.* events); the
         windows go through the engine's shared passes like every other request's."""
         try:
-            segments, info = await run_in_threadpool(self.engine.stream, audio, options)
+            segments, info = await run_in_threadpool(served.engine.stream, audio, options)
         except Overloaded as exc:
             raise _overloaded(exc) from None
-        return StreamingResponse(self._events(segments, info, options), media_type="text/event-stream")
+        return StreamingResponse(self._events(served, segments, info, options), media_type="text/event-stream")
 
-    def _events(self, segments: Iterator, info: Any, options: DecodingOptions) -> Iterator[str]:
+    def _events(self, served: _Served, segments: Iterator, info: Any, options: DecodingOptions) -> Iterator[str]:
         try:
             done = []
             for segment in segments:
@@ -263,7 +310,7 @@ class Transcriber:
                     "language": info.language,
                     "duration": float(info.duration),
                     "decoding": options.model_dump(mode="json"),
-                    "model": self.model_info,
+                    "model": served.model_info,
                 }
             )
         except Exception as exc:  # the status line is sent already: report in the stream
@@ -271,14 +318,110 @@ class Transcriber:
             yield _sse({"type": "error", **ApiError(500, f"{type(exc).__name__}: {exc}").body()})
         finally:
             segments.close()
-
-    def _openai_model(self) -> dict[str, Any]:
-        return {"id": self.model_info["name"], "object": "model", "created": 0, "owned_by": "whisper-bento"}
+            self._release(served)
 
 
 if CONFIG.api_key:
     # Loaded at import: a missing variable or file stops the start-up with the reason.
     Transcriber.add_asgi_middleware(auth.ApiKeyMiddleware, keys=auth.load_keys(CONFIG.api_key))
+
+
+@dataclass(eq=False)
+class _Served:
+    """One loaded version: its model, engine, decoding defaults and what responses report. A
+    request holds it (``users``) from admission to its last byte."""
+
+    whisper: Any
+    engine: Engine
+    placement: devices.Placement
+    version_defaults: DecodingOptions
+    defaults: DecodingOptions
+    model_info: dict[str, Any]
+    load_seconds: float
+    users: int = 0
+
+
+def _load(stored: bentoml.Model, registry: model_ref.RegistryVersion | None) -> _Served:
+    """Load a stored version (checksums verified) with the service's options and start its engine.
+
+    Raises:
+        ValueError: its decoding defaults, with the service's, break the service's bounds.
+    """
+    started = time.perf_counter()
+    model_dir = model_ref.model_path(stored)
+    conf = mlflow_faster_whisper.flavor_config(model_dir)
+    whisper = mlflow_faster_whisper.load_model(model_dir, **CONFIG.load.model_dump())
+    # In force, after any fallback (devices.place): what /info and every response report.
+    placement = devices.Placement(whisper.model.device, whisper.model.compute_type, CONFIG.load.compute_type)
+    version_defaults = DecodingOptions.parse(conf.get(c.DECODING))
+    defaults = DecodingOptions.layered(version_defaults, CONFIG.decoding)
+    transcription.check_options(whisper, defaults)
+    problem = bound_violation(CONFIG, defaults)
+    if problem is not None:
+        raise ValueError(
+            f"The decoding defaults (model version + service config) break the service's bounds: "
+            f"{problem.message} Lower the default or raise the bound."
+        )
+    engine = Engine(
+        whisper,
+        batch_size=CONFIG.batch_size,
+        max_requests=CONFIG.max_requests,
+        max_wait_s=CONFIG.max_latency_ms / 1000,
+        on_pass=_observe_pass,
+    )
+    served = _Served(whisper, engine, placement, version_defaults, defaults, _model_info(stored, conf, placement, registry),
+                     round(time.perf_counter() - started, 3))
+    _logger.info("Serving %s (%s) on %s/%s, loaded in %.2fs", served.model_info["name"], served.model_info["version"],
+                 placement.device, placement.compute_type, served.load_seconds)
+    return served
+
+
+def _retire(served: _Served) -> None:
+    """Stop a version no request holds any more and give its memory back, off the event loop."""
+
+    def retire() -> None:
+        engine, served.whisper, served.engine = served.engine, None, None
+        engine.close(wait=True)  # its threads hold the model until they end
+        del engine
+        gc.collect()
+        release_free_memory()
+        _logger.info("Version %s unloaded", served.model_info["version"])
+
+    threading.Thread(target=retire, name="whisper-retire", daemon=True).start()
+
+
+class _Follow:
+    """Whether and how the service follows its alias, and what happened so far (/info)."""
+
+    def __init__(self, model_uri: str, source: str, interval_s: float):
+        alias = model_ref.alias_of(model_uri) if source == "registry" else None
+        self.target = f"models:/{alias[0]}@{alias[1]}" if alias and interval_s > 0 else None
+        if self.target:
+            self.why = f"follows {self.target} every {interval_s:g} s"
+        elif source == "bento":
+            self.why = "pinned: a built bento serves the version recorded in it"
+        elif alias:
+            self.why = "pinned: follow_interval_s=0"
+        else:
+            self.why = f"pinned: {auth.redact_uri(model_uri)} names one version"
+        self.interval_s = interval_s
+        self.last_check: float | None = None
+        self.last_error: str | None = None
+        self.failed_version: str | None = None
+        self.swaps = 0
+
+    def note_error(self, message: str) -> None:
+        self.last_error = message
+        _logger.warning("Following the alias: %s", message)
+
+    def report(self) -> dict[str, Any]:
+        return {"following": self.target is not None, "alias": self.target, "interval_s": self.interval_s,
+                "why": self.why, "last_check": self.last_check, "swaps": self.swaps,
+                "failed_version": self.failed_version, "last_error": self.last_error}
+
+
+def _openai_model(served: _Served) -> dict[str, Any]:
+    return {"id": served.model_info["name"], "object": "model", "created": 0, "owned_by": "whisper-bento"}
 
 
 def _observe_pass(stats: PassStats) -> None:
@@ -312,9 +455,9 @@ def _sse(event: dict[str, Any]) -> str:
     return f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
 
 
-def _model_info(stored: bentoml.Model, conf: dict[str, Any], placement: devices.Placement) -> dict[str, Any]:
+def _model_info(stored: bentoml.Model, conf: dict[str, Any], placement: devices.Placement,
+                registry: model_ref.RegistryVersion | None) -> dict[str, Any]:
     meta = stored.info.metadata
-    registry = MODEL.registry
     return {
         "name": registry.name if registry else meta.get(model_ref.META_NAME, stored.tag.name),
         "version": registry.version if registry else meta.get(model_ref.META_VERSION),

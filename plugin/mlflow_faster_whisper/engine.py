@@ -186,12 +186,15 @@ class Engine:
             raise
         return _Held(segments, lambda: self._release(computing=True)), info
 
-    def close(self) -> None:
-        """Stop the scheduler once no call waits; requests still decoding fail."""
+    def close(self, wait: bool = False) -> None:
+        """Stop the scheduler once no call waits; requests still decoding fail. With ``wait``,
+        return once its threads have ended (they hold the model until then)."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        self._threads.shutdown(wait=False, cancel_futures=True)
+        self._threads.shutdown(wait=wait, cancel_futures=True)
+        if wait:
+            self._scheduler.join()
 
     # -- requests ---------------------------------------------------------------------------
 

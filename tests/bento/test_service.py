@@ -43,6 +43,7 @@ def server(tmp_path_factory, whisper_base_ct2):
         "max_audio_seconds": str(MAX_AUDIO_SECONDS),
         "max_upload_bytes": str(MAX_UPLOAD_BYTES),
         "batch_size": "8",
+        "follow_interval_s": "0",  # this module reads a fixed version (test_follow.py moves one)
     }
     env = server_env(root / "bentoml", registry.uri)
     with bentoml_serve("whisper_bento:Transcriber", args, env, root / "serve.log") as server:
@@ -80,6 +81,7 @@ def test_health_info_and_no_torch(http):
     assert runtime["ctranslate2"] and runtime["devices"][0]["device"] == "cpu" and "int8" in runtime["devices"][0]["compute_types"]
     assert set(runtime["cublas"]) == {"found", "source", "path", "detail"}
     assert info["imports"] == {"torch": False, "transformers": False, "mlflow": False}  # the worker took the serve process's resolution
+    assert info["follow"]["following"] is False and info["follow"]["why"] == "pinned: follow_interval_s=0"
     assert info["decoding"]["effective"]["beam_size"] == 1  # service config over version default
     assert info["decoding"]["version_defaults"]["patience"] == 1.5
 
