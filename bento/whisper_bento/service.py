@@ -151,11 +151,15 @@ class Transcriber:
                 continue
             _logger.info("%s moved to version %s; loading it beside version %s", follow.target, holder.version,
                          self.served.model_info["version"])
+            new = None
             try:
-                tag, registered = model_ref.import_from_registry(CONFIG.model)
+                # The version just seen, not the alias again: one registry lookup, and no race with a later move.
+                tag, registered = model_ref.import_from_registry(f"models:/{holder.name}/{holder.version}")
                 new = _load(bentoml.models.get(tag), registered)
                 new.engine.transcribe(np.zeros(c.SAMPLE_RATE, dtype=np.float32), new.defaults)  # smoke decode
             except Exception as exc:
+                if new is not None:  # loaded, but its smoke decode failed
+                    _retire(new)
                 follow.failed_version = holder.version
                 follow.note_error(f"version {holder.version} was not served: {type(exc).__name__}: {exc}")
                 SWAPS.labels(outcome="failed").inc()

@@ -148,11 +148,13 @@ def transcribe_files(
             })
             output.mkdir(parents=True, exist_ok=True)
             bar = tqdm(total=len(todo), desc="transcribe", unit="file", disable=not progress)
+            known = _parts(output)
             for step, start in enumerate(range(0, len(todo), chunk_size)):
                 chunk = todo[start:start + chunk_size]
-                before = _parts(output)
                 runner.write(chunk, output, version)
-                summary = _read_parts(_parts(output) - before, ["error", "duration"])
+                now = _parts(output)  # one listing a chunk: what it wrote is what is new
+                summary = _read_parts(now - known, ["error", "duration"])
+                known = now
                 failed = int((summary["error"].fillna("") != "").sum())
                 counts["done"] += len(summary)
                 counts["failed"] += failed
