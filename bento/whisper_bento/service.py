@@ -35,7 +35,7 @@ with bentoml.importing():
 
     import mlflow_faster_whisper
     from mlflow_faster_whisper import checksums, devices, transcription
-    from mlflow_faster_whisper.engine import Engine, Overloaded, PassStats, Ticket, release_free_memory
+    from mlflow_faster_whisper.engine import Engine, Overloaded, PassStats, Ticket, limit_malloc_arenas, release_free_memory
     from mlflow_faster_whisper import constants as c
     from mlflow_faster_whisper.audio import decode_audio
     from mlflow_faster_whisper.decoding import DecodingOptions
@@ -47,6 +47,7 @@ _logger = logging.getLogger(__name__)
 # batch sizes) are part of what an operator reads.
 logging.getLogger("whisper_bento").setLevel(logging.INFO)
 
+limit_malloc_arenas()  # a worker swaps models for as long as it runs: keep its heap from fragmenting
 CONFIG = bentoml.use_arguments(ServiceConfig)
 MODEL = model_ref.bento_model_for(CONFIG.model)
 _BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)

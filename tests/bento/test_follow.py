@@ -34,17 +34,35 @@ class _Loop:
     def __init__(self, server, clip: Path, clients: int = 3):
         self.answers: list[tuple[float, int, str]] = []
         self.stop = threading.Event()
+        self.go = threading.Event()  # cleared: the clients send nothing new (pause)
+        self.go.set()
+        self.in_flight = 0
+        self._lock = threading.Lock()
         self.threads = [threading.Thread(target=self._run, args=(server, clip), daemon=True) for _ in range(clients)]
 
     def _run(self, server, clip: Path) -> None:
         data = clip.read_bytes()
         with server.client(timeout=120) as http:
             while not self.stop.is_set():
+                if not self.go.wait(0.1):
+                    continue
+                with self._lock:
+                    self.in_flight += 1
                 try:
                     r = http.post("/transcribe", files={"file": ("clip.wav", data, "audio/wav")})
                     self.answers.append((time.monotonic(), r.status_code, r.headers.get(HEADER, "")))
                 except Exception as exc:  # a dropped connection is a failed request too
                     self.answers.append((time.monotonic(), 0, repr(exc)))
+                finally:
+                    with self._lock:
+                        self.in_flight -= 1
+
+    def pause(self, settle_s: float = 2.0) -> None:
+        """Until no request is in flight (and the service has settled)."""
+        self.go.clear()
+        while self.in_flight:
+            time.sleep(0.05)
+        time.sleep(settle_s)
 
     def __enter__(self):
         for t in self.threads:
@@ -92,8 +110,10 @@ def test_the_service_follows_its_alias_without_a_failed_request(tmp_path, whispe
         pid = info["worker_pid"]
         with _Loop(server, clip) as loop:
             loop.first_answer_by("1", after=0)
-            time.sleep(3)
+            # Memory is compared with no request in flight: before the moves, and after them.
+            loop.pause()
             rss_before = _rss_kb(pid)
+            loop.go.set()
             moves = {}
             rss = []
             for done, version in enumerate(("2", "1", "2", "1"), start=1):
@@ -105,7 +125,9 @@ def test_the_service_follows_its_alias_without_a_failed_request(tmp_path, whispe
                 while server.log_text().count(" unloaded") < done and time.monotonic() < deadline:
                     time.sleep(0.2)
                 assert server.log_text().count(" unloaded") == done
+                loop.pause()
                 rss.append(_rss_kb(pid))
+                loop.go.set()
             print("RSS", rss_before, rss)
 
             moved = time.monotonic()
