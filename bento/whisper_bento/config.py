@@ -64,6 +64,20 @@ class ServiceConfig(BaseModel):
         description="A service started on models:/NAME@ALIAS checks the alias this often and moves to the version "
         "it names (0: never); a pinned version, a path or a built bento never moves.",
     )
+    webhook_secret: Optional[str] = Field(
+        None,
+        pattern=r"^(env|file):.+$",
+        description="Where the secret of an MLflow registry webhook is, env:VARIABLE or file:PATH; set, "
+        "POST /webhooks/mlflow takes its signed model_version_alias events and checks the followed alias at "
+        "once (an unsigned or forged call gets 401); unset, that route does not exist.",
+    )
+    admin_key: Optional[str] = Field(
+        None,
+        pattern=r"^(env|file):.+$",
+        description="Where the control key is, env:VARIABLE or file:PATH; set, PUT /admin/model with "
+        "'X-Whisper-Admin-Key: KEY' moves the service to another registry version or alias (what "
+        "`mlflow deployments update -t bentoml` calls); unset, that route does not exist.",
+    )
     api_key: Optional[str] = Field(
         None,
         pattern=r"^(env|file):.+$",

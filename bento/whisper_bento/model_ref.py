@@ -161,6 +161,7 @@ def registry_version(model_uri: str) -> Optional[RegistryVersion]:
     match = _REGISTRY_URI.match(model_uri)
     if match is None:  # runs:/, models:/m-<id>, a path: not a registry version
         return None
+    _use_default_tracking_store(model_uri)
     from mlflow import MlflowClient
 
     client = MlflowClient()

@@ -109,12 +109,14 @@ class Transcriber:
     bento_model = MODEL.ref
 
     def __init__(self) -> None:
-        self.served = _load(self.bento_model, MODEL.registry)
+        self.served = _load(self.bento_model, MODEL.registry, CONFIG.model, MODEL.source)
         self.runtime = devices.runtime_facts()
-        self._lock = threading.Lock()
-        self.follow = _Follow(CONFIG.model, MODEL.source, CONFIG.follow_interval_s)
-        if self.follow.target is not None:
-            threading.Thread(target=self._follow_alias, name="whisper-follow", daemon=True).start()
+        self._lock = threading.Lock()  # self.served and its users
+        self._moving = threading.Lock()  # one move at a time: the follower's or the control route's
+        self.follow = _Follow(CONFIG.follow_interval_s)
+        self.follow.point_at(CONFIG.model, MODEL.source)
+        self._follower: threading.Thread | None = None
+        self._start_follower()
 
     # -- the version served -----------------------------------------------------------------
 
@@ -132,50 +134,98 @@ class Transcriber:
         if retired:
             _retire(served)
 
+    def _start_follower(self) -> None:
+        if self.follow.target is not None and self._follower is None:
+            self._follower = threading.Thread(target=self._follow_alias, name="whisper-follow", daemon=True)
+            self._follower.start()
+
     def _follow_alias(self) -> None:
-        """Check the alias every interval; load, verify and warm a new holder beside the served
-        version, then switch between two requests. A version that fails is not retried until
-        the alias moves again; the served one stays."""
+        """Check the followed alias every interval and move to the version it names. A version
+        that fails is not retried until the alias moves again; the served one stays."""
         follow = self.follow
         # What a move needs, loaded now: the worker's memory then holds still across moves.
         import bentoml.mlflow  # noqa: F401
 
         while True:
-            time.sleep(follow.interval_s)
+            follow.wake.wait(follow.interval_s)
+            follow.wake.clear()
+            target = follow.target
+            if target is None:  # pinned since, through the control route
+                continue
             try:
-                holder = model_ref.registry_version(CONFIG.model)
+                holder = model_ref.registry_version(target)
             except Exception as exc:  # the registry is unreachable: keep serving, say so
-                follow.note_error(f"checking {follow.target}: {type(exc).__name__}: {exc}")
+                follow.note_error(f"checking {target}: {type(exc).__name__}: {exc}")
                 continue
             follow.last_check = time.time()
-            if holder is None or holder.version in (self.served.model_info["version"], follow.failed_version):
+            if holder is None or holder.version == follow.failed_version:
                 continue
-            _logger.info("%s moved to version %s; loading it beside version %s", follow.target, holder.version,
-                         self.served.model_info["version"])
-            new = None
+            with self._moving:
+                if follow.target == target:  # not moved elsewhere meanwhile
+                    try:
+                        self._move_to(holder, target)
+                    except Exception:  # noted by _move_to; the served version stays
+                        pass
+
+    def _move_to(self, holder: model_ref.RegistryVersion, uri: str) -> None:
+        """Serve ``holder`` (named by ``uri``): imported, checksum-verified, loaded and warmed by
+        one smoke decode beside the served version, then swapped in between two requests; the
+        old version is unloaded once no request holds it. Called with ``self._moving`` held.
+
+        Raises:
+            Exception: why ``holder`` cannot be served (noted in /info and /metrics); nothing moved.
+        """
+        old = self.served
+        if (holder.name, holder.version) == (old.model_info["name"], old.model_info["version"]):
+            return
+        _logger.info("Loading %s version %s beside version %s", holder.name, holder.version, old.model_info["version"])
+        new = None
+        try:
+            # The version seen, not the URI again: one registry lookup, and no race with a later move.
+            tag, registered = model_ref.import_from_registry(f"models:/{holder.name}/{holder.version}")
+            new = _load(bentoml.models.get(tag), registered, uri, "registry")
+            new.engine.transcribe(np.zeros(c.SAMPLE_RATE, dtype=np.float32), new.defaults)  # smoke decode
+        except Exception as exc:
+            if new is not None:  # loaded, but its smoke decode failed
+                _retire(new)
+            self.follow.failed_version = holder.version
+            self.follow.note_error(f"version {holder.version} was not served: {type(exc).__name__}: {exc}")
+            SWAPS.labels(outcome="failed").inc()
+            raise
+        with self._lock:
+            self.served = new
+            idle = old.users == 0
+        self.follow.failed_version, self.follow.last_error = None, None
+        self.follow.swaps += 1
+        SWAPS.labels(outcome="ok").inc()
+        _logger.info("Now serving %s version %s (was %s; loaded in %.2fs)", new.model_info["name"],
+                     new.model_info["version"], old.model_info["version"], new.load_seconds)
+        if idle:
+            _retire(old)
+        del old, new  # this thread's last references: a retired version's memory goes back
+
+    def _retarget(self, uri: str) -> _Served:
+        """Serve what the registry URI ``uri`` names, and follow it from now on if it is an alias
+        (the control route); the served version stays if it cannot be served."""
+        try:
+            holder = model_ref.registry_version(uri)
+        except Exception as exc:
+            missing = getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST"
+            raise ApiError(404 if missing else 503, f"{uri} could not be resolved in the registry: {exc}",
+                           code="model_not_found" if missing else "registry_unavailable") from None
+        if holder is None:
+            raise bad_request(f"{uri!r} is not a registry URI: send models:/NAME/VERSION or models:/NAME@ALIAS.",
+                              param="model")
+        with self._moving:
             try:
-                # The version just seen, not the alias again: one registry lookup, and no race with a later move.
-                tag, registered = model_ref.import_from_registry(f"models:/{holder.name}/{holder.version}")
-                new = _load(bentoml.models.get(tag), registered)
-                new.engine.transcribe(np.zeros(c.SAMPLE_RATE, dtype=np.float32), new.defaults)  # smoke decode
+                self._move_to(holder, uri)
             except Exception as exc:
-                if new is not None:  # loaded, but its smoke decode failed
-                    _retire(new)
-                follow.failed_version = holder.version
-                follow.note_error(f"version {holder.version} was not served: {type(exc).__name__}: {exc}")
-                SWAPS.labels(outcome="failed").inc()
-                continue
-            with self._lock:
-                old, self.served = self.served, new
-                idle = old.users == 0
-            follow.failed_version, follow.last_error = None, None
-            follow.swaps += 1
-            SWAPS.labels(outcome="ok").inc()
-            _logger.info("Now serving %s version %s (was %s; loaded in %.2fs)", new.model_info["name"],
-                         new.model_info["version"], old.model_info["version"], new.load_seconds)
-            if idle:
-                _retire(old)
-            del old, new  # the last references of this thread: a retired version's memory goes back
+                raise ApiError(422, f"{holder.name} version {holder.version} was not served ({type(exc).__name__}: "
+                               f"{exc}); version {self.served.model_info['version']} still is.",
+                               code="model_not_served") from None
+            self.follow.point_at(uri, "registry")
+        self._start_follower()
+        return self.served
 
     @app.post("/transcribe", **openapi.transcription_route(native=True))
     async def transcribe(self, request: Request) -> Response:
@@ -221,6 +271,54 @@ class Transcriber:
                 "imports": {name: name in sys.modules for name in ("torch", "transformers", "mlflow")},
             }
         )
+
+    @app.post("/webhooks/mlflow", include_in_schema=False)
+    async def mlflow_webhook(self, request: Request) -> Response:
+        """An MLflow registry webhook: a signed event on the followed alias checks it at once,
+        instead of at the end of the poll interval. Only with ``webhook_secret`` configured."""
+        if WEBHOOK_SECRETS is None:
+            raise StarletteHTTPException(404, "Not Found")  # as if the route did not exist
+        if int(request.headers.get("content-length") or 0) > WEBHOOK_MAX_BYTES:
+            raise too_large(f"A webhook event is at most {WEBHOOK_MAX_BYTES} bytes.", param=None)
+        body = await request.body()
+        problem = auth.mlflow_signature_problem(body, request.headers, WEBHOOK_SECRETS)
+        if problem is not None:
+            _logger.warning("Refused a webhook call: %s", problem)
+            raise ApiError(401, f"Webhook call refused: {problem}. Register the webhook in MLflow with the secret "
+                           "webhook_secret names.", code="invalid_signature")
+        try:
+            event = json.loads(body)
+            data = event.get("data") or {}
+            entity, name, alias = event.get("entity"), data.get("name"), data.get("alias")
+        except (ValueError, AttributeError):
+            raise bad_request("A signed webhook body must be MLflow's JSON event.") from None
+        target = self.follow.target
+        if entity != "model_version_alias" or target is None or target != f"models:/{name}@{alias}":
+            why = f"not an event on the followed alias ({self.follow.why})"
+            return JSONResponse({"ignored": why})
+        _logger.info("Webhook: %s is now version %s; checking it now", target, data.get("version"))
+        self.follow.webhook_events += 1
+        self.follow.wake.set()
+        return JSONResponse({"checking": target})
+
+    @app.put("/admin/model", include_in_schema=False)
+    async def admin_model(self, request: Request) -> Response:
+        """``{"model": "models:/NAME/VERSION"}`` (or ``@ALIAS``, then followed): serve it, moved to as
+        a followed alias moves (no request dropped). Only with ``admin_key`` configured."""
+        if ADMIN_KEYS is None:
+            raise StarletteHTTPException(404, "Not Found")  # as if the route did not exist
+        if not auth.matches(request.headers.get(ADMIN_HEADER, "").encode(), ADMIN_KEYS):
+            raise ApiError(401, f"Missing or wrong control key: send the header '{ADMIN_HEADER}: <key>' with the "
+                           "key admin_key names.", code="invalid_admin_key")
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        uri = body.get("model") if isinstance(body, dict) else None
+        if not isinstance(uri, str) or not uri:
+            raise bad_request('Send a JSON body {"model": "models:/NAME/VERSION"} (or models:/NAME@ALIAS).', param="model")
+        served = await run_in_threadpool(self._retarget, uri)
+        return JSONResponse({"model": served.model_info, "follow": self.follow.report()})
 
     async def _serve(self, request: Request, parsed: forms.ParsedRequest, *, native: bool = False) -> Response:
         formats.check_format(parsed.response_format, native=native)
@@ -326,8 +424,12 @@ class Transcriber:
             self._release(served)
 
 
+# Loaded at import: a missing variable or file stops the start-up with the reason.
+ADMIN_KEYS = auth.load_keys(CONFIG.admin_key, "admin_key") if CONFIG.admin_key else None
+ADMIN_HEADER = "x-whisper-admin-key"
+WEBHOOK_SECRETS = auth.load_keys(CONFIG.webhook_secret, "webhook_secret") if CONFIG.webhook_secret else None
+WEBHOOK_MAX_BYTES = 64 * 1024
 if CONFIG.api_key:
-    # Loaded at import: a missing variable or file stops the start-up with the reason.
     Transcriber.add_asgi_middleware(auth.ApiKeyMiddleware, keys=auth.load_keys(CONFIG.api_key))
 
 
@@ -346,8 +448,9 @@ class _Served:
     users: int = 0
 
 
-def _load(stored: bentoml.Model, registry: model_ref.RegistryVersion | None) -> _Served:
-    """Load a stored version (checksums verified) with the service's options and start its engine.
+def _load(stored: bentoml.Model, registry: model_ref.RegistryVersion | None, uri: str, source: str) -> _Served:
+    """Load a stored version (checksums verified) with the service's options and start its engine;
+    ``uri`` named it, resolved from ``source`` ("registry" or "bento").
 
     Raises:
         ValueError: its decoding defaults, with the service's, break the service's bounds.
@@ -374,7 +477,7 @@ def _load(stored: bentoml.Model, registry: model_ref.RegistryVersion | None) -> 
         max_wait_s=CONFIG.max_latency_ms / 1000,
         on_pass=_observe_pass,
     )
-    served = _Served(whisper, engine, placement, version_defaults, defaults, _model_info(stored, conf, placement, registry),
+    served = _Served(whisper, engine, placement, version_defaults, defaults, _model_info(stored, conf, placement, registry, uri, source),
                      round(time.perf_counter() - started, 3))
     _logger.info("Serving %s (%s) on %s/%s, loaded in %.2fs", served.model_info["name"], served.model_info["version"],
                  placement.device, placement.compute_type, served.load_seconds)
@@ -396,24 +499,32 @@ def _retire(served: _Served) -> None:
 
 
 class _Follow:
-    """Whether and how the service follows its alias, and what happened so far (/info)."""
+    """Which alias the service follows, if any, and what happened so far (/info)."""
 
-    def __init__(self, model_uri: str, source: str, interval_s: float):
+    def __init__(self, interval_s: float):
+        self.interval_s = interval_s
+        self.wake = threading.Event()  # set: check the alias now, not at the end of the interval
+        self.target: str | None = None
+        self.why = ""
+        self.last_check: float | None = None
+        self.last_error: str | None = None
+        self.failed_version: str | None = None
+        self.swaps = 0
+        self.webhook_events = 0  # signed events on the followed alias
+
+    def point_at(self, model_uri: str, source: str) -> None:
+        """Serving ``model_uri`` (resolved from ``source``) from now on: follow it if it is an alias."""
         alias = model_ref.alias_of(model_uri) if source == "registry" else None
-        self.target = f"models:/{alias[0]}@{alias[1]}" if alias and interval_s > 0 else None
+        self.target = f"models:/{alias[0]}@{alias[1]}" if alias and self.interval_s > 0 else None
         if self.target:
-            self.why = f"follows {self.target} every {interval_s:g} s"
+            self.why = f"follows {self.target} every {self.interval_s:g} s"
         elif source == "bento":
             self.why = "pinned: a built bento serves the version recorded in it"
         elif alias:
             self.why = "pinned: follow_interval_s=0"
         else:
             self.why = f"pinned: {auth.redact_uri(model_uri)} names one version"
-        self.interval_s = interval_s
-        self.last_check: float | None = None
-        self.last_error: str | None = None
-        self.failed_version: str | None = None
-        self.swaps = 0
+        self.failed_version = None
 
     def note_error(self, message: str) -> None:
         self.last_error = message
@@ -422,7 +533,8 @@ class _Follow:
     def report(self) -> dict[str, Any]:
         return {"following": self.target is not None, "alias": self.target, "interval_s": self.interval_s,
                 "why": self.why, "last_check": self.last_check, "swaps": self.swaps,
-                "failed_version": self.failed_version, "last_error": self.last_error}
+                "failed_version": self.failed_version, "last_error": self.last_error,
+                "webhook": CONFIG.webhook_secret is not None, "webhook_events": self.webhook_events}
 
 
 def _openai_model(served: _Served) -> dict[str, Any]:
@@ -461,15 +573,15 @@ def _sse(event: dict[str, Any]) -> str:
 
 
 def _model_info(stored: bentoml.Model, conf: dict[str, Any], placement: devices.Placement,
-                registry: model_ref.RegistryVersion | None) -> dict[str, Any]:
+                registry: model_ref.RegistryVersion | None, uri: str, source: str) -> dict[str, Any]:
     meta = stored.info.metadata
     return {
         "name": registry.name if registry else meta.get(model_ref.META_NAME, stored.tag.name),
         "version": registry.version if registry else meta.get(model_ref.META_VERSION),
         "aliases": list(registry.aliases) if registry else meta.get(model_ref.META_ALIASES, []),
         "run_id": registry.run_id if registry else meta.get(model_ref.META_RUN_ID),
-        "uri": auth.redact_uri(CONFIG.model),
-        "source": MODEL.source,
+        "uri": auth.redact_uri(uri),
+        "source": source,
         "bento_model": str(stored.tag),
         "quantization": conf.get(c.QUANTIZATION),
         "compute_type": placement.compute_type,

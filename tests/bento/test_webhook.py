@@ -1,0 +1,95 @@
+"""The service follows its alias on MLflow's signed webhook, before its poll interval would: a real
+`mlflow server` (sqlite backend, webhooks delivered by the server), a real `bentoml serve`,
+whisper-tiny.en. An unsigned, forged or replayed call gets 401 and changes nothing."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import sys
+import time
+import uuid
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+import mlflow_faster_whisper as mfw
+
+from tests.bento.conftest import bentoml_serve, server_env
+from tests.bento.test_follow import _Loop
+from tests.fixtures.processes import ServerProcess, free_port, venv_path_env
+
+pytestmark = [pytest.mark.real_weights, pytest.mark.server]
+
+NAME = "tiny-webhook"
+SECRET = "s3cret-webhook-key"
+POLL_S = 600  # the poll alone would take this long: a move sooner is the webhook's
+
+
+def _signed(body: bytes, secret: str, timestamp: int) -> dict[str, str]:
+    delivery = str(uuid.uuid4())
+    content = f"{delivery}.{timestamp}.".encode() + body
+    signature = base64.b64encode(hmac.new(secret.encode(), content, hashlib.sha256).digest()).decode()
+    return {"x-mlflow-signature": f"v1,{signature}", "x-mlflow-timestamp": str(timestamp),
+            "x-mlflow-delivery-id": delivery, "content-type": "application/json"}
+
+
+def test_a_signed_alias_event_moves_the_service_and_a_forged_one_is_refused(tmp_path, whisper_tiny_en_ct2, speech_clips):
+    port = free_port()
+    tracking = f"http://127.0.0.1:{port}"
+    env = venv_path_env()
+    env.pop("MLFLOW_TRACKING_URI", None)
+    # MLflow sends webhooks over https to public addresses only unless allowed (here: plain http to
+    # this machine), and caches the webhooks of an event for MLFLOW_WEBHOOK_CACHE_TTL (60 s):
+    # shortened so the one created below counts at once.
+    env.update(MLFLOW_WEBHOOK_ALLOWED_SCHEMES="http,https", MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS="true",
+               MLFLOW_WEBHOOK_CACHE_TTL="1")
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+               "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+               "--workers", "1"]
+    with ServerProcess(command, ready_url=f"{tracking}/health", log_path=tmp_path / "mlflow.log", env=env, timeout_s=120):
+        mlflow.set_tracking_uri(tracking)
+        try:
+            mlflow.set_experiment("bento")
+            for _ in range(2):  # versions 1 and 2: the same weights, each logged on its own
+                with mlflow.start_run():
+                    mfw.log_model(str(whisper_tiny_en_ct2), name="model", registered_model_name=NAME)
+        finally:
+            mlflow.set_tracking_uri(None)
+        client = MlflowClient(tracking)
+        client.set_registered_model_alias(NAME, "production", "1")
+
+        serve_env = {**server_env(tmp_path / "bentoml", tracking), "WHISPER_WEBHOOK_SECRET": SECRET}
+        args = {"model": f"models:/{NAME}@production", "follow_interval_s": str(POLL_S), "compute_type": "int8",
+                "webhook_secret": "env:WHISPER_WEBHOOK_SECRET"}
+        with bentoml_serve("whisper_bento:Transcriber", args, serve_env, tmp_path / "serve.log") as server, \
+                server.client() as http:
+            assert http.get("/info").json()["follow"]["webhook"] is True
+            event = json.dumps({"entity": "model_version_alias", "action": "created", "timestamp": "",
+                                "data": {"name": NAME, "alias": "production", "version": "2"}}).encode()
+            now = int(time.time())
+            for headers in ({"content-type": "application/json"},  # unsigned
+                            _signed(event, "not-the-secret", now),  # forged
+                            _signed(event, SECRET, now - 3600)):  # replayed an hour later
+                refused = http.post("/webhooks/mlflow", content=event, headers=headers)
+                assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_signature", refused.text
+            time.sleep(2)
+            follow = http.get("/info").json()["follow"]
+            assert follow["webhook_events"] == 0 and follow["swaps"] == 0
+
+            client.create_webhook(name="bento", url=f"{server.url}/webhooks/mlflow",
+                                  events=["model_version_alias.created"], secret=SECRET)
+            clip = next(c for c in speech_clips if c.name == "quick_brown_fox").path
+            with _Loop(server, clip, clients=2) as loop:
+                loop.first_answer_by("1", after=0)
+                moved = time.monotonic()
+                client.set_registered_model_alias(NAME, "production", "2")
+                first = loop.first_answer_by("2", after=moved, timeout=POLL_S / 2)
+            info = http.get("/info").json()
+    failed = [a for a in loop.answers if a[1] != 200]
+    assert not failed, failed[:5]
+    assert info["model"]["version"] == "2" and info["follow"]["swaps"] == 1 and info["follow"]["webhook_events"] >= 1
+    print(f"alias move -> first answer by version 2 through the webhook: {first - moved:.2f} s (poll interval {POLL_S} s)")
