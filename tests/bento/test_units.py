@@ -75,3 +75,43 @@ def test_unknown_format_is_422_listing_the_formats():
         formats.check_format("xml")
     assert caught.value.status == 422 and "srt" in caught.value.message and "native" not in caught.value.message
     formats.check_format("native", native=True)
+
+
+def test_mlflow_webhook_signature_is_verified_as_mlflow_signs_it():
+    from mlflow.webhooks.delivery import _generate_hmac_signature  # MLflow's own signer
+
+    from whisper_bento.auth import mlflow_signature_problem
+
+    body, delivery, now = b'{"entity": "model_version_alias"}', "d-1", 1_800_000_000
+    headers = {"x-mlflow-signature": _generate_hmac_signature("key", delivery, str(now), body.decode()),
+               "x-mlflow-timestamp": str(now), "x-mlflow-delivery-id": delivery}
+    assert mlflow_signature_problem(body, headers, (b"old", b"key"), now=now + 10) is None  # rotation: any secret
+    assert "does not match" in mlflow_signature_problem(body, headers, (b"other",), now=now)
+    assert "does not match" in mlflow_signature_problem(body + b" ", headers, (b"key",), now=now)  # body changed
+    assert "more than 300 s" in mlflow_signature_problem(body, headers, (b"key",), now=now + 301)  # replayed
+    assert "not signed" in mlflow_signature_problem(body, {}, (b"key",), now=now)
+
+
+@pytest.mark.parametrize(
+    "payload, params",
+    [
+        ({"dataframe_split": {"columns": ["audio"], "data": [["QUFB"], ["QkJC"]]}, "params": {"language": "en"}}, True),
+        ({"inputs": {"audio": ["QUFB", "QkJC"]}, "params": {"language": "en"}}, True),
+        # pandas.read_json cannot read a list beside "params": the CLI takes these without params.
+        ({"dataframe_records": [{"audio": "QUFB"}, {"audio": "QkJC"}]}, False),
+        ({"instances": ["QUFB", "QkJC"]}, False),
+        ([{"audio": "QUFB"}, {"audio": "QkJC"}], False),
+    ],
+)
+def test_deployment_predict_reads_what_mlflow_models_predict_takes(payload, params):
+    """As a dict, and as `mlflow deployments predict` hands it over: pandas.read_json of the file."""
+    import io
+    import json
+
+    import pandas as pd
+
+    from whisper_bento.deployment import _audio_and_params
+
+    expected = (["QUFB", "QkJC"], {"language": "en"} if params else {})
+    assert _audio_and_params(payload) == expected
+    assert _audio_and_params(pd.read_json(io.StringIO(json.dumps(payload)))) == expected

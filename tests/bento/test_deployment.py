@@ -1,0 +1,174 @@
+"""``mlflow deployments -t bentoml``: the real ``mlflow deployments`` CLI against a sqlite registry
+with real whisper-tiny.en versions; the deployment is a real bento served by a real ``bentoml
+serve`` process in the background."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+import mlflow_faster_whisper as mfw
+from tests.bento.conftest import make_registry, server_env
+from tests.fixtures.processes import free_port
+
+pytestmark = [pytest.mark.real_weights, pytest.mark.server]
+
+NAME = "tiny-deploy"
+HEADER = "x-whisper-model-version"
+
+
+class _NotWhisper(mlflow.pyfunc.PythonModel):
+    def predict(self, context, model_input: list[str], params=None) -> list[str]:
+        return model_input
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)  # the CLI that started it has exited: init reaps it, no zombie stays
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_deployments_cli_create_predict_update_delete(tmp_path, whisper_tiny_en_ct2, speech_clips):
+    registry = make_registry(tmp_path / "registry", whisper_tiny_en_ct2, name=NAME)  # version 1 @production
+    mlflow.set_tracking_uri(registry.uri)
+    try:
+        mlflow.set_experiment("bento")
+        with mlflow.start_run():  # version 2: the same weights, greedy by default
+            mfw.log_model(str(whisper_tiny_en_ct2), name="model", registered_model_name=NAME, decoding={"beam_size": 1})
+        with mlflow.start_run():
+            mlflow.pyfunc.log_model(name="model", python_model=_NotWhisper(), registered_model_name="not-whisper")
+        hello = next(c for c in speech_clips if c.name == "hello_world").path
+        expected = mlflow.pyfunc.load_model(f"models:/{NAME}/1").predict({"audio": [hello.read_bytes()]})[0]
+    finally:
+        mlflow.set_tracking_uri(None)
+
+    home = tmp_path / "deployments"
+    env = {**server_env(tmp_path / "bentoml", registry.uri), "WHISPER_DEPLOYMENTS_HOME": str(home)}
+
+    def cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "mlflow", "deployments", *args, "-t", "bentoml"], env=env,
+                              capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
+
+    assert "mlflow deployments create -t bentoml" in cli("help").stdout
+    port = free_port()
+    created = cli("create", "--name", "asr", "-m", f"models:/{NAME}@production", "-C", f"port={port}",
+                  "-C", "device=cpu", "-C", "compute_type=int8", "-C", 'decoding={"beam_size": 2}')
+    assert created.returncode == 0, created.stdout[-3000:] + created.stderr[-3000:]
+    state = json.loads((home / "asr" / "deployment.json").read_text())
+    try:
+        listed = cli("list")
+        assert listed.returncode == 0 and "'name': 'asr'" in listed.stdout
+        got = cli("get", "--name", "asr")
+        assert "status: running" in got.stdout and "model_version: 1" in got.stdout, got.stdout + got.stderr
+        assert f"url: http://127.0.0.1:{port}" in got.stdout
+
+        # The input of `mlflow models predict`: base64 audio, one row per recording.
+        request = tmp_path / "request.json"
+        request.write_text(json.dumps({
+            "dataframe_split": {"columns": ["audio"], "data": [[base64.b64encode(hello.read_bytes()).decode()],
+                                                               [base64.b64encode(b"not audio at all").decode()]]},
+            "params": {"beam_size": 5},
+        }))
+        predicted = cli("predict", "--name", "asr", "--input-path", str(request))
+        assert predicted.returncode == 0, predicted.stderr[-3000:]
+        rows = json.loads(predicted.stdout.strip().splitlines()[-1])["predictions"]
+        assert rows[0]["text"] == expected["text"] and rows[0]["error"] == "" and rows[0]["language"] == "en"
+        assert [s["start"] for s in rows[0]["segments"]] == [s["start"] for s in expected["segments"]]
+        assert rows[1]["text"] == "" and "decode" in rows[1]["error"]
+
+        # Errors name the fix and leave nothing behind.
+        again = cli("create", "--name", "asr", "-m", f"models:/{NAME}/2", "-C", f"port={free_port()}")
+        assert again.returncode != 0 and "exists (running)" in again.stderr and "update" in again.stderr
+        busy = cli("create", "--name", "other", "-m", f"models:/{NAME}/2", "-C", f"port={port}")
+        assert busy.returncode != 0 and f"Port {port}" in busy.stderr and "-C port=N" in busy.stderr
+        foreign = cli("create", "--name", "other", "-m", "models:/not-whisper/1", "-C", f"port={free_port()}")
+        assert foreign.returncode != 0 and "no faster_whisper flavor" in foreign.stderr
+        unknown = cli("get", "--name", "nope")
+        assert unknown.returncode != 0 and "No bentoml deployment named 'nope'" in unknown.stderr
+        assert sorted(p.name for p in home.iterdir()) == ["asr"]
+
+        # Move to version 2 while clients loop: no request fails, answers switch version.
+        clip = next(c for c in speech_clips if c.name == "quick_brown_fox").path
+        with _Loop(state["url"], clip) as loop:
+            loop.wait_for("1")
+            moved = cli("update", "--name", "asr", "-m", f"models:/{NAME}/2")
+            assert moved.returncode == 0, moved.stderr[-3000:]
+            loop.wait_for("2")
+            refused = cli("update", "--name", "asr", "-m", "models:/not-whisper/1")
+            assert refused.returncode != 0 and "no faster_whisper flavor" in refused.stderr and "version 2 still is" in refused.stderr
+            loop.wait_for("2")
+        assert loop.answers and not [a for a in loop.answers if a[0] != 200], loop.answers[:5]
+        versions = [v for _, v in loop.answers]
+        assert versions[0] == "1" and versions[-1] == "2" and set(versions) == {"1", "2"}
+        got = cli("get", "--name", "asr")
+        assert "model_version: 2" in got.stdout and f"model_uri: models:/{NAME}/2" in got.stdout
+
+        # The Python client streams one recording's segments as the service decodes them.
+        from mlflow.deployments import get_deploy_client
+
+        os.environ["WHISPER_DEPLOYMENTS_HOME"] = str(home)
+        try:
+            events = list(get_deploy_client("bentoml").predict_stream("asr", {"audio": base64.b64encode(hello.read_bytes()).decode()}))
+        finally:
+            del os.environ["WHISPER_DEPLOYMENTS_HOME"]
+        assert events[-1]["type"] == "transcript.text.done" and events[-1]["model"]["version"] == "2"
+        assert events[-1]["text"] == "".join(e["delta"] for e in events[:-1]).strip()
+    finally:
+        deleted = cli("delete", "--name", "asr")
+    assert deleted.returncode == 0, deleted.stderr[-2000:]
+    assert not _group_alive(state["pid"]) and not (home / "asr").exists()
+    assert cli("delete", "--name", "asr").returncode == 0  # idempotent
+    assert not list((tmp_path / "bentoml" / "bentos").glob("whisper/asr-*"))
+
+
+class _Loop:
+    """Two clients posting a clip in a loop; every answer's (status, version), in order."""
+
+    def __init__(self, url: str, clip: Path, clients: int = 2):
+        self.url, self.data = url, clip.read_bytes()
+        self.answers: list[tuple[int, str]] = []
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
+
+    def _run(self) -> None:
+        import httpx
+
+        with httpx.Client(base_url=self.url, timeout=120) as http:
+            while not self.stop.is_set():
+                try:
+                    r = http.post("/transcribe", files={"file": ("clip.wav", self.data, "audio/wav")})
+                    self.answers.append((r.status_code, r.headers.get(HEADER, "")))
+                except Exception as exc:  # a dropped connection is a failed request too
+                    self.answers.append((0, repr(exc)))
+
+    def wait_for(self, version: str, timeout: float = 120) -> None:
+        """Until a new answer by ``version`` arrives."""
+        seen = len(self.answers)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(v == version for _, v in self.answers[seen:]):
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"no answer by version {version} within {timeout} s: {self.answers[-5:]}")
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=120)
