@@ -13,7 +13,7 @@ import json
 from collections.abc import Mapping
 from typing import Any, Literal, Optional, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from mlflow_faster_whisper.errors import DecodingOptionsError
 
@@ -145,6 +145,16 @@ class DecodingOptions(BaseModel):
             raise ValueError(
                 f"temperature must be one value from 0 to 5 or a list of 1 to {MAX_TEMPERATURES} of them"
             )
+        return value
+
+    @field_validator("patience")
+    @classmethod
+    def _enough_hypotheses(cls, value: float, info: ValidationInfo) -> float:
+        # CTranslate2 keeps round(beam_size * patience) hypotheses and needs at least one.
+        beam_size = info.data.get("beam_size")
+        if beam_size is not None and beam_size * value < 0.5:
+            raise ValueError(f"beam_size * patience must be at least 0.5 (CTranslate2 keeps round(beam_size * "
+                             f"patience) hypotheses); with beam_size={beam_size}, use patience >= {0.5 / beam_size:g}")
         return value
 
     @field_validator("suppress_tokens")

@@ -52,6 +52,19 @@ def test_values_outside_the_bounds_are_refused_with_the_field(field, value):
     assert field in caught.value.message
 
 
+@pytest.mark.real_weights
+def test_patience_must_leave_beam_search_one_hypothesis(tiny_en, fox):
+    # CTranslate2 keeps round(beam_size * patience) hypotheses; fewer than one was a 500 in the
+    # service (hypothesis found patience=0.1 with a version's beam_size=2).
+    for beam_size, patience in ((1, 0.49), (2, 0.24), (5, 0.09)):
+        with pytest.raises(DecodingOptionsError, match="beam_size \\* patience") as caught:
+            DecodingOptions.parse({"beam_size": beam_size, "patience": patience})
+        assert caught.value.field == "patience"
+    for beam_size, patience in ((1, 0.5), (2, 0.25), (5, 0.1)):  # the smallest that decode
+        options = DecodingOptions.parse({"beam_size": beam_size, "patience": patience, "temperature": 0})
+        assert "fox" in transcribe(tiny_en, fox, options).text.lower()
+
+
 def test_repeated_token_ids_are_kept_once():
     assert DecodingOptions.parse({"suppress_tokens": [-1, 5, 5, 7]}).suppress_tokens == (-1, 5, 7)
 
