@@ -64,6 +64,18 @@ class ServiceConfig(BaseModel):
         description="A service started on models:/NAME@ALIAS checks the alias this often and moves to the version "
         "it names (0: never); a pinned version, a path or a built bento never moves.",
     )
+    shadow: Optional[str] = Field(
+        None,
+        pattern=r"^models:/",
+        description="A candidate registry version (models:/NAME@staging) that also decodes a sampled fraction of "
+        "live requests, only in the time production leaves idle; its agreement, WER/CER against production's "
+        "text and latency ratio are written to its model version as shadow.* tags. Followed like the model.",
+    )
+    shadow_fraction: float = Field(0.1, ge=0, le=1, description="Fraction of requests the shadow decodes too.")
+    shadow_report_every: int = Field(50, ge=1, description="Write the shadow figures to MLflow every N shadowed "
+                                     "requests (and at shutdown).")
+    shadow_max_wait_s: float = Field(30.0, gt=0, description="Shadow work not started this long after its request "
+                                     "is dropped (and counted).")
     webhook_secret: Optional[str] = Field(
         None,
         pattern=r"^(env|file):.+$",

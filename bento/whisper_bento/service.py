@@ -36,6 +36,7 @@ with bentoml.importing():
     import mlflow_faster_whisper
     from mlflow_faster_whisper import checksums, devices, transcription
     from mlflow_faster_whisper.engine import Engine, Overloaded, PassStats, Ticket, limit_malloc_arenas, release_free_memory
+    from whisper_bento.shadow import Shadow
     from mlflow_faster_whisper import constants as c
     from mlflow_faster_whisper.audio import decode_audio
     from mlflow_faster_whisper.decoding import DecodingOptions
@@ -64,8 +65,8 @@ PASS_WINDOWS = bentoml.metrics.Histogram(
 )
 SWAPS = bentoml.metrics.Counter(
     name="whisper_model_swaps",
-    documentation="Moves to the version the followed alias names: ok, or failed (the served version stays).",
-    labelnames=["outcome"],
+    documentation="Moves of the primary or shadow version to another: ok, or failed (the served version stays).",
+    labelnames=["role", "outcome"],
 )
 # Every response names the version that answered it.
 VERSION_HEADER = "x-whisper-model-version"
@@ -104,105 +105,37 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 )
 @bentoml.asgi_app(app, path="/")
 class Transcriber:
-    """Whisper speech-to-text on one registered model version."""
+    """Whisper speech-to-text on a registered model version, with an optional shadow candidate."""
 
     bento_model = MODEL.ref
 
     def __init__(self) -> None:
-        self.served = _load(self.bento_model, MODEL.registry, CONFIG.model, MODEL.source)
+        self.primary = _Slot("primary", _load(self.bento_model, MODEL.registry, CONFIG.model, MODEL.source),
+                             CONFIG.model, MODEL.source)
         self.runtime = devices.runtime_facts()
-        self._lock = threading.Lock()  # self.served and its users
-        self._moving = threading.Lock()  # one move at a time: the follower's or the control route's
-        self.follow = _Follow(CONFIG.follow_interval_s)
-        self.follow.point_at(CONFIG.model, MODEL.source)
-        self._follower: threading.Thread | None = None
-        self._start_follower()
+        self.shadow: Shadow | None = None
+        if CONFIG.shadow:
+            # The candidate's engine runs a pass only while production's holds no request.
+            options = {"defer": self._primary_busy, "on_pass": None, "max_requests": 2 * CONFIG.batch_size,
+                       "max_wait_s": CONFIG.shadow_max_wait_s}
+            tag, registered = model_ref.import_from_registry(CONFIG.shadow)
+            served = _load(bentoml.models.get(tag), registered, CONFIG.shadow, "registry", **options)
+            self.shadow = Shadow(_Slot("shadow", served, CONFIG.shadow, "registry", engine_options=options),
+                                 fraction=CONFIG.shadow_fraction, report_every=CONFIG.shadow_report_every)
 
-    # -- the version served -----------------------------------------------------------------
+    @bentoml.on_shutdown
+    def _shutdown(self) -> None:
+        if self.shadow is not None:
+            self.shadow.report(write=True)
 
-    def _acquire(self) -> _Served:
-        """The version a new request runs on, to the end, whatever moves meanwhile."""
-        with self._lock:
-            served = self.served
-            served.users += 1
-            return served
+    @property
+    def served(self) -> _Served:
+        """The primary version new requests go to."""
+        return self.primary.served
 
-    def _release(self, served: _Served) -> None:
-        with self._lock:
-            served.users -= 1
-            retired = served is not self.served and served.users == 0
-        if retired:
-            _retire(served)
-
-    def _start_follower(self) -> None:
-        if self.follow.target is not None and self._follower is None:
-            self._follower = threading.Thread(target=self._follow_alias, name="whisper-follow", daemon=True)
-            self._follower.start()
-
-    def _follow_alias(self) -> None:
-        """Check the followed alias every interval and move to the version it names. A version
-        that fails is not retried until the alias moves again; the served one stays."""
-        follow = self.follow
-        # What a move needs, loaded now: the worker's memory then holds still across moves.
-        import bentoml.mlflow  # noqa: F401
-
-        while True:
-            follow.wake.wait(follow.interval_s)
-            follow.wake.clear()
-            target = follow.target
-            if target is None:  # pinned since, through the control route
-                continue
-            try:
-                holder = model_ref.registry_version(target)
-            except Exception as exc:  # the registry is unreachable: keep serving, say so
-                follow.note_error(f"checking {target}: {type(exc).__name__}: {exc}")
-                continue
-            follow.last_check = time.time()
-            if holder is None or holder.version == follow.failed_version:
-                continue
-            with self._moving:
-                if follow.target == target:  # not moved elsewhere meanwhile
-                    try:
-                        self._move_to(holder, target)
-                    except Exception:  # noted by _move_to; the served version stays
-                        pass
-
-    def _move_to(self, holder: model_ref.RegistryVersion, uri: str) -> None:
-        """Serve ``holder`` (named by ``uri``): imported, checksum-verified, loaded and warmed by
-        one smoke decode beside the served version, then swapped in between two requests; the
-        old version is unloaded once no request holds it. Called with ``self._moving`` held.
-
-        Raises:
-            Exception: why ``holder`` cannot be served (noted in /info and /metrics); nothing moved.
-        """
-        old = self.served
-        if (holder.name, holder.version) == (old.model_info["name"], old.model_info["version"]):
-            return
-        _logger.info("Loading %s version %s beside version %s", holder.name, holder.version, old.model_info["version"])
-        new = None
-        try:
-            # The version seen, not the URI again: one registry lookup, and no race with a later move.
-            tag, registered = model_ref.import_from_registry(f"models:/{holder.name}/{holder.version}")
-            new = _load(bentoml.models.get(tag), registered, uri, "registry")
-            new.engine.transcribe(np.zeros(c.SAMPLE_RATE, dtype=np.float32), new.defaults)  # smoke decode
-        except Exception as exc:
-            if new is not None:  # loaded, but its smoke decode failed
-                _retire(new)
-            self.follow.failed_version = holder.version
-            self.follow.note_error(f"version {holder.version} was not served: {type(exc).__name__}: {exc}")
-            SWAPS.labels(outcome="failed").inc()
-            raise
-        with self._lock:
-            self.served = new
-            idle = old.users == 0
-        self.follow.failed_version, self.follow.last_error = None, None
-        self.follow.swaps += 1
-        SWAPS.labels(outcome="ok").inc()
-        _logger.info("Now serving %s version %s (was %s; loaded in %.2fs)", new.model_info["name"],
-                     new.model_info["version"], old.model_info["version"], new.load_seconds)
-        if idle:
-            _retire(old)
-        del old, new  # this thread's last references: a retired version's memory goes back
+    def _primary_busy(self) -> bool:
+        engine = self.primary.served.engine
+        return engine is not None and engine.busy()
 
     def _retarget(self, uri: str) -> _Served:
         """Serve what the registry URI ``uri`` names, and follow it from now on if it is an alias
@@ -216,16 +149,12 @@ class Transcriber:
         if holder is None:
             raise bad_request(f"{uri!r} is not a registry URI: send models:/NAME/VERSION or models:/NAME@ALIAS.",
                               param="model")
-        with self._moving:
-            try:
-                self._move_to(holder, uri)
-            except Exception as exc:
-                raise ApiError(422, f"{holder.name} version {holder.version} was not served ({type(exc).__name__}: "
-                               f"{exc}); version {self.served.model_info['version']} still is.",
-                               code="model_not_served") from None
-            self.follow.point_at(uri, "registry")
-        self._start_follower()
-        return self.served
+        try:
+            return self.primary.move_to(holder, uri)
+        except Exception as exc:
+            raise ApiError(422, f"{holder.name} version {holder.version} was not served ({type(exc).__name__}: "
+                           f"{exc}); version {self.served.model_info['version']} still is.",
+                           code="model_not_served") from None
 
     @app.post("/transcribe", **openapi.transcription_route(native=True))
     async def transcribe(self, request: Request) -> Response:
@@ -257,7 +186,8 @@ class Transcriber:
                 "device": served.placement.device,
                 "compute_type": served.placement.compute_type,
                 "requested_compute_type": served.placement.requested_compute_type,
-                "follow": self.follow.report(),
+                "follow": self.primary.follow.report(),
+                "shadow": self.shadow.report() if self.shadow else None,
                 "config": {**CONFIG.model_dump(mode="json"), "model": auth.redact_uri(CONFIG.model)},
                 "worker_pid": os.getpid(),
                 "decoding": {
@@ -292,14 +222,15 @@ class Transcriber:
             entity, name, alias = event.get("entity"), data.get("name"), data.get("alias")
         except (ValueError, AttributeError):
             raise bad_request("A signed webhook body must be MLflow's JSON event.") from None
-        target = self.follow.target
-        if entity != "model_version_alias" or target is None or target != f"models:/{name}@{alias}":
-            why = f"not an event on the followed alias ({self.follow.why})"
-            return JSONResponse({"ignored": why})
-        _logger.info("Webhook: %s is now version %s; checking it now", target, data.get("version"))
-        self.follow.webhook_events += 1
-        self.follow.wake.set()
-        return JSONResponse({"checking": target})
+        slots = [self.primary] + ([self.shadow.slot] if self.shadow else [])
+        woken = [slot for slot in slots if entity == "model_version_alias" and slot.follow.target == f"models:/{name}@{alias}"]
+        if not woken:
+            return JSONResponse({"ignored": f"not an event on a followed alias ({self.primary.follow.why})"})
+        for slot in woken:
+            _logger.info("Webhook: %s is now version %s; checking it now", slot.follow.target, data.get("version"))
+            slot.follow.webhook_events += 1
+            slot.follow.wake.set()
+        return JSONResponse({"checking": [slot.follow.target for slot in woken]})
 
     @app.put("/admin/model", include_in_schema=False)
     async def admin_model(self, request: Request) -> Response:
@@ -318,11 +249,11 @@ class Transcriber:
         if not isinstance(uri, str) or not uri:
             raise bad_request('Send a JSON body {"model": "models:/NAME/VERSION"} (or models:/NAME@ALIAS).', param="model")
         served = await run_in_threadpool(self._retarget, uri)
-        return JSONResponse({"model": served.model_info, "follow": self.follow.report()})
+        return JSONResponse({"model": served.model_info, "follow": self.primary.follow.report()})
 
     async def _serve(self, request: Request, parsed: forms.ParsedRequest, *, native: bool = False) -> Response:
         formats.check_format(parsed.response_format, native=native)
-        served = self._acquire()
+        served = self.primary.acquire()
         streaming = False
         try:
             options = self._resolve(served, parsed.overrides)
@@ -331,11 +262,14 @@ class Transcriber:
                 response = await self._stream(served, audio, options)
                 streaming = True  # the stream releases the version when it ends
             else:
-                result, batch_size = await self._decode(served, request, audio, options)
-                response = formats.render(parsed.response_format, formats.Result(result, options, served.model_info, batch_size))
+                result, ticket = await self._decode(served, request, audio, options)
+                response = formats.render(parsed.response_format,
+                                          formats.Result(result, options, served.model_info, ticket.max_requests_per_pass))
+                if self.shadow is not None:
+                    self.shadow.offer(audio, parsed.overrides, result, ticket, served.model_info)
         finally:
             if not streaming:
-                self._release(served)
+                self.primary.release(served)
         response.headers[VERSION_HEADER] = str(served.model_info["version"])
         return response
 
@@ -351,9 +285,8 @@ class Transcriber:
             raise invalid_value(problem.message, param=problem.field, code="out_of_bounds")
         return options
 
-    async def _decode(self, served: _Served, request: Request, audio: np.ndarray, options: DecodingOptions) -> tuple[Transcription, int]:
-        """A non-streaming request through the engine: its result, and the most requests that
-        shared one of its forward passes.
+    async def _decode(self, served: _Served, request: Request, audio: np.ndarray, options: DecodingOptions) -> tuple[Transcription, Ticket]:
+        """A non-streaming request through the engine: its result, and its ticket (how it was batched).
 
         A request whose client goes away is cancelled: its waiting windows leave the queue, and
         it stops at its next forward pass, so abandoned requests do not hold the model.
@@ -389,7 +322,7 @@ class Transcriber:
             ticket.queue_wait_s or 0.0,
             ticket.max_requests_per_pass,
         )
-        return result, ticket.max_requests_per_pass
+        return result, ticket
 
     async def _stream(self, served: _Served, audio: np.ndarray, options: DecodingOptions) -> Response:
         """Server-sent events as segments are decoded (OpenAI's transcript.text.* events); the
@@ -421,7 +354,7 @@ class Transcriber:
             yield _sse({"type": "error", **ApiError(500, f"{type(exc).__name__}: {exc}").body()})
         finally:
             segments.close()
-            self._release(served)
+            self.primary.release(served)
 
 
 # Loaded at import: a missing variable or file stops the start-up with the reason.
@@ -448,7 +381,8 @@ class _Served:
     users: int = 0
 
 
-def _load(stored: bentoml.Model, registry: model_ref.RegistryVersion | None, uri: str, source: str) -> _Served:
+def _load(stored: bentoml.Model, registry: model_ref.RegistryVersion | None, uri: str, source: str,
+          **engine_options: Any) -> _Served:
     """Load a stored version (checksums verified) with the service's options and start its engine;
     ``uri`` named it, resolved from ``source`` ("registry" or "bento").
 
@@ -472,16 +406,22 @@ def _load(stored: bentoml.Model, registry: model_ref.RegistryVersion | None, uri
         )
     engine = Engine(
         whisper,
-        batch_size=CONFIG.batch_size,
-        max_requests=CONFIG.max_requests,
-        max_wait_s=CONFIG.max_latency_ms / 1000,
-        on_pass=_observe_pass,
+        **{"batch_size": CONFIG.batch_size, "max_requests": CONFIG.max_requests,
+           "max_wait_s": CONFIG.max_latency_ms / 1000, "on_pass": _observe_pass, **engine_options},
     )
     served = _Served(whisper, engine, placement, version_defaults, defaults, _model_info(stored, conf, placement, registry, uri, source),
                      round(time.perf_counter() - started, 3))
     _logger.info("Serving %s (%s) on %s/%s, loaded in %.2fs", served.model_info["name"], served.model_info["version"],
                  placement.device, placement.compute_type, served.load_seconds)
     return served
+
+
+def _smoke_decode(served: _Served) -> None:
+    """One cheap pass through a just-loaded version: 1 s of silence, greedy, at most 8 tokens, no
+    temperature fallback (silence under beam search with fallback can take seconds)."""
+    options = DecodingOptions.layered(served.defaults, {"beam_size": 1, "temperature": 0.0, "max_new_tokens": 8,
+                                                        "vad_filter": False, "without_timestamps": True})
+    served.engine.transcribe(np.zeros(c.SAMPLE_RATE, dtype=np.float32), options)
 
 
 def _retire(served: _Served) -> None:
@@ -496,6 +436,113 @@ def _retire(served: _Served) -> None:
         _logger.info("Version %s unloaded", served.model_info["version"])
 
     threading.Thread(target=retire, name="whisper-retire", daemon=True).start()
+
+
+class _Slot:
+    """A served version that may move: the primary, or the shadow candidate.
+
+    A request holds the version it started on (``acquire``) to its end, whatever moves meanwhile.
+    A move (the followed alias names another version, a webhook, the control route) imports the
+    new version, verifies its checksums, loads it and warms it with one smoke decode beside the
+    served one, then swaps it in between two requests; the old one is unloaded once no request
+    holds it. A version that fails is not served, and not retried until the alias moves again.
+    """
+
+    def __init__(self, role: str, served: _Served, uri: str, source: str, engine_options: dict[str, Any] | None = None):
+        self.role = role
+        self.served = served
+        self.engine_options = engine_options or {}
+        self.follow = _Follow(CONFIG.follow_interval_s)
+        self.follow.point_at(uri, source)
+        self._lock = threading.Lock()  # self.served and its users
+        self._moving = threading.Lock()  # one move at a time: the follower's or the control route's
+        self._follower: threading.Thread | None = None
+        self._start_follower()
+
+    def acquire(self) -> _Served:
+        with self._lock:
+            served = self.served
+            served.users += 1
+            return served
+
+    def release(self, served: _Served) -> None:
+        with self._lock:
+            served.users -= 1
+            retired = served is not self.served and served.users == 0
+        if retired:
+            _retire(served)
+
+    def _start_follower(self) -> None:
+        if self.follow.target is not None and self._follower is None:
+            self._follower = threading.Thread(target=self._follow_alias, name=f"whisper-follow-{self.role}", daemon=True)
+            self._follower.start()
+
+    def _follow_alias(self) -> None:
+        """Check the followed alias every interval (or when woken) and move to the version it names."""
+        follow = self.follow
+        # What a move needs, loaded now: the worker's memory then holds still across moves.
+        import bentoml.mlflow  # noqa: F401
+
+        while True:
+            follow.wake.wait(follow.interval_s)
+            follow.wake.clear()
+            target = follow.target
+            if target is None:  # pinned since, through the control route
+                continue
+            try:
+                holder = model_ref.registry_version(target)
+            except Exception as exc:  # the registry is unreachable: keep serving, say so
+                follow.note_error(f"checking {target}: {type(exc).__name__}: {exc}")
+                continue
+            follow.last_check = time.time()
+            if holder is None or holder.version == follow.failed_version or follow.target != target:
+                continue
+            try:
+                self.move_to(holder, target)
+            except Exception:  # noted by move_to; the served version stays
+                pass
+
+    def move_to(self, holder: model_ref.RegistryVersion, uri: str) -> _Served:
+        """Serve ``holder`` (named by ``uri``, followed from now on if an alias); the version served.
+
+        Raises:
+            Exception: why ``holder`` cannot be served (noted in /info and /metrics); nothing moved.
+        """
+        with self._moving:
+            old = self.served
+            if (holder.name, holder.version) != (old.model_info["name"], old.model_info["version"]):
+                self._swap_in(holder, uri, old)
+            self.follow.point_at(uri, "registry")
+        self._start_follower()
+        return self.served
+
+    def _swap_in(self, holder: model_ref.RegistryVersion, uri: str, old: _Served) -> None:
+        _logger.info("Loading %s version %s beside version %s (%s)", holder.name, holder.version,
+                     old.model_info["version"], self.role)
+        new = None
+        try:
+            # The version seen, not the URI again: one registry lookup, and no race with a later move.
+            tag, registered = model_ref.import_from_registry(f"models:/{holder.name}/{holder.version}")
+            new = _load(bentoml.models.get(tag), registered, uri, "registry", **self.engine_options)
+            _smoke_decode(new)
+        except Exception as exc:
+            if new is not None:  # loaded, but its smoke decode failed
+                _retire(new)
+            self.follow.failed_version = holder.version
+            self.follow.note_error(f"version {holder.version} was not served: {type(exc).__name__}: {exc}")
+            SWAPS.labels(role=self.role, outcome="failed").inc()
+            raise
+        with self._lock:
+            self.served = new
+            idle = old.users == 0
+        self.follow.failed_version, self.follow.last_error = None, None
+        self.follow.swaps += 1
+        SWAPS.labels(role=self.role, outcome="ok").inc()
+        _logger.info("Now serving %s version %s as %s (was %s; loaded in %.2fs)", new.model_info["name"],
+                     new.model_info["version"], self.role, old.model_info["version"], new.load_seconds)
+        if idle:
+            _retire(old)
+        del old, new  # this thread's last references: a retired version's memory goes back
 
 
 class _Follow:

@@ -70,6 +70,7 @@ class Ticket:
     queue_wait_s: Optional[float] = None  # submission to its first forward pass
     decode_s: Optional[float] = None  # submission to its result (or error)
     max_requests_per_pass: int = 1  # the most requests that shared one of its passes
+    pass_s: float = 0.0  # time in the forward passes it took part in
     cancelled: bool = False
 
     def cancel(self) -> None:
@@ -90,6 +91,8 @@ class Engine:
         gather_s: how long a pass that is not full waits for windows of requests whose thread
             is between two model calls. A lone request never waits.
         on_pass: called after each forward pass with its ``PassStats`` (metrics).
+        defer: while it returns True, no pass is run (a shadow engine defers to the engine
+            serving production: it uses only the time that one leaves idle).
     """
 
     def __init__(
@@ -101,6 +104,7 @@ class Engine:
         max_wait_s: float = 600.0,
         gather_s: float = 0.01,
         on_pass: Optional[Callable[[PassStats], None]] = None,
+        defer: Optional[Callable[[], bool]] = None,
     ) -> None:
         if batch_size < 1 or max_requests < 1:
             raise ValueError("batch_size and max_requests must be at least 1")
@@ -110,6 +114,7 @@ class Engine:
         self.max_wait_s = max_wait_s
         self.gather_s = gather_s
         self.on_pass = on_pass
+        self.defer = defer
         self._ct2 = model.model
         self._cond = threading.Condition()
         self._waiting: list[_Call] = []
@@ -187,6 +192,10 @@ class Engine:
             raise
         return _Held(segments, lambda: self._release(computing=True)), info
 
+    def busy(self) -> bool:
+        """Whether it holds a request (decoding, or waiting for the model)."""
+        return self._held > 0
+
     def close(self, wait: bool = False) -> None:
         """Stop the scheduler once no call waits; requests still decoding fail. With ``wait``,
         return once its threads have ended (they hold the model until then)."""
@@ -258,6 +267,9 @@ class Engine:
                     self._cond.wait()
                 if self._closed and not self._waiting:
                     return
+            while self.defer is not None and not self._closed and self.defer():
+                time.sleep(0.005)
+            with self._cond:
                 self._wait_for_company()
                 batch = self._next_batch()
             if batch:
@@ -317,8 +329,11 @@ class Engine:
         else:
             for call, result in zip(batch, results):
                 call.succeed(result)
+        seconds = time.perf_counter() - started
+        for ticket in {id(c.ticket): c.ticket for c in batch}.values():
+            ticket.pass_s += seconds
         if self.on_pass is not None:
-            stats = PassStats(batch[0].op, sum(c.windows for c in batch), requests, time.perf_counter() - started)
+            stats = PassStats(batch[0].op, sum(c.windows for c in batch), requests, seconds)
             try:
                 self.on_pass(stats)
             except Exception:  # metrics must never stop decoding

@@ -1,7 +1,8 @@
 """Move the ``staging``/``production`` aliases behind gates, with an audit trail and rollback.
 
 Gates read the candidate's own evaluation (the ``eval.*`` version tags): ``"cer<=0.08"``,
-``"wer<0.1"``, ``"rtf<=0.5"``. ``max_regression`` compares the candidate's headline error rate with
+``"wer<0.1"``, ``"rtf<=0.5"``, or the figures the service's shadow wrote on it from live traffic
+(the ``shadow.*`` tags): ``"shadow.agreement>=0.95"``. ``max_regression`` compares the candidate's headline error rate with
 that of the version currently holding the alias, on the same dataset (same digest). A failing gate
 moves nothing.
 
@@ -43,6 +44,7 @@ from whisper_registry.errors import (
     NothingToRollBackError,
     NotEvaluatedError,
     UnknownAliasError,
+    UnknownMetricError,
 )
 
 _logger = logging.getLogger(__name__)
@@ -51,7 +53,7 @@ ALIASES = ("staging", "production")
 LOCK_WAIT_S = 60.0  # how long a move waits for another move of the same alias
 LOCK_STALE_S = 300.0  # a lock older than this was left by a process that died mid-move
 _OPERATORS = {"<=": operator.le, "<": operator.lt, ">=": operator.ge, ">": operator.gt, "==": operator.eq}
-_GATE = re.compile(r"^\s*(?P<metric>[A-Za-z][\w]*)\s*(?P<op><=|>=|==|<|>)\s*(?P<value>[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?)\s*$")
+_GATE = re.compile(r"^\s*(?P<metric>[A-Za-z][\w]*(\.[A-Za-z][\w]*)?)\s*(?P<op><=|>=|==|<|>)\s*(?P<value>[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?)\s*$")
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,12 @@ def parse_gate(text: str) -> Gate:
             f"Cannot read the gate {text!r}: write <metric><op><number>, e.g. cer<=0.08, wer<0.1 or rtf<=0.5 "
             f"(operators: {', '.join(_OPERATORS)})."
         )
+    if m["metric"].startswith(tags.SHADOW_PREFIX):  # a figure the service's shadow wrote on the version
+        figure = m["metric"][len(tags.SHADOW_PREFIX):]
+        if figure not in tags.SHADOW_FIGURES:
+            raise UnknownMetricError(f"Unknown shadow figure {figure!r}: use one of "
+                                     f"{', '.join(tags.SHADOW_PREFIX + f for f in tags.SHADOW_FIGURES)}.")
+        return Gate(m["metric"], m["op"], float(m["value"]))
     metric = metrics.get_metric(m["metric"]).name
     return Gate(metric, m["op"], float(m["value"]))
 
@@ -157,7 +165,8 @@ def _promote_locked(name, candidate, alias, parsed, max_regression, user) -> Pro
     if from_version == to_version:
         return PromotionResult(name, alias, "promote", from_version, to_version, now, user, moved=False)
     t = candidate.tags or {}
-    if (parsed or max_regression is not None) and tags.EVAL_RUN_ID not in t:
+    needs_evaluation = max_regression is not None or any(not g.metric.startswith(tags.SHADOW_PREFIX) for g in parsed)
+    if needs_evaluation and tags.EVAL_RUN_ID not in t:
         raise NotEvaluatedError(
             f"Version {to_version} of {name!r} has no evaluation to check gates against: "
             f"evaluate models:/{name}/{to_version} on a dataset first."
@@ -303,9 +312,12 @@ def _move(result: PromotionResult) -> None:
 
 
 def _check_gate(gate: Gate, version_tags: dict[str, str]) -> GateResult:
-    raw = version_tags.get(f"{tags.EVAL_PREFIX}{gate.metric}")
+    shadow = gate.metric.startswith(tags.SHADOW_PREFIX)
+    raw = version_tags.get(gate.metric if shadow else f"{tags.EVAL_PREFIX}{gate.metric}")
     if raw is None:
-        return GateResult(str(gate), None, False, f"no {gate.metric} in the version's evaluation")
+        where = ("the version's shadow figures: serve it as shadow= beside production first" if shadow
+                 else "the version's evaluation")
+        return GateResult(str(gate), None, False, f"no {gate.metric} in {where}")
     value = float(raw)
     passed = gate.holds(value)
     return GateResult(str(gate), value, passed, f"{gate.metric}={value:.4g} {'holds' if passed else 'fails'}")

@@ -24,6 +24,13 @@ EVAL_DATASET_NAME = "eval.dataset_name"
 EVAL_HEADLINE = "eval.headline"  # "cer" or "wer"
 EVAL_TIME = "eval.time"
 
+# Model version tags the service writes on a shadowed candidate (bento config shadow=...): its
+# figures against the production version's answers to the same live requests.
+SHADOW_PREFIX = "shadow."
+SHADOW_FIGURES = ("agreement", "wer", "cer", "latency_ratio", "requests", "dropped", "failed")
+SHADOW_PRODUCTION_VERSION = "shadow.production_version"
+SHADOW_TIME = "shadow.time"
+
 # Run tags of evaluation runs, linking them to the version (searchable).
 RUN_KIND = "whisper_registry.kind"  # register | evaluate | compare | finetune
 RUN_MODEL_NAME = "whisper_registry.model_name"
