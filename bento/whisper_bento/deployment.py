@@ -87,19 +87,26 @@ allowed_languages=en,zh, api_key=env:VARIABLE, ... (bento/README.md lists them a
 """
 
 
-def run_local(target: str, name: str, model_uri: str, flavor: Optional[str] = None,
-              config: Optional[dict[str, Any]] = None) -> None:
-    """``bentoml serve whisper_bento:Transcriber`` on ``model_uri`` in the foreground (Ctrl-C stops it)."""
+def run_local(name: str, model_uri: str, flavor: Optional[str] = None, config: Optional[dict[str, Any]] = None) -> None:
+    """``bentoml serve whisper_bento:Transcriber`` on ``model_uri`` in the foreground (Ctrl-C stops it).
+
+    MLflow calls it without the target (``mlflow.deployments.interface.run_local``), whatever the
+    docstring of ``mlflow.deployments.base.run_local`` says.
+    """
     _check_flavor(flavor)
     settings = _Settings.parse(model_uri, config)
     _check_port(settings.host, settings.port)
     _resolve(model_uri)
-    command = _serve_command("whisper_bento:Transcriber", settings) + _arg_options(settings.service_args)
+    args = {**settings.service_args, "model": model_uri}
+    command = _serve_command("whisper_bento:Transcriber", settings) + _arg_options(args)
     print(f"Serving {model_uri} as {name} at http://{settings.host}:{settings.port} (Ctrl-C stops it)", flush=True)
     try:
-        subprocess.run(command, env=_server_env(), check=False)
+        served = subprocess.run(command, env=_server_env(), check=False)
     except KeyboardInterrupt:
-        pass
+        return
+    if served.returncode not in (0, -signal.SIGINT, -signal.SIGTERM, 128 + signal.SIGINT):
+        raise MlflowException(f"bentoml serve exited with status {served.returncode}; its output above says why.",
+                              INVALID_STATE)
 
 
 @dataclass

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -15,7 +16,6 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from mlflow import MlflowClient
 
 import mlflow_faster_whisper as mfw
 from tests.bento.conftest import make_registry, server_env
@@ -33,11 +33,15 @@ class _NotWhisper(mlflow.pyfunc.PythonModel):
 
 
 def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)  # the CLI that started it has exited: init reaps it, no zombie stays
-    except ProcessLookupError:
-        return False
-    return True
+    """Whether a process of group ``pgid`` still runs (a zombie left for init to reap does not)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue
+        if int(group) == pgid and state != "Z":
+            return True
+    return False
 
 
 def test_deployments_cli_create_predict_update_delete(tmp_path, whisper_tiny_en_ct2, speech_clips):
@@ -97,7 +101,18 @@ def test_deployments_cli_create_predict_update_delete(tmp_path, whisper_tiny_en_
         assert foreign.returncode != 0 and "no faster_whisper flavor" in foreign.stderr
         unknown = cli("get", "--name", "nope")
         assert unknown.returncode != 0 and "No bentoml deployment named 'nope'" in unknown.stderr
+        # A service that fails to start (its API key variable is not set): the error carries its log.
+        broken = cli("create", "--name", "broken", "-m", f"models:/{NAME}/2", "-C", f"port={free_port()}",
+                     "-C", "api_key=env:WHISPER_TEST_UNSET_KEY")
+        assert broken.returncode != 0 and "WHISPER_TEST_UNSET_KEY" in broken.stderr, broken.stderr[-2000:]
+        assert not _processes_running("whisper:broken-")
+        assert not list((tmp_path / "bentoml" / "bentos").glob("whisper/broken-*"))
         assert sorted(p.name for p in home.iterdir()) == ["asr"]
+        # The control route answers only with the deployment's key.
+        import httpx
+
+        keyless = httpx.put(f"{state['url']}/admin/model", json={"model": f"models:/{NAME}/2"}, timeout=30)
+        assert keyless.status_code == 401 and keyless.json()["error"]["code"] == "invalid_admin_key"
 
         # Move to version 2 while clients loop: no request fails, answers switch version.
         clip = next(c for c in speech_clips if c.name == "quick_brown_fox").path
@@ -131,6 +146,46 @@ def test_deployments_cli_create_predict_update_delete(tmp_path, whisper_tiny_en_
     assert not _group_alive(state["pid"]) and not (home / "asr").exists()
     assert cli("delete", "--name", "asr").returncode == 0  # idempotent
     assert not list((tmp_path / "bentoml" / "bentos").glob("whisper/asr-*"))
+
+    # run-local serves in the foreground until stopped.
+    port = free_port()
+    with open(tmp_path / "run-local.log", "w") as log:
+        local = subprocess.Popen([sys.executable, "-m", "mlflow", "deployments", "run-local", "-t", "bentoml", "--name", "dev",
+                                  "-m", f"models:/{NAME}/1", "-C", f"port={port}", "-C", "compute_type=int8"],
+                                 env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        import httpx
+
+        deadline = time.monotonic() + 180
+        while True:
+            assert local.poll() is None and time.monotonic() < deadline, (tmp_path / "run-local.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        info = httpx.get(f"http://127.0.0.1:{port}/info", timeout=30).json()
+        assert info["model"]["version"] == "1" and info["follow"]["why"] == f"pinned: models:/{NAME}/1 names one version"
+    finally:
+        if local.poll() is None:
+            os.killpg(local.pid, signal.SIGTERM)
+            local.wait(timeout=60)
+    assert not (home / "dev").exists()  # nothing managed: run-local keeps no state
+
+
+def _processes_running(needle: str) -> list[str]:
+    """Command lines (not of zombies) containing ``needle``."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError):
+            continue
+        if needle in cmdline and state != "Z":
+            found.append(cmdline)
+    return found
 
 
 class _Loop:
