@@ -16,7 +16,7 @@ export DO_NOT_TRACK := true
 # mlflow models serve (--env-manager local) and bentoml serve find their tools on PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install test test-fast demo demo-finetune bench fixtures postgres java clean
+.PHONY: install test test-fast demo demo-promote demo-finetune bench fixtures postgres java clean
 
 install: $(STAMP)
 
@@ -46,6 +46,9 @@ test-fast: install
 demo: install
 	$(PY) -m demo.serve
 
+demo-promote: install
+	$(PY) -m demo.promote
+
 demo-finetune: install
 	$(PY) -m demo.finetune
 
@@ -53,4 +56,4 @@ bench: install
 	$(PY) -m bench
 
 clean:
-	rm -rf .demo .bench mlflow.db mlartifacts
+	rm -rf .demo .demo-promote .bench mlflow.db mlartifacts
