@@ -213,6 +213,31 @@ def batch(r: dict[str, Any]) -> str:
     )
 
 
+def promotion(r: dict[str, Any]) -> str:
+    def p(d: dict[str, Any]) -> str:
+        return f"{sec(d['p50'])} / {sec(d['p99'])} (n {d['n']})" if d.get("n") else "-"
+
+    move_rows = [[mode, f"{m['follow_interval_s']:g} s", sec(m["move_to_first_answer_s"]["median"]),
+                  f"{sec(m['move_to_first_answer_s']['min'])} - {sec(m['move_to_first_answer_s']['max'])}",
+                  m["move_to_first_answer_s"]["n"], f"{m['failed']} of {m['requests']}", p(m["latency_steady_s"]),
+                  p(m["latency_during_swap_s"])] for mode, m in r["moves"].items()]
+    shadow_rows = [[name.replace("_", " "), p(s), num(s["p50_vs_no_shadow"], 2), num(s["p99_vs_no_shadow"], 2),
+                    s["shadow_decoded"], s["shadow_dropped"]] for name, s in r["shadow"].items()]
+    return "\n\n".join([
+        table(["follow by", "poll interval", "move -> first answer (median)", "range", "moves", "failed requests",
+               "p50 / p99 steady", "p50 / p99 during a swap"], move_rows),
+        table(["production", "p50 / p99", "p50 vs no shadow", "p99 vs no shadow", "shadow decoded", "shadow dropped"],
+              shadow_rows),
+        f"**Reading.** {r['model']} {r['compute_type']}, {r['clients']} clients posting en/{r['clip'].split('/')[-1]} "
+        f"(3 s) with {r['think_s'][0]:g}-{r['think_s'][1]:g} s between requests, {r['cpu_threads'] or 'default'} CTranslate2 threads. A move "
+        "is import (copy into the BentoML store), checksum verification, load and one smoke decode beside the served "
+        "version, then the next request; the poll adds up to its interval, the webhook takes its place. On 2 cores the "
+        "new version's load and warm-up compete with the requests in flight, which is what a swap costs production "
+        "here. The shadow runs only while production's engine holds no request; a production request can still wait "
+        "for the one shadow pass in flight, which is the cost the ratios show (CPU: both versions share the cores).",
+    ])
+
+
 def quantization(r: dict[str, Any]) -> str:
     parts = []
     for model, body in r["models"].items():

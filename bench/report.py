@@ -21,6 +21,7 @@ TITLES = {
     "service": "5. Service: cold start and RSS growth",
     "soak": "6. Soak and faults: 16 clients for 10 minutes, a killed worker, clients that go away",
     "batch": "7. Batch transcription: a pyfunc loop vs whisper-registry transcribe, here and on Spark",
+    "promotion": "8. Live promotion: alias move to the new version's first answer, and latency with a shadow",
 }
 
 
