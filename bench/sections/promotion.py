@@ -19,14 +19,13 @@ from __future__ import annotations
 import random
 import shutil
 import statistics
-import sys
 import threading
 import time
 from typing import Any
 
 from bench.common import WORK, log, ratio, summary
 from bench.server import BentoServer, ServiceUnavailable, service_code_present
-from tests.fixtures.processes import ServerProcess, free_port, venv_path_env
+from tests.fixtures.processes import mlflow_server
 
 NAME = "bench-promotion"
 CLIP = "quick_brown_fox"
@@ -44,22 +43,12 @@ def run(settings) -> dict[str, Any]:
     root = WORK / "promotion"
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
-    url = f"http://127.0.0.1:{free_port()}"
-    env = venv_path_env()
-    env.pop("MLFLOW_TRACKING_URI", None)
-    # Plain http to this machine, and webhooks created during the run seen at once.
-    env.update(MLFLOW_WEBHOOK_ALLOWED_SCHEMES="http,https", MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS="true",
-               MLFLOW_WEBHOOK_CACHE_TTL="1")
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-               "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port",
-               url.rsplit(":", 1)[1], "--workers", "1"]
     from tests.fixtures import real
 
     audio = (next(c for c in real.speech_clips(["en"]) if c.name == CLIP)).path.read_bytes()
     results: dict[str, Any] = {"model": "tiny_en", "compute_type": "int8", "clip": f"en/{CLIP}", "clients": CLIENTS,
                                "think_s": THINK_S, "cpu_threads": settings.cpu_threads}
-    with ServerProcess(command, ready_url=f"{url}/health", log_path=WORK / "logs" / "promotion-mlflow.log", env=env,
-                       timeout_s=120):
+    with mlflow_server(root / "mlflow", webhooks=True) as url:
         client = _register(url, real.whisper_tiny_en_ct2())
         try:
             results["moves"] = {mode: _moves(settings, url, client, audio, mode, moves) for mode in ("poll", "webhook")}
@@ -76,6 +65,7 @@ def _register(url: str, ct2_dir):
 
     import mlflow_faster_whisper as mfw
 
+    previous = mlflow.get_tracking_uri()  # the bench's store: set_tracking_uri(None) would unset it for every child
     mlflow.set_tracking_uri(url)
     try:
         mlflow.set_experiment("bench-promotion")
@@ -83,7 +73,7 @@ def _register(url: str, ct2_dir):
             with mlflow.start_run():
                 mfw.log_model(str(ct2_dir), name="model", registered_model_name=NAME)
     finally:
-        mlflow.set_tracking_uri(None)
+        mlflow.set_tracking_uri(previous)
     client = MlflowClient(url)
     client.set_registered_model_alias(NAME, "production", "1")
     client.set_registered_model_alias(NAME, "staging", "2")
