@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,7 @@ from tests.fixtures.processes import ServerProcess, free_port, venv_path_env
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL_NAME = "whisper-base"
+VERSION_HEADER = "x-whisper-model-version"  # every answer names the version that gave it
 # Stored with the version: the bottom layer of decoding options.
 VERSION_DECODING = {"beam_size": 2, "patience": 1.5, "temperature": 0.0}
 
@@ -106,3 +109,60 @@ def passes_observed(metrics_text: str, op: str = "encode") -> tuple[float, float
         elif line.startswith("whisper_pass_windows_sum"):
             total += float(line.rsplit(" ", 1)[1])
     return count, total
+
+
+class RequestLoop:
+    """Clients posting a clip to ``url``/transcribe in a loop; every answer's (time, status, the
+    version that answered), in order. A dropped connection is a failed answer (status 0)."""
+
+    def __init__(self, url: str, clip: Path, clients: int = 3):
+        self.answers: list[tuple[float, int, str]] = []
+        self.stop = threading.Event()
+        self.go = threading.Event()  # cleared: the clients send nothing new (pause)
+        self.go.set()
+        self.in_flight = 0
+        self._lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._run, args=(url, clip), daemon=True) for _ in range(clients)]
+
+    def _run(self, url: str, clip: Path) -> None:
+        data = clip.read_bytes()
+        with httpx.Client(base_url=url, timeout=120) as http:
+            while not self.stop.is_set():
+                if not self.go.wait(0.1):
+                    continue
+                with self._lock:
+                    self.in_flight += 1
+                try:
+                    r = http.post("/transcribe", files={"file": ("clip.wav", data, "audio/wav")})
+                    self.answers.append((time.monotonic(), r.status_code, r.headers.get(VERSION_HEADER, "")))
+                except Exception as exc:  # a dropped connection is a failed request too
+                    self.answers.append((time.monotonic(), 0, repr(exc)))
+                finally:
+                    with self._lock:
+                        self.in_flight -= 1
+
+    def pause(self, settle_s: float = 2.0) -> None:
+        """Until no request is in flight (and the service has settled)."""
+        self.go.clear()
+        while self.in_flight:
+            time.sleep(0.05)
+        time.sleep(settle_s)
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=120)
+
+    def first_answer_by(self, version: str, after: float, timeout: float = 120) -> float:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            hits = [t for t, status, v in list(self.answers) if t > after and status == 200 and v == version]
+            if hits:
+                return hits[0]
+            time.sleep(0.1)
+        raise AssertionError(f"no answer by version {version} within {timeout} s: {self.answers[-5:]}")

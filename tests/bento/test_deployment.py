@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -18,13 +17,12 @@ import mlflow
 import pytest
 
 import mlflow_faster_whisper as mfw
-from tests.bento.conftest import make_registry, server_env
+from tests.bento.conftest import RequestLoop, make_registry, server_env
 from tests.fixtures.processes import free_port
 
 pytestmark = [pytest.mark.real_weights, pytest.mark.server]
 
 NAME = "tiny-deploy"
-HEADER = "x-whisper-model-version"
 
 
 class _NotWhisper(mlflow.pyfunc.PythonModel):
@@ -116,16 +114,16 @@ def test_deployments_cli_create_predict_update_delete(tmp_path, whisper_tiny_en_
 
         # Move to version 2 while clients loop: no request fails, answers switch version.
         clip = next(c for c in speech_clips if c.name == "quick_brown_fox").path
-        with _Loop(state["url"], clip) as loop:
-            loop.wait_for("1")
+        with RequestLoop(state["url"], clip, clients=2) as loop:
+            loop.first_answer_by("1", after=0)
             moved = cli("update", "--name", "asr", "-m", f"models:/{NAME}/2")
             assert moved.returncode == 0, moved.stderr[-3000:]
-            loop.wait_for("2")
+            loop.first_answer_by("2", after=time.monotonic())
             refused = cli("update", "--name", "asr", "-m", "models:/not-whisper/1")
             assert refused.returncode != 0 and "no faster_whisper flavor" in refused.stderr and "version 2 still is" in refused.stderr
-            loop.wait_for("2")
-        assert loop.answers and not [a for a in loop.answers if a[0] != 200], loop.answers[:5]
-        versions = [v for _, v in loop.answers]
+            loop.first_answer_by("2", after=time.monotonic())
+        assert loop.answers and not [a for a in loop.answers if a[1] != 200], loop.answers[:5]
+        versions = [v for _, _, v in loop.answers]
         assert versions[0] == "1" and versions[-1] == "2" and set(versions) == {"1", "2"}
         got = cli("get", "--name", "asr")
         assert "model_version: 2" in got.stdout and f"model_uri: models:/{NAME}/2" in got.stdout
@@ -186,44 +184,3 @@ def _processes_running(needle: str) -> list[str]:
         if needle in cmdline and state != "Z":
             found.append(cmdline)
     return found
-
-
-class _Loop:
-    """Two clients posting a clip in a loop; every answer's (status, version), in order."""
-
-    def __init__(self, url: str, clip: Path, clients: int = 2):
-        self.url, self.data = url, clip.read_bytes()
-        self.answers: list[tuple[int, str]] = []
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
-
-    def _run(self) -> None:
-        import httpx
-
-        with httpx.Client(base_url=self.url, timeout=120) as http:
-            while not self.stop.is_set():
-                try:
-                    r = http.post("/transcribe", files={"file": ("clip.wav", self.data, "audio/wav")})
-                    self.answers.append((r.status_code, r.headers.get(HEADER, "")))
-                except Exception as exc:  # a dropped connection is a failed request too
-                    self.answers.append((0, repr(exc)))
-
-    def wait_for(self, version: str, timeout: float = 120) -> None:
-        """Until a new answer by ``version`` arrives."""
-        seen = len(self.answers)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if any(v == version for _, v in self.answers[seen:]):
-                return
-            time.sleep(0.1)
-        raise AssertionError(f"no answer by version {version} within {timeout} s: {self.answers[-5:]}")
-
-    def __enter__(self):
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=120)

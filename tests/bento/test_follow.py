@@ -4,7 +4,6 @@ sqlite registry, whisper-tiny.en, a request loop from several clients while the 
 from __future__ import annotations
 
 import statistics
-import threading
 import time
 from pathlib import Path
 
@@ -14,12 +13,11 @@ from mlflow import MlflowClient
 
 import mlflow_faster_whisper as mfw
 
-from tests.bento.conftest import bentoml_serve, make_registry, server_env
+from tests.bento.conftest import RequestLoop, bentoml_serve, make_registry, server_env
 
 pytestmark = [pytest.mark.real_weights, pytest.mark.server]
 
 NAME = "tiny-follow"
-HEADER = "x-whisper-model-version"
 
 
 def _rss_kb(pid: int) -> int:
@@ -27,62 +25,6 @@ def _rss_kb(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise AssertionError("no VmRSS")
-
-
-class _Loop:
-    """Clients posting a clip in a loop; every answer's status and version, in order."""
-
-    def __init__(self, server, clip: Path, clients: int = 3):
-        self.answers: list[tuple[float, int, str]] = []
-        self.stop = threading.Event()
-        self.go = threading.Event()  # cleared: the clients send nothing new (pause)
-        self.go.set()
-        self.in_flight = 0
-        self._lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._run, args=(server, clip), daemon=True) for _ in range(clients)]
-
-    def _run(self, server, clip: Path) -> None:
-        data = clip.read_bytes()
-        with server.client(timeout=120) as http:
-            while not self.stop.is_set():
-                if not self.go.wait(0.1):
-                    continue
-                with self._lock:
-                    self.in_flight += 1
-                try:
-                    r = http.post("/transcribe", files={"file": ("clip.wav", data, "audio/wav")})
-                    self.answers.append((time.monotonic(), r.status_code, r.headers.get(HEADER, "")))
-                except Exception as exc:  # a dropped connection is a failed request too
-                    self.answers.append((time.monotonic(), 0, repr(exc)))
-                finally:
-                    with self._lock:
-                        self.in_flight -= 1
-
-    def pause(self, settle_s: float = 2.0) -> None:
-        """Until no request is in flight (and the service has settled)."""
-        self.go.clear()
-        while self.in_flight:
-            time.sleep(0.05)
-        time.sleep(settle_s)
-
-    def __enter__(self):
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=120)
-
-    def first_answer_by(self, version: str, after: float, timeout: float = 120) -> float:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            hits = [t for t, status, v in list(self.answers) if t > after and status == 200 and v == version]
-            if hits:
-                return hits[0]
-            time.sleep(0.1)
-        raise AssertionError(f"no answer by version {version} within {timeout} s: {self.answers[-5:]}")
 
 
 def test_the_service_follows_its_alias_without_a_failed_request(tmp_path, whisper_tiny_en_ct2, speech_clips):
@@ -109,7 +51,7 @@ def test_the_service_follows_its_alias_without_a_failed_request(tmp_path, whispe
         info = http.get("/info").json()
         assert info["follow"]["following"] and info["follow"]["alias"] == f"models:/{NAME}@production"
         pid = info["worker_pid"]
-        with _Loop(server, clip) as loop:
+        with RequestLoop(server.url, clip) as loop:
             loop.first_answer_by("1", after=0)
             # Memory is compared with no request in flight: before the moves, and after them.
             loop.pause()

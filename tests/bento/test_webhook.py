@@ -8,7 +8,6 @@ import base64
 import hashlib
 import hmac
 import json
-import sys
 import time
 import uuid
 
@@ -18,9 +17,8 @@ from mlflow import MlflowClient
 
 import mlflow_faster_whisper as mfw
 
-from tests.bento.conftest import bentoml_serve, server_env
-from tests.bento.test_follow import _Loop
-from tests.fixtures.processes import ServerProcess, free_port, venv_path_env
+from tests.bento.conftest import RequestLoop, bentoml_serve, server_env
+from tests.fixtures.processes import mlflow_server
 
 pytestmark = [pytest.mark.real_weights, pytest.mark.server]
 
@@ -38,19 +36,7 @@ def _signed(body: bytes, secret: str, timestamp: int) -> dict[str, str]:
 
 
 def test_a_signed_alias_event_moves_the_service_and_a_forged_one_is_refused(tmp_path, whisper_tiny_en_ct2, speech_clips):
-    port = free_port()
-    tracking = f"http://127.0.0.1:{port}"
-    env = venv_path_env()
-    env.pop("MLFLOW_TRACKING_URI", None)
-    # MLflow sends webhooks over https to public addresses only unless allowed (here: plain http to
-    # this machine), and caches the webhooks of an event for MLFLOW_WEBHOOK_CACHE_TTL (60 s):
-    # shortened so the one created below counts at once.
-    env.update(MLFLOW_WEBHOOK_ALLOWED_SCHEMES="http,https", MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS="true",
-               MLFLOW_WEBHOOK_CACHE_TTL="1")
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-               "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-               "--workers", "1"]
-    with ServerProcess(command, ready_url=f"{tracking}/health", log_path=tmp_path / "mlflow.log", env=env, timeout_s=120):
+    with mlflow_server(tmp_path / "mlflow", webhooks=True) as tracking:
         mlflow.set_tracking_uri(tracking)
         try:
             mlflow.set_experiment("bento")
@@ -83,7 +69,7 @@ def test_a_signed_alias_event_moves_the_service_and_a_forged_one_is_refused(tmp_
             client.create_webhook(name="bento", url=f"{server.url}/webhooks/mlflow",
                                   events=["model_version_alias.created"], secret=SECRET)
             clip = next(c for c in speech_clips if c.name == "quick_brown_fox").path
-            with _Loop(server, clip, clients=2) as loop:
+            with RequestLoop(server.url, clip, clients=2) as loop:
                 loop.first_answer_by("1", after=0)
                 moved = time.monotonic()
                 client.set_registered_model_alias(NAME, "production", "2")

@@ -4,7 +4,6 @@ server (--artifacts-destination). PostgreSQL comes from .ci/postgres.sh (`make p
 from __future__ import annotations
 
 import os
-import sys
 import traceback
 import uuid
 from pathlib import Path
@@ -14,7 +13,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from tests.fixtures.processes import ServerProcess, free_port, venv_path_env
+from tests.fixtures import processes
 
 from tests.registry.conftest import TINY_DECODING
 from whisper_registry.cli import main
@@ -74,15 +73,8 @@ def postgres_database():
 def mlflow_server(postgres_database, tmp_path_factory):
     """`mlflow server` as a real process; yields (tracking URI, artifacts destination)."""
     root = tmp_path_factory.mktemp("mlflow-server")
-    artifacts = root / "artifacts"
-    port = free_port()
-    env = venv_path_env()
-    env.pop("MLFLOW_TRACKING_URI", None)
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", postgres_database,
-               "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    url = f"http://127.0.0.1:{port}"
-    with ServerProcess(command, ready_url=f"{url}/health", log_path=root / "server.log", env=env, timeout_s=120):
-        yield url, artifacts
+    with processes.mlflow_server(root, backend_store_uri=postgres_database) as url:
+        yield url, root / "artifacts"
 
 
 @pytest.fixture
