@@ -36,7 +36,6 @@ with bentoml.importing():
     import mlflow_faster_whisper
     from mlflow_faster_whisper import checksums, devices, transcription
     from mlflow_faster_whisper.engine import Engine, Overloaded, PassStats, Ticket, limit_malloc_arenas, release_free_memory
-    from whisper_bento.shadow import Shadow
     from mlflow_faster_whisper import constants as c
     from mlflow_faster_whisper.audio import decode_audio
     from mlflow_faster_whisper.decoding import DecodingOptions
@@ -113,8 +112,10 @@ class Transcriber:
         self.primary = _Slot("primary", _load(self.bento_model, MODEL.registry, CONFIG.model, MODEL.source),
                              CONFIG.model, MODEL.source)
         self.runtime = devices.runtime_facts()
-        self.shadow: Shadow | None = None
+        self.shadow = None
         if CONFIG.shadow:
+            from whisper_bento.shadow import Shadow  # and the registry's scorer: only a shadowing service needs them
+
             # The candidate's engine runs a pass only while production's holds no request.
             options = {"defer": self._primary_busy, "on_pass": None, "max_requests": 2 * CONFIG.batch_size,
                        "max_wait_s": CONFIG.shadow_max_wait_s}
