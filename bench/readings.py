@@ -12,9 +12,10 @@ PREAMBLE = """# Benchmarks
 Rendered by `python -m bench` from `bench/results/merged.json`; do not edit by hand (edit
 `bench/readings.py`, then `python -m bench --render-only`).
 
-**How to run.** `make bench` (= `.venv/bin/python -m bench`, about 35 minutes on 2 cores);
+**How to run.** `make bench` (= `.venv/bin/python -m bench`, about 70 minutes on 2 cores);
 `python -m bench --quick` is a smoke test; `python -m bench --only SECTION` runs one of
-`single`, `concurrency`, `quantization`, `conversion`, `service`, `soak`. Each run writes
+`single`, `concurrency`, `padding`, `quantization`, `conversion`, `service`, `soak`, `batch`,
+`promotion`. Each run writes
 `bench/results/<run>.json`; the latest full result per section is kept in `merged.json`.
 Everything runs offline on real weights (openai/whisper-base and whisper-tiny.en, rebuilt as float32
 transformers checkpoints from their CTranslate2 releases, shared/FIXTURES.md) and real speech
