@@ -394,21 +394,25 @@ def service(r: dict[str, Any]) -> str:
             f"({rss['clients']} concurrent clients, clip {rss['clip']}, {num(rss['requests_per_s'], 2)} requests/s)."
         )
     parts.append(
-        "**Reading.** A cold start is two interpreters starting one after the other: the `bentoml serve` "
+        '**Reading.** A cold start is two interpreters starting one after the other: the `bentoml serve` '
         "process (BentoML's CLI, then the service module) and its worker (BentoML's worker, the service "
-        "module again, the sha256 of every model file, CTranslate2's load: the model load line). Serving "
-        "imports neither torch, transformers nor MLflow; only resolving a registry alias imports MLflow, "
-        "once, in the `bentoml serve` process. The RSS table is for tiny.en int8 (1000 base requests, "
-        "one 30 s encoder window each, would take more than the whole benchmark budget on 2 cores; the "
-        "per-request code is the same). The worker decodes every batch on one dedicated thread and trims "
-        "the malloc heap after it: decoding on the shared thread pool gave each pool thread its own glibc "
-        "arena holding freed decoder buffers, and the worker grew in steps (+30 % from 10 to 1000 requests "
-        "before). What still grows is bounded: BentoML's TimeoutMiddleware (bentoml 1.4) arms a "
-        "`call_later(request_timeout_s)` timer per request and never cancels it, so each answered "
-        "request's context (its Request, uvicorn cycle and tracing spans; tracemalloc counted about "
-        "9 KB of Python objects per request) stays alive for `request_timeout_s` (600 s). That growth "
-        "levels off after 600 s of traffic, which this run (under 10 minutes) does not reach; it is "
-        "a BentoML bug that this service does not patch."
+        "module again, the sha256 of every model file, CTranslate2's load: the model load line). Serving a "
+        'built bento or a pinned version imports neither torch, transformers nor MLflow. A service started on'
+        ' a registry alias follows it (follow_interval_s, 30 s by default): its worker imports MLflow (and '
+        'bentoml.mlflow) to poll the registry, in a background thread started with the worker, which is why '
+        "MLflow shows in that worker's imports, why its cold start is slower than in the November run (5.95 "
+        's), and part of why its RSS is higher; the alias is resolved once more in the `bentoml serve` '
+        'process. The RSS table is for tiny.en int8 served from source on its alias (1000 base requests, one '
+        '30 s encoder window each, would take more than the whole benchmark budget on 2 cores; the '
+        'per-request code is the same). Most of its growth is between request 10 and 100 (+44 MiB, then +12 '
+        "MiB to 1000), the window in which (not measured apart) the follower's first poll, 30 s after the "
+        "start, loads MLflow's registry client and store, and the engine's request threads start as the load "
+        'needs them; glibc keeps at most two malloc arenas in the worker '
+        "(mlflow_faster_whisper.engine.limit_malloc_arenas). What grows after that is bounded: BentoML's "
+        'TimeoutMiddleware (bentoml 1.4) arms a `call_later(request_timeout_s)` timer per request and never '
+        "cancels it, so each answered request's context (its Request, uvicorn cycle and tracing spans; "
+        'tracemalloc counted about 9 KB of Python objects per request) stays alive for `request_timeout_s` '
+        '(600 s); it is a BentoML bug that this service does not patch.'
     )
     return "\n\n".join(parts)
 
