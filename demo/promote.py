@@ -84,12 +84,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             gate = "shadow.agreement>=0.5"
             promote(MODEL_NAME, staging, "production", gates=[gate])
             print(f"    {MODEL_NAME}@production -> version {staging} (gate {gate}: passed)")
-            print(f"    the running service moved in {_watch(http, staging):.1f} s, no restart")
+            hello = next(c for c in clips if c.name == "hello_world").path
+            print(f"    the running service moved in {_watch(http, staging, hello):.1f} s, no restart")
 
             _step("5/6 Rolling back")
             back = rollback(MODEL_NAME, "production")
             print(f"    {MODEL_NAME}@production -> version {back.to_version}")
-            print(f"    the running service moved back in {_watch(http, back.to_version):.1f} s")
+            print(f"    the running service moved back in {_watch(http, back.to_version, hello):.1f} s")
 
             _step("6/6 Result")
             info = http.get("/info").json()
@@ -102,16 +103,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-def _watch(http, version: str, timeout: float = 300) -> float:
-    """Seconds until the service answers with ``version`` (a request every 0.5 s)."""
-    import numpy as np
-
-    from tests.fixtures.audio import float_wav_bytes
-
-    silence = float_wav_bytes(np.zeros(16000, dtype=np.float32))
+def _watch(http, version: str, clip: Path, timeout: float = 300) -> float:
+    """Seconds until the service answers with ``version`` (a real clip every 0.5 s, as traffic would)."""
+    data = clip.read_bytes()
     started = time.monotonic()
     while time.monotonic() - started < timeout:
-        answer = http.post("/transcribe", files={"file": ("silence.wav", silence, "audio/wav")})
+        answer = http.post("/transcribe", files={"file": (clip.name, data, "audio/wav")})
         if answer.status_code == 200 and answer.headers["x-whisper-model-version"] == str(version):
             return time.monotonic() - started
         time.sleep(0.5)
