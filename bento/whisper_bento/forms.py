@@ -56,6 +56,17 @@ async def read_form(request: Request, max_upload_bytes: int) -> FormData:
         raise bad_request(f"The multipart body could not be parsed: {exc}.", param="file") from None
 
 
+async def read_body(request: Request, max_bytes: int, what: str = "The body") -> bytes:
+    """A raw body of at most ``max_bytes``, counted as it arrives (413 beyond, read no further)."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise too_large(f"{what} is at most {max_bytes} bytes.", param=None)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def audio_bytes(form: FormData, max_upload_bytes: int) -> bytes:
     upload = next((form[name] for name in FILE_FIELDS if name in form), None)
     if upload is None:

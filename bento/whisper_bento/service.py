@@ -209,9 +209,7 @@ class Transcriber:
         instead of at the end of the poll interval. Only with ``webhook_secret`` configured."""
         if WEBHOOK_SECRETS is None:
             raise StarletteHTTPException(404, "Not Found")  # as if the route did not exist
-        if int(request.headers.get("content-length") or 0) > WEBHOOK_MAX_BYTES:
-            raise too_large(f"A webhook event is at most {WEBHOOK_MAX_BYTES} bytes.", param=None)
-        body = await request.body()
+        body = await forms.read_body(request, WEBHOOK_MAX_BYTES, what="A webhook event")
         problem = auth.mlflow_signature_problem(body, request.headers, WEBHOOK_SECRETS)
         if problem is not None:
             _logger.warning("Refused a webhook call: %s", problem)

@@ -62,6 +62,8 @@ def test_a_signed_alias_event_moves_the_service_and_a_forged_one_is_refused(tmp_
                             _signed(event, SECRET, now - 3600)):  # replayed an hour later
                 refused = http.post("/webhooks/mlflow", content=event, headers=headers)
                 assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_signature", refused.text
+            too_big = http.post("/webhooks/mlflow", content=b"{" * (65 * 1024), headers=_signed(b"", SECRET, now))
+            assert too_big.status_code == 413, too_big.text
             time.sleep(2)
             follow = http.get("/info").json()["follow"]
             assert follow["webhook_events"] == 0 and follow["swaps"] == 0
