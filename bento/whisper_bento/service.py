@@ -494,8 +494,10 @@ class _Slot:
                 follow.note_error(f"checking {target}: {type(exc).__name__}: {exc}")
                 continue
             follow.last_check = time.time()
-            if holder is None or holder.version == follow.failed_version or follow.target != target:
-                continue
+            served = self.served.model_info
+            if (holder is None or holder.version == follow.failed_version or follow.target != target
+                    or (holder.name, holder.version) == (served["name"], served["version"])):
+                continue  # nothing to do: no lock taken, nothing recomputed, on the common poll
             try:
                 self.move_to(holder, target)
             except Exception:  # noted by move_to; the served version stays
