@@ -17,6 +17,8 @@ from mlflow import MlflowClient
 
 import mlflow_faster_whisper as mfw
 
+from whisper_bento import model_ref
+
 from tests.bento.conftest import RequestLoop, bentoml_serve, server_env
 from tests.fixtures.processes import mlflow_server
 
@@ -47,13 +49,17 @@ def test_a_signed_alias_event_moves_the_service_and_a_forged_one_is_refused(tmp_
             mlflow.set_tracking_uri(None)
         client = MlflowClient(tracking)
         client.set_registered_model_alias(NAME, "production", "1")
+        _the_service_asks_an_mlflow_server_over_rest(tracking)
 
         serve_env = {**server_env(tmp_path / "bentoml", tracking), "WHISPER_WEBHOOK_SECRET": SECRET}
         args = {"model": f"models:/{NAME}@production", "follow_interval_s": str(POLL_S), "compute_type": "int8",
                 "webhook_secret": "env:WHISPER_WEBHOOK_SECRET"}
         with bentoml_serve("whisper_bento:Transcriber", args, serve_env, tmp_path / "serve.log") as server, \
                 server.client() as http:
-            assert http.get("/info").json()["follow"]["webhook"] is True
+            info = http.get("/info").json()
+            assert info["follow"]["webhook"] is True
+            # Started on an alias in an MLflow server: resolved over REST, no MLflow in the worker.
+            assert info["imports"]["mlflow"] is False, info["imports"]
             event = json.dumps({"entity": "model_version_alias", "action": "created", "timestamp": "",
                                 "data": {"name": NAME, "alias": "production", "version": "2"}}).encode()
             now = int(time.time())
@@ -81,3 +87,23 @@ def test_a_signed_alias_event_moves_the_service_and_a_forged_one_is_refused(tmp_
     assert not failed, failed[:5]
     assert info["model"]["version"] == "2" and info["follow"]["swaps"] == 1 and info["follow"]["webhook_events"] >= 1
     print(f"alias move -> first answer by version 2 through the webhook: {first - moved:.2f} s (poll interval {POLL_S} s)")
+
+
+def _the_service_asks_an_mlflow_server_over_rest(tracking: str) -> None:
+    """model_ref's REST lookups give what MLflow's client gives, and MLflow's error codes."""
+    mlflow.set_tracking_uri(tracking)
+    try:
+        found = model_ref.registry_version(f"models:/{NAME}@production")
+        pinned = model_ref.registry_version(f"models:/{NAME}/2")
+        with pytest.raises(model_ref.RegistryError) as missing:
+            model_ref.registry_version(f"models:/{NAME}@nowhere")
+    finally:
+        mlflow.set_tracking_uri(None)
+    expected = MlflowClient(tracking).get_model_version(NAME, "1")
+    assert (found.name, found.version, found.aliases, found.run_id, found.source) == \
+        (NAME, "1", ("production",), expected.run_id, expected.source)
+    assert pinned.version == "2" and pinned.aliases == ()
+    assert missing.value.error_code == "RESOURCE_DOES_NOT_EXIST" and "nowhere" in str(missing.value)
+    with pytest.raises(model_ref.RegistryError) as dead:
+        model_ref._rest_get("http://127.0.0.1:9", "registered-models/alias", name=NAME, alias="production")
+    assert dead.value.error_code == "TEMPORARILY_UNAVAILABLE"
