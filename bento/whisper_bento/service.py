@@ -26,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from whisper_bento import auth, forms, formats, model_ref, openapi
+from whisper_bento import auth, forms, formats, model_ref, openapi, traffic
 from whisper_bento.config import ServiceConfig, bound_violation
 from whisper_bento.errors import ApiError, bad_request, invalid_value, too_large
 
@@ -48,6 +48,7 @@ _logger = logging.getLogger(__name__)
 logging.getLogger("whisper_bento").setLevel(logging.INFO)
 
 limit_malloc_arenas()  # a worker swaps models for as long as it runs: keep its heap from fragmenting
+traffic.release_request_timers()  # and does not keep answered requests for request_timeout_s
 CONFIG = bentoml.use_arguments(ServiceConfig)
 MODEL = model_ref.bento_model_for(CONFIG.model)
 _BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
@@ -479,10 +480,7 @@ class _Slot:
     def _follow_alias(self) -> None:
         """Check the followed alias every interval (or when woken) and move to the version it names."""
         follow = self.follow
-        # What a move needs, loaded now: the worker's memory then holds still across moves.
-        import bentoml.mlflow  # noqa: F401
-
-        while True:
+        while True:  # MLflow is imported only where the registry needs it (model_ref): not at start-up
             follow.wake.wait(follow.interval_s)
             follow.wake.clear()
             target = follow.target

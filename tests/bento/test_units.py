@@ -115,3 +115,69 @@ def test_deployment_predict_reads_what_mlflow_models_predict_takes(payload, para
     expected = (["QUFB", "QkJC"], {"language": "en"} if params else {})
     assert _audio_and_params(payload) == expected
     assert _audio_and_params(pd.read_json(io.StringIO(json.dumps(payload)))) == expected
+
+
+def _requests_through(middleware_call, timeout: float, app_delay_s: float = 0.0, requests: int = 5):
+    """Run ``requests`` requests through BentoML's TimeoutMiddleware with ``middleware_call`` as its
+    ``__call__``; each request's context holds a marker, as an outer middleware's tracing span does.
+    Returns weak references to the markers (after the requests end) and the statuses answered."""
+    import asyncio
+    import contextvars
+    import gc
+    import weakref
+
+    from bentoml._internal.server.http.traffic import TimeoutMiddleware
+
+    request_context = contextvars.ContextVar("request_context")
+
+    class Marker:
+        pass
+
+    async def app(scope, receive, send):
+        await asyncio.sleep(app_delay_s)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    middleware = type("Timeout", (TimeoutMiddleware,), {"__call__": middleware_call})(app, timeout=timeout)
+    markers, statuses = [], []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    async def one_request():
+        marker = Marker()
+        markers.append(weakref.ref(marker))
+        request_context.set(marker)
+        del marker
+        await middleware({"type": "http"}, receive, send)
+
+    async def main():
+        for _ in range(requests):
+            await asyncio.create_task(one_request())
+        await asyncio.sleep(0.01)  # the loop lets go of the last task
+        gc.collect()
+        return [ref() is not None for ref in markers]  # while the loop (and its timers) still runs
+
+    alive = asyncio.run(main())
+    return alive, statuses
+
+
+def test_bentoml_request_timers_keep_no_answered_request_alive():
+    from bentoml._internal.server.http.traffic import TimeoutMiddleware
+
+    from whisper_bento import traffic
+
+    assert traffic.release_request_timers()
+    # BentoML's own middleware keeps every answered request's context until its timer fires: if
+    # this starts failing, BentoML fixed it and release_request_timers can go.
+    alive, statuses = _requests_through(TimeoutMiddleware._bentoml_call, timeout=600)
+    assert all(alive) and statuses == [200] * 5
+    alive, statuses = _requests_through(TimeoutMiddleware.__call__, timeout=600)
+    assert not any(alive) and statuses == [200] * 5
+    # The timeout itself still answers 504.
+    _, statuses = _requests_through(TimeoutMiddleware.__call__, timeout=0.05, app_delay_s=1.0, requests=1)
+    assert statuses == [504]
