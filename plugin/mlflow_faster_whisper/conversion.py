@@ -91,7 +91,7 @@ def convert(source: sources.WhisperSource, output_dir: Path, quantization: Optio
     with tempfile.TemporaryDirectory(prefix="mlflow-faster-whisper-") as tmp:
         checkpoint, processor = _transformers_checkpoint(source, Path(tmp))
         _check_mel_bins(checkpoint, processor, source.revision)
-        _run_converter(checkpoint, output_dir, quantization, source.revision)
+        _run_converter(checkpoint, output_dir, quantization, source.revision, processor.tokenizer)
     _write_processor_files(processor, output_dir)
     for name in _JSON_TO_COMPACT:
         _compact_json(output_dir / name)
@@ -227,10 +227,12 @@ def _check_mel_bins(checkpoint: str, processor: Any, revision: Optional[str]) ->
         )
 
 
-def _run_converter(checkpoint: str, output_dir: Path, quantization: str, revision: Optional[str]) -> None:
-    import ctranslate2
+def _run_converter(checkpoint: str, output_dir: Path, quantization: str, revision: Optional[str], tokenizer: Any) -> None:
+    from mlflow_faster_whisper import lowmem
 
-    converter = ctranslate2.converters.TransformersConverter(checkpoint, revision=revision, low_cpu_mem_usage=True)
+    # float16 targets load as float16, as CTranslate2's own command line does.
+    converter = lowmem.Converter(checkpoint, revision=revision, low_cpu_mem_usage=True, tokenizer=tokenizer,
+                                 load_as_float16=quantization in ("float16", "int8_float16"))
     try:
         converter.convert(str(output_dir), quantization=None if quantization == "none" else quantization)
     except Exception as exc:

@@ -179,6 +179,42 @@ def test_failed_conversion_leaves_no_version_no_temp_dirs(tiny_variant, mlflow_s
     assert list(scratch.iterdir()) == []
 
 
+@pytest.mark.parametrize("quantization", ["int8", "float32", "float16"])
+def test_the_low_memory_load_writes_what_ctranslate2s_own_converter_writes(tiny_whisper_hf, tmp_path, quantization):
+    ours = tmp_path / "ours"
+    mfw.save_model(str(tiny_whisper_hf), ours, quantization=quantization)
+    theirs = tmp_path / "theirs"
+    ctranslate2.converters.TransformersConverter(str(tiny_whisper_hf), load_as_float16=quantization == "float16").convert(
+        str(theirs), quantization=quantization)
+    assert (ours / "model" / "model.bin").read_bytes() == (theirs / "model.bin").read_bytes()
+
+
+def test_a_sharded_checkpoint_is_read_shard_by_shard(tiny_whisper_objects, tiny_whisper_hf, tmp_path):
+    from mlflow_faster_whisper import lowmem
+
+    model, processor = tiny_whisper_objects
+    sharded = tmp_path / "sharded"
+    model.save_pretrained(sharded, max_shard_size="4MB")
+    for name in ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
+        if (tiny_whisper_hf / name).is_file():
+            (sharded / name).write_bytes((tiny_whisper_hf / name).read_bytes())
+    assert len(lowmem.weight_files(str(sharded))) > 1
+    mfw.save_model(str(sharded), tmp_path / "from-shards", quantization="int8")
+    mfw.save_model(str(tiny_whisper_hf), tmp_path / "from-one-file", quantization="int8")
+    assert (tmp_path / "from-shards" / "model" / "model.bin").read_bytes() == \
+        (tmp_path / "from-one-file" / "model" / "model.bin").read_bytes()
+
+
+def test_a_truncated_checkpoint_fails_naming_the_file(tiny_whisper_hf, tmp_path):
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    for f in tiny_whisper_hf.iterdir():
+        (cut / f.name).write_bytes(f.read_bytes()[: f.stat().st_size // 2] if f.name == "model.safetensors" else f.read_bytes())
+    with pytest.raises(ConversionError, match=r"model\.safetensors ends inside"):
+        mfw.save_model(str(cut), tmp_path / "m", quantization="int8")
+    assert not (tmp_path / "m").exists()
+
+
 def test_a_checkpoint_too_big_for_the_memory_here_is_refused_before_loading(mlflow_store, tiny_whisper_hf, tmp_path):
     big = tmp_path / "big"
     big.mkdir()

@@ -1,0 +1,159 @@
+"""CTranslate2's Whisper conversion with one float copy of the model in memory, not two or three.
+
+CTranslate2's ``TransformersConverter`` loads the checkpoint with ``from_pretrained``, which (with
+transformers 5) keeps the weights memory-mapped: every page read counts in the process's RSS, and
+int8 quantization, which scales each weight in place, copies the mapped pages on write, so a float
+copy is made beside the mapping and both stay until the conversion ends (whisper-base int8: 2.2x
+the checkpoint above the imports). Here the same converter loads the model differently: the
+tensors are read one by one with plain reads into anonymous memory, in the dtype the target needs,
+and assigned to a model built without weights (``meta`` device). While CTranslate2 builds its spec,
+the q/k/v projections it fuses into one tensor are freed once fused; then the model is dropped, so
+the spec is the only owner of each tensor and quantizing a tensor frees its float copy; and each
+tensor is written to model.bin from its own memory rather than from a copy of it. Everything else
+(the spec, quantization, the file format) is CTranslate2's own code: the model.bin written is byte
+for byte the one its converter writes.
+
+Only a local directory of ``*.safetensors`` weights is read this way; anything else (a hub id, a
+``pytorch_model.bin``) goes through ``from_pretrained`` as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import struct
+from itertools import chain
+from pathlib import Path
+from typing import Any, Optional
+
+import ctranslate2
+import torch
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def weight_files(model_dir: str) -> Optional[list[Path]]:
+    """The safetensors files of a local transformers checkpoint (sharded or not), else None."""
+    directory = Path(model_dir)
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [directory / shard for shard in shards]
+    single = directory / "model.safetensors"
+    return [single] if single.is_file() else None
+
+
+def read_safetensors(path: Path, dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, read into its own memory (no mapping), floating tensors
+    cast to ``dtype`` one at a time.
+
+    Raises:
+        ValueError: the file is not a well-formed safetensors file.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    with open(path, "rb") as f:
+        (header_size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_size))
+        base = 8 + header_size
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = entry["data_offsets"]
+            tensor = torch.empty(entry["shape"], dtype=_DTYPES[entry["dtype"]])
+            buffer = tensor.reshape(-1).view(torch.uint8).numpy()
+            if buffer.nbytes != end - begin:
+                raise ValueError(f"{path}: {name} has {end - begin} bytes for shape {entry['shape']} {entry['dtype']}")
+            f.seek(base + begin)
+            if f.readinto(buffer) != buffer.nbytes:
+                raise ValueError(f"{path} ends inside {name}")
+            if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+                tensor = tensor.to(dtype)
+            tensors[name] = tensor
+    return tensors
+
+
+class Converter(ctranslate2.converters.TransformersConverter):
+    """``TransformersConverter`` that loads a local safetensors checkpoint with one float copy, and
+    takes the checkpoint's tokenizer already loaded (``tokenizer``) rather than loading a second."""
+
+    def __init__(self, *args, tokenizer: Any = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._tokenizer = tokenizer
+
+    def load_tokenizer(self, tokenizer_class, model_name_or_path, **kwargs):
+        if self._tokenizer is not None:
+            return self._tokenizer
+        return super().load_tokenizer(tokenizer_class, model_name_or_path, **kwargs)
+
+    def convert(self, *args, **kwargs):
+        with _one_copy_at_a_time():
+            return super().convert(*args, **kwargs)
+
+    def _load(self):
+        spec = super()._load()
+        gc.collect()  # the model is gone: the spec alone holds each tensor, so quantizing it frees it
+        return spec
+
+    def load_model(self, model_class, model_name_or_path, **kwargs):
+        files = weight_files(model_name_or_path) if Path(model_name_or_path).is_dir() else None
+        if files is None or self._revision:
+            return super().load_model(model_class, model_name_or_path, **kwargs)
+        config = kwargs["config"]
+        config._name_or_path = str(model_name_or_path)
+        with torch.device("meta"):
+            model = model_class(config)
+        state: dict[str, Any] = {}
+        for file in files:
+            state.update(read_safetensors(file, kwargs.get("dtype")))
+        _, unexpected = model.load_state_dict(state, strict=False, assign=True)
+        del state
+        model.tie_weights()
+        unloaded = [name for name, t in chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
+        if unloaded or unexpected:
+            raise ValueError(
+                f"The weights in {model_name_or_path} do not match {model_class.__name__}: "
+                f"missing {unloaded[:5]}, unexpected {list(unexpected)[:5]}"
+            )
+        _load_generation_config(model, model_name_or_path)
+        return model.eval()
+
+
+def _load_generation_config(model: Any, model_dir: str) -> None:
+    # What from_pretrained does: the checkpoint's generation config (language ids, suppressed
+    # tokens, alignment heads), when it has one.
+    from transformers import GenerationConfig
+
+    if (Path(model_dir) / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(model_dir)
+
+
+@contextlib.contextmanager
+def _one_copy_at_a_time():
+    """Within one conversion: free the projections CTranslate2 fuses once fused, and write each
+    tensor from its own memory (CTranslate2 copies it into a bytes object first)."""
+    from ctranslate2.converters import utils
+    from ctranslate2.specs.model_spec import PyTorchVariable
+
+    fuse_linear, to_bytes = utils.fuse_linear, PyTorchVariable.to_bytes
+
+    def fuse_and_free(spec, layers):
+        fuse_linear(spec, layers)
+        for layer in layers:  # the model's own projections: nothing else reads them after this
+            for tensor in (layer.weight, getattr(layer, "bias", None)):
+                if isinstance(tensor, torch.Tensor):
+                    with contextlib.suppress(RuntimeError):  # a memory-mapped tensor cannot be resized
+                        tensor.untyped_storage().resize_(0)
+
+    def tensor_bytes(self):
+        return memoryview(self.tensor.reshape(-1).view(torch.uint8).numpy())
+
+    utils.fuse_linear, PyTorchVariable.to_bytes = fuse_and_free, tensor_bytes
+    try:
+        yield
+    finally:
+        utils.fuse_linear, PyTorchVariable.to_bytes = fuse_linear, to_bytes
