@@ -20,6 +20,7 @@ Only a local directory of ``*.safetensors`` weights is read this way; anything e
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
 import json
 import struct
@@ -65,11 +66,13 @@ def read_safetensors(path: Path, dtype: Optional[torch.dtype] = None) -> dict[st
                 continue
             begin, end = entry["data_offsets"]
             tensor = torch.empty(entry["shape"], dtype=_DTYPES[entry["dtype"]])
-            buffer = tensor.reshape(-1).view(torch.uint8).numpy()
-            if buffer.nbytes != end - begin:
+            size = tensor.numel() * tensor.element_size()
+            if size != end - begin:
                 raise ValueError(f"{path}: {name} has {end - begin} bytes for shape {entry['shape']} {entry['dtype']}")
             f.seek(base + begin)
-            if f.readinto(buffer) != buffer.nbytes:
+            # Straight into the tensor's memory (a numpy view would make its storage unresizable,
+            # and the fused projections could then not be freed).
+            if size and f.readinto(memoryview((ctypes.c_char * size).from_address(tensor.data_ptr())).cast("B")) != size:
                 raise ValueError(f"{path} ends inside {name}")
             if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
                 tensor = tensor.to(dtype)
