@@ -224,7 +224,7 @@ def test_a_checkpoint_too_big_for_the_memory_here_is_refused_before_loading(mlfl
     with open(big / "model.safetensors", "wb") as weights:
         weights.truncate(1 << 40)  # 1 TiB of weights, as a sparse file: no disk used, never read
 
-    with pytest.raises(ConversionError, match=r"needs about 2560\.\d GiB of memory \(1024\.0 GiB of weights\), but "
+    with pytest.raises(ConversionError, match=r"needs about 112[67]\.\d GiB of memory \(1024\.0 GiB of weights\), but "
                                               r"\d+\.\d GiB is available here\. Free memory, or convert on a machine"):
         mfw.log_model(str(big), name="model", registered_model_name="big")
     assert mlflow.MlflowClient().search_model_versions("name='big'") == []
