@@ -38,12 +38,15 @@ class Settings:
     conversion_reps: int
     cold_starts: int
     rss_requests: tuple[int, ...]  # request counts at which the service RSS is sampled
+    scaling_shapes: tuple[str, ...]  # checkpoint shapes the scaling section converts
+    scaling_reps: int  # conversions per (shape, quantization, converter) below 1 GiB of weights; 1 above
 
     @classmethod
     def for_mode(cls, quick: bool, cpu_threads: int) -> "Settings":
         if quick:
-            return cls("quick", cpu_threads, 2, 1, 30.0, 1, 2, 1, 1, 1, (10, 50))
-        return cls("full", cpu_threads, 7, 5, None, 3, 3, 1, 3, 3, (10, 100, 250, 500, 1000))
+            return cls("quick", cpu_threads, 2, 1, 30.0, 1, 2, 1, 1, 1, (10, 50), ("tiny", "base"), 1)
+        return cls("full", cpu_threads, 7, 5, None, 3, 3, 1, 3, 3, (10, 100, 250, 500, 1000),
+                   ("tiny", "base", "small", "medium"), 2)
 
 
 # Decoding options used by every path in every section: faster-whisper's defaults (beam search

@@ -3,9 +3,13 @@
 Modes:
   ours CHECKPOINT QUANTIZATION NAME   mlflow_faster_whisper.log_model(..., registered_model_name=NAME),
                                       then alias ``bench`` on the new version
-  raw CHECKPOINT QUANTIZATION OUT     ctranslate2 TransformersConverter alone (the floor)
+  raw CHECKPOINT QUANTIZATION OUT     ctranslate2 TransformersConverter alone, as its command line
+                                      runs it (the floor)
+  save CHECKPOINT QUANTIZATION OUT    mlflow_faster_whisper.save_model (conversion, no registry)
+  load MODEL_DIR CLIP                 mlflow_faster_whisper.load_model, then one transcription
   imports                             the imports ``ours`` needs, nothing else (the RSS floor)
   rebuild CT2_DIR DEST                write a transformers checkpoint rebuilt from a CTranslate2 dir
+  random SHAPE DEST                   write a random-weight Whisper checkpoint shaped like SHAPE
 
 Prints one JSON line: timings and ``vmhwm_bytes`` (VmHWM read by this process at the end).
 """
@@ -97,9 +101,11 @@ def _raw(checkpoint: str, quantization: str, out: str) -> dict:
 
     import ctranslate2
 
+    _imports()  # the same floor as ``save``: the comparison is the conversion alone
     imported = time.perf_counter()
     converter = ctranslate2.converters.TransformersConverter(
-        checkpoint, copy_files=["tokenizer.json", "preprocessor_config.json"], low_cpu_mem_usage=True
+        checkpoint, copy_files=["tokenizer.json", "preprocessor_config.json"], low_cpu_mem_usage=True,
+        load_as_float16=quantization in ("float16", "int8_float16"),  # as ct2-transformers-converter does
     )
     started = time.perf_counter()
     converter.convert(out, quantization=quantization, force=True)
@@ -109,6 +115,47 @@ def _raw(checkpoint: str, quantization: str, out: str) -> dict:
     size = dir_size(out)
     shutil.rmtree(out, ignore_errors=True)
     return {"import_s": imported - STARTED, "convert_s": seconds, "size_bytes": size}
+
+
+def _save(checkpoint: str, quantization: str, out: str) -> dict:
+    import mlflow_faster_whisper as mfw
+    from bench.common import dir_size
+
+    _imports()
+    imported = time.perf_counter()
+    mfw.save_model(checkpoint, out, quantization=quantization)
+    return {"import_s": imported - STARTED, "convert_s": time.perf_counter() - imported, "size_bytes": dir_size(out)}
+
+
+def _load(model_dir: str, clip: str) -> dict:
+    from pathlib import Path
+
+    import mlflow_faster_whisper as mfw
+    from bench.common import proc_status_kb
+    from mlflow_faster_whisper.audio import decode_audio
+
+    imported = time.perf_counter()
+    whisper = mfw.load_model(model_dir, device="cpu")
+    loaded = time.perf_counter()
+    rss_loaded = (proc_status_kb("self", "VmRSS") or 0) * 1024
+    audio = decode_audio(Path(clip).read_bytes())
+    # Random weights say nothing sensible: the decode is capped so each size decodes as much.
+    segments, _ = whisper.transcribe(audio, beam_size=1, temperature=0.0, max_new_tokens=32, language="en",
+                                     without_timestamps=True, condition_on_previous_text=False)
+    list(segments)
+    return {"import_s": imported - STARTED, "load_s": loaded - imported, "first_transcription_s": time.perf_counter() - loaded,
+            "rss_after_load_bytes": rss_loaded}
+
+
+def _random(shape: str, dest: str) -> dict:
+    """A random-weight checkpoint shaped like ``shape`` (tests.fixtures.tiny's builder, real tokenizer)."""
+    from pathlib import Path
+
+    from bench.sections.scaling import SHAPES
+    from tests.fixtures import tiny
+
+    tiny.save_whisper(*tiny.tiny_whisper_objects(SHAPES[shape]), Path(dest))
+    return {}
 
 
 def _imports() -> dict:
@@ -135,7 +182,8 @@ def _rebuild(ct2_dir: str, dest: str) -> dict:
 
 def main(argv: list[str]) -> int:
     mode, *args = argv
-    result = {"ours": _ours, "raw": _raw, "imports": _imports, "rebuild": _rebuild}[mode](*args)
+    result = {"ours": _ours, "raw": _raw, "save": _save, "load": _load, "imports": _imports, "rebuild": _rebuild,
+              "random": _random}[mode](*args)
     result["process_s"] = time.perf_counter() - STARTED
     result["vmhwm_bytes"] = _vmhwm()
     print(json.dumps(result), flush=True)

@@ -1,18 +1,22 @@
 """Service: cold start to /readyz, and RSS growth from 10 to 1000 requests.
 
-Cold start is timed from spawning ``bentoml serve`` to the first 200 from /readyz, in the two
-ways a version is served: a built bento (``python -m whisper_bento.build --arg model=...``, then
+Cold start is timed from spawning ``bentoml serve`` to the first 200 from /readyz, in the ways a
+version is served: a built bento (``python -m whisper_bento.build --arg model=...``, then
 ``bentoml serve whisper:<version>`` with the tracking URI pointing at a dead port: what a
-deployment starts) and the service from source on a registry alias (``bentoml serve
+deployment starts), and the service from source on a registry alias (``bentoml serve
 whisper_bento:Transcriber --arg model=models:/bench-base-int8@bench``, which resolves the alias
-first). The two are interleaved. The very first start also imports the registered version into
-the BentoML model store (once per version): it is reported apart. RSS is read from
-/proc/<pid>/status of every process of the server (the ``bentoml serve`` process and its worker), after 10 requests and at later checkpoints up to 1000, with a short real
-clip sent by 4 concurrent clients, on tiny.en int8 (the per-request code is the same for any model).
+first), with the registry an ``mlflow server`` (over the bench's own sqlite store: asked over
+REST) and the sqlite file itself (asked through MLflow). The modes are interleaved. The very first
+start also imports the registered version into the BentoML model store (once per version): it is
+reported apart. RSS is read from /proc/<pid>/status of every process of the server (the
+``bentoml serve`` process and its worker), after 10 requests and at later checkpoints up to 1000,
+with a short real clip sent by 4 concurrent clients, on tiny.en int8 served from source on its
+alias in the ``mlflow server`` (the per-request code is the same for any model).
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -20,8 +24,9 @@ import time
 from typing import Any
 
 from bench import models
-from bench.common import REPO, decoding_for, log, ratio, summary
+from bench.common import REPO, TRACKING_DB, WORK, decoding_for, log, ratio, summary
 from bench.server import BentoServer, ServiceUnavailable, service_code_present, transcribe_http
+from tests.fixtures.processes import mlflow_server
 
 BENTO_VERSION = "bench"
 UNREACHABLE_REGISTRY = "http://127.0.0.1:9"  # a built bento must start without its registry
@@ -44,55 +49,65 @@ def run(settings) -> dict[str, Any]:
                                "compute_type": COMPUTE_TYPE, "cpu_threads": settings.cpu_threads,
                                "targets": {"cold_start_s_max": TARGET_COLD_START_S, "rss_growth_max": TARGET_RSS_GROWTH}}
     try:
-        first = BentoServer(logged.uri, cpu_threads=settings.cpu_threads, log_name="service-first")
-        results["first_start_s"] = first.start()  # may import into the BentoML model store
-        first.stop()
-        bento = _build_bento(logged.uri)
-        servers = {
-            "bento": lambda rep: BentoServer(None, bento=bento, cpu_threads=settings.cpu_threads,
-                                             log_name=f"service-cold-bento-{rep}",
-                                             env={"MLFLOW_TRACKING_URI": UNREACHABLE_REGISTRY}),
-            "registry": lambda rep: BentoServer(logged.uri, cpu_threads=settings.cpu_threads,
-                                                log_name=f"service-cold-registry-{rep}"),
-        }
-        cold: dict[str, dict[str, list]] = {mode: {"start": [], "load": [], "first_request": [], "mlflow_in_worker": []}
-                                                   for mode in servers}
-        for rep in range(settings.cold_starts):
-            for mode in (list(servers) if rep % 2 == 0 else list(reversed(servers))):
-                log("service: cold start %d/%d (%s)", rep + 1, settings.cold_starts, mode)
-                server = servers[mode](rep)
-                cold[mode]["start"].append(server.start())
-                try:
-                    info = server.info()
-                    cold[mode]["load"].append(float(info.get("load_seconds") or 0.0))
-                    cold[mode]["mlflow_in_worker"].append(bool((info.get("imports") or {}).get("mlflow")))
-                    cold[mode]["first_request"].append(_first_request(server))
-                finally:
-                    server.stop()
-        results["bento"] = bento
-        results["cold_start"] = {
-            mode: {"cold_start_s": summary(v["start"]), "model_load_s_in_worker": summary(v["load"]),
-                   "first_request_s": summary(v["first_request"]), "mlflow_imported_in_worker": any(v["mlflow_in_worker"])}
-            for mode, v in cold.items()
-        }
-        results["import_floor_s"] = _import_floors()
-        results["resolve_in_fresh_process_s"] = summary([_seconds(_RESOLVE.format(uri=logged.uri))
-                                                         for _ in range(settings.cold_starts)])
-        # 1000 base requests would take ~15 min on 2 cores (one 30 s encoder window each); a leak in
-        # the service's per-request code shows the same on tiny.en, at a quarter of the cost.
-        rss_model = models.ensure_logged(RSS_MODEL, COMPUTE_TYPE)
-        results["rss_registered_model"] = f"{rss_model.name}/{rss_model.version}"
-        log("service: RSS over %d requests (%s)", settings.rss_requests[-1], rss_model.name)
-        server = BentoServer(rss_model.uri, cpu_threads=settings.cpu_threads, log_name="service-rss")
-        server.start()
-        try:
-            results["rss"] = _rss_growth(server, settings.rss_requests)
-        finally:
-            server.stop()
+        with mlflow_server(WORK / "service-registry", backend_store_uri=f"sqlite:///{TRACKING_DB}") as server_uri:
+            _measure(settings, logged, results, server_uri)
     except ServiceUnavailable as exc:
         log("service: skipped: %s", str(exc).splitlines()[0])
         return {**results, "skipped": f"bento service did not start: {exc}"}
     return results
+
+
+def _measure(settings, logged, results: dict[str, Any], server_uri: str) -> None:
+    registries = {"server": {"MLFLOW_TRACKING_URI": server_uri}, "file": {"MLFLOW_TRACKING_URI": f"sqlite:///{TRACKING_DB}"}}
+    first = BentoServer(logged.uri, cpu_threads=settings.cpu_threads, log_name="service-first", env=registries["server"])
+    results["first_start_s"] = first.start()  # may import into the BentoML model store
+    first.stop()
+    bento = _build_bento(logged.uri)
+    servers = {
+        "bento": lambda rep: BentoServer(None, bento=bento, cpu_threads=settings.cpu_threads,
+                                         log_name=f"service-cold-bento-{rep}",
+                                         env={"MLFLOW_TRACKING_URI": UNREACHABLE_REGISTRY}),
+        **{mode: (lambda rep, mode=mode: BentoServer(logged.uri, cpu_threads=settings.cpu_threads,
+                                                     log_name=f"service-cold-{mode}-{rep}", env=registries[mode]))
+           for mode in registries},
+    }
+    cold: dict[str, dict[str, list]] = {mode: {"start": [], "load": [], "first_request": [], "mlflow_in_worker": []}
+                                               for mode in servers}
+    for rep in range(settings.cold_starts):
+        for mode in (list(servers) if rep % 2 == 0 else list(reversed(servers))):
+            log("service: cold start %d/%d (%s)", rep + 1, settings.cold_starts, mode)
+            server = servers[mode](rep)
+            cold[mode]["start"].append(server.start())
+            try:
+                info = server.info()
+                cold[mode]["load"].append(float(info.get("load_seconds") or 0.0))
+                cold[mode]["mlflow_in_worker"].append(bool((info.get("imports") or {}).get("mlflow")))
+                cold[mode]["first_request"].append(_first_request(server))
+            finally:
+                server.stop()
+    results["bento"] = bento
+    results["cold_start"] = {
+        mode: {"cold_start_s": summary(v["start"]), "model_load_s_in_worker": summary(v["load"]),
+               "first_request_s": summary(v["first_request"]), "mlflow_imported_in_worker": any(v["mlflow_in_worker"])}
+        for mode, v in cold.items()
+    }
+    results["import_floor_s"] = _import_floors()
+    results["resolve_in_fresh_process_s"] = {
+        mode: summary([_seconds(_RESOLVE.format(uri=logged.uri), env) for _ in range(settings.cold_starts)])
+        for mode, env in registries.items()}
+    # 1000 base requests would take ~15 min on 2 cores (one 30 s encoder window each); a leak in
+    # the service's per-request code shows the same on tiny.en, at a quarter of the cost.
+    rss_model = models.ensure_logged(RSS_MODEL, COMPUTE_TYPE)
+    results["rss_registered_model"] = f"{rss_model.name}/{rss_model.version}"
+    log("service: RSS over %d requests (%s)", settings.rss_requests[-1], rss_model.name)
+    server = BentoServer(rss_model.uri, cpu_threads=settings.cpu_threads, log_name="service-rss", env=registries["server"])
+    server.start()
+    try:
+        results["rss_mlflow_in_worker"] = bool((server.info().get("imports") or {}).get("mlflow"))
+        results["rss"] = _rss_growth(server, settings.rss_requests)
+        results["rss_mlflow_in_worker"] |= bool((server.info().get("imports") or {}).get("mlflow"))
+    finally:
+        server.stop()
 
 
 def _build_bento(model_uri: str) -> str:
@@ -121,10 +136,11 @@ def _first_request(server: BentoServer) -> float:
 _RESOLVE = "from whisper_bento import model_ref; model_ref.import_from_registry({uri!r})"
 
 
-def _seconds(code: str) -> float:
+def _seconds(code: str, env: dict[str, str] | None = None) -> float:
     """Wall seconds of a fresh interpreter running ``code`` (pieces of every cold start)."""
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, capture_output=True,
+                   env={**os.environ, **env} if env else None)
     return time.perf_counter() - started
 
 
