@@ -145,7 +145,8 @@ class Transcriber:
         try:
             holder = model_ref.registry_version(uri)
         except Exception as exc:
-            missing = getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST"
+            # MLflow answers an unknown alias with INVALID_PARAMETER_VALUE, an unknown version with RESOURCE_DOES_NOT_EXIST.
+            missing = getattr(exc, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
             raise ApiError(404 if missing else 503, f"{uri} could not be resolved in the registry: {exc}",
                            code="model_not_found" if missing else "registry_unavailable") from None
         if holder is None:

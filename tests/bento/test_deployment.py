@@ -111,6 +111,10 @@ def test_deployments_cli_create_predict_update_delete(tmp_path, whisper_tiny_en_
 
         keyless = httpx.put(f"{state['url']}/admin/model", json={"model": f"models:/{NAME}/2"}, timeout=30)
         assert keyless.status_code == 401 and keyless.json()["error"]["code"] == "invalid_admin_key"
+        key = {"x-whisper-admin-key": (home / "asr" / "admin.key").read_text().strip()}
+        for unknown in (f"models:/{NAME}@nowhere", f"models:/{NAME}/99"):
+            missing = httpx.put(f"{state['url']}/admin/model", json={"model": unknown}, headers=key, timeout=30)
+            assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found", missing.text
 
         # Move to version 2 while clients loop: no request fails, answers switch version.
         clip = next(c for c in speech_clips if c.name == "quick_brown_fox").path
