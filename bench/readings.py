@@ -372,10 +372,12 @@ def scaling(r: dict[str, Any]) -> str:
             f"{q} ours {num(v['ours'], 2)}, CTranslate2 {num(v['ctranslate2'], 2)}" for q, v in slopes.items()) +
             ". Conversion time per GiB of weights: " + "; ".join(
             f"{q} ours {sec(v['ours_s_per_gib'], 1)}, CTranslate2 {sec(v['ctranslate2_s_per_gib'], 1)}" for q, v in slopes.items()) + ".")
-    loads = [[shape, mib(body["weights_bytes"]), sec(body["quantizations"]["int8"]["load"]["load_s"]["median"]),
-              sec(body["quantizations"]["int8"]["load"]["first_transcription_s"]["median"]),
-              mib(body["quantizations"]["int8"]["load"]["rss_after_load_bytes"]["median"])]
-             for shape, body in shapes.items() if "load" in body["quantizations"].get("int8", {})]
+    loads = []
+    for shape, body in shapes.items():
+        load = body["quantizations"].get("int8", {}).get("load")
+        if load:
+            loads.append([shape, mib(body["weights_bytes"]), sec(load["load_s"]["median"]),
+                          sec(load["first_transcription_s"]["median"]), mib(load["rss_after_load_bytes"]["median"])])
     if loads:
         parts.append("**int8 artifact: `load_model` (checksums verified) and a first transcription** (hello_world, greedy, "
                      "capped at 32 tokens: random weights decode noise)")

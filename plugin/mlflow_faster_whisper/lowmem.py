@@ -3,8 +3,8 @@
 CTranslate2's ``TransformersConverter`` loads the checkpoint with ``from_pretrained``, which (with
 transformers 5) keeps the weights memory-mapped: every page read counts in the process's RSS, and
 int8 quantization, which scales each weight in place, copies the mapped pages on write, so a float
-copy is made beside the mapping and both stay until the conversion ends (whisper-base int8: 2.2x
-the checkpoint above the imports). Here the same converter loads the model differently: the
+copy is made beside the mapping and both stay until the conversion ends (BENCHMARKS.md section
+4b: about 1.3x the weights above the imports at small and medium shapes, 1.05x here). Here the same converter loads the model differently: the
 tensors are read one by one with plain reads into anonymous memory, in the dtype the target needs,
 and assigned to a model built without weights (``meta`` device). While CTranslate2 builds its spec,
 the q/k/v projections it fuses into one tensor are freed once fused; then the model is dropped, so
