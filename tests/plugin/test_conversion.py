@@ -1,5 +1,6 @@
 """Every source kind and quantization on the tiny random Whisper: mechanics, not accuracy."""
 
+import contextlib
 import json
 import tempfile
 from pathlib import Path
@@ -179,14 +180,42 @@ def test_failed_conversion_leaves_no_version_no_temp_dirs(tiny_variant, mlflow_s
     assert list(scratch.iterdir()) == []
 
 
-@pytest.mark.parametrize("quantization", ["int8", "float32", "float16"])
+@pytest.mark.parametrize("quantization", ["int8", "int8_float16", "float32", "float16"])
 def test_the_low_memory_load_writes_what_ctranslate2s_own_converter_writes(tiny_whisper_hf, tmp_path, quantization):
     ours = tmp_path / "ours"
     mfw.save_model(str(tiny_whisper_hf), ours, quantization=quantization)
     theirs = tmp_path / "theirs"
-    ctranslate2.converters.TransformersConverter(str(tiny_whisper_hf), load_as_float16=quantization == "float16").convert(
+    ctranslate2.converters.TransformersConverter(str(tiny_whisper_hf), load_as_float16="float16" in quantization).convert(
         str(theirs), quantization=quantization)
     assert (ours / "model" / "model.bin").read_bytes() == (theirs / "model.bin").read_bytes()
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int8_float16"])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_int8_in_blocks_of_rows_is_ctranslate2s_int8(monkeypatch, quantization, dtype):
+    import torch
+    from ctranslate2.specs.common_spec import LinearSpec
+
+    from mlflow_faster_whisper import lowmem
+
+    monkeypatch.setattr(lowmem, "_BLOCK_ELEMENTS", 64)  # 5 rows of 12 per block: 8 blocks, the last short
+    torch.manual_seed(0)
+    weights = [torch.randn(37, 12).to(getattr(torch, dtype)), torch.randn(37, 3, 4).to(getattr(torch, dtype))]
+    weights[0][3] = 0  # a zero row keeps a finite scale
+    weights[0][5] = 1e-30 if dtype == "float32" else 1e-7  # as does a row of tiny values
+    for weight in weights:
+        bias, specs = torch.randn(weight.shape[0]).to(weight.dtype), []
+        for blocks in (False, True):
+            spec = LinearSpec()
+            spec.weight, spec.bias = weight.clone(), bias.clone()
+            spec.validate()  # as CTranslate2's converter does: the tensors become its variables
+            with lowmem._one_copy_at_a_time() if blocks else contextlib.nullcontext():
+                spec.optimize(quantization)
+            specs.append(spec)
+        ct2s, ours = specs
+        for name in ("weight", "weight_scale", "bias"):
+            assert getattr(ours, name).dtype == getattr(ct2s, name).dtype, name
+            assert getattr(ours, name).to_bytes() == getattr(ct2s, name).to_bytes(), name
 
 
 def test_a_sharded_checkpoint_is_read_shard_by_shard(tiny_whisper_objects, tiny_whisper_hf, tmp_path):
