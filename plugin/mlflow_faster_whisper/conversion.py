@@ -89,9 +89,11 @@ def convert(source: sources.WhisperSource, output_dir: Path, quantization: Optio
         return _copy_ct2(Path(source.model), output_dir, quantization)
     check_memory(source)
     with tempfile.TemporaryDirectory(prefix="mlflow-faster-whisper-") as tmp:
-        checkpoint, processor = _transformers_checkpoint(source, Path(tmp))
+        checkpoint, processor, merged = _transformers_checkpoint(source, Path(tmp))
         _check_mel_bins(checkpoint, processor, source.revision)
-        _run_converter(checkpoint, output_dir, quantization, source.revision, processor.tokenizer)
+        converter = _converter(checkpoint, quantization, source.revision, processor.tokenizer, merged)
+        del merged  # the converter's now: it frees each float tensor once quantized
+        _run_converter(converter, source.model if isinstance(source.model, str) else checkpoint, output_dir, quantization)
     _write_processor_files(processor, output_dir)
     for name in _JSON_TO_COMPACT:
         _compact_json(output_dir / name)
@@ -99,12 +101,13 @@ def convert(source: sources.WhisperSource, output_dir: Path, quantization: Optio
 
 
 # A conversion's peak memory above its imports: about 1.0x the checkpoint's weights plus a fixed
-# 300 MiB (tokenizer, processor, the quantizer's temporaries) from tiny to medium shapes
-# (BENCHMARKS.md section 4b), counted here as 1.1x + 300 MiB; plus the imports themselves (torch,
-# transformers: about 600 MiB) where they are not loaded yet. Merging an adapter holds the base
-# model and its merged copy (not measured): 2.5x.
-_PEAK_PER_WEIGHT_BYTE = 1.1
-_PEAK_PER_WEIGHT_BYTE_MERGE = 2.5
+# 300 MiB (the tokenizer, the quantizer's blocks) from tiny to medium shapes, with or without an
+# adapter merged in (BENCHMARKS.md sections 4b, 4c), counted here as 1.1x + 300 MiB for safetensors
+# weights; weights in other files load through ``from_pretrained`` (memory-mapped, copied on write),
+# counted as 1.5x; plus the imports themselves (torch, transformers: about 600 MiB) where they are not
+# loaded yet.
+_PEAK_PER_SAFETENSORS_BYTE = 1.1
+_PEAK_PER_OTHER_WEIGHT_BYTE = 1.5
 _FIXED_BYTES = 300 << 20
 _IMPORT_FLOOR_BYTES = 600 << 20
 _WEIGHT_FILES = ("model*.safetensors", "pytorch_model*.bin", "adapter_model.*")
@@ -125,9 +128,11 @@ def check_memory(source: sources.WhisperSource) -> None:
     local = [Path(f) for f in folders if isinstance(f, str) and Path(f).is_dir()]
     if source.kind not in (sources.TRANSFORMERS, sources.PEFT) or len(local) != len(folders):
         return  # weights in memory already, or behind a hub id: their size is not known here
-    weights = sum(f.stat().st_size for d in local for pattern in _WEIGHT_FILES for f in d.glob(pattern))
-    per_byte = _PEAK_PER_WEIGHT_BYTE_MERGE if source.kind == sources.PEFT else _PEAK_PER_WEIGHT_BYTE
-    need = per_byte * weights + _FIXED_BYTES + (0 if "torch" in sys.modules else _IMPORT_FLOOR_BYTES)
+    files = [f for d in local for pattern in _WEIGHT_FILES for f in d.glob(pattern)]
+    weights = sum(f.stat().st_size for f in files)
+    need = sum(f.stat().st_size * (_PEAK_PER_SAFETENSORS_BYTE if f.suffix == ".safetensors" else _PEAK_PER_OTHER_WEIGHT_BYTE)
+               for f in files)
+    need += _FIXED_BYTES + (0 if "torch" in sys.modules else _IMPORT_FLOOR_BYTES)
     available = available_memory_bytes()
     if available is not None and need > available:
         gib = 1 << 30
@@ -157,25 +162,29 @@ def available_memory_bytes() -> Optional[int]:
     return min(found) if found else None
 
 
-def _transformers_checkpoint(source: sources.WhisperSource, tmp: Path) -> tuple[str, Any]:
-    """A directory or hub id TransformersConverter can load, plus the checkpoint's processor."""
+def _transformers_checkpoint(source: sources.WhisperSource, tmp: Path) -> tuple[str, Any, Any]:
+    """A directory or hub id TransformersConverter can load, the checkpoint's processor, and the
+    model merged here from an adapter on disk (None otherwise), to convert as it is in memory."""
     if source.kind in (sources.TRANSFORMERS, sources.HUB):
-        return source.model, _load_processor(source.model, source.revision)
+        return source.model, _load_processor(source.model, source.revision), None
     if source.kind == sources.IN_MEMORY:
-        model, processor = source.model, source.processor
-    else:
-        model, processor = _merge_adapter(source)
-    return _save_checkpoint(model, processor, tmp / "checkpoint"), processor
+        return _save_checkpoint(source.model, source.processor, tmp / "checkpoint"), source.processor, None
+    model, processor = _merge_adapter(source)
+    if not isinstance(source.model, str):  # the caller's own PeftModel: converted from a saved copy
+        return _save_checkpoint(model, processor, tmp / "checkpoint"), processor, None
+    config_dir = tmp / "config"
+    model.config.save_pretrained(config_dir)  # all the converter reads from disk besides the model
+    return str(config_dir), processor, model
 
 
 def _merge_adapter(source: sources.WhisperSource) -> tuple[Any, Any]:
-    """Load the base, apply the adapter and fold its weights in (CT2 cannot convert LoRA layers)."""
+    """Load the base, apply the adapter and fold its weights in (CT2 cannot convert LoRA layers).
+    A local safetensors base is read into memory once (``lowmem``) and merged in place."""
     from peft import PeftModel
-    from transformers import WhisperForConditionalGeneration
 
     processor = source.processor
     if isinstance(source.model, str):
-        base = _load(WhisperForConditionalGeneration.from_pretrained, source.base_model, source.revision)
+        base = _load_base(source.base_model, source.revision)
         try:
             peft_model = PeftModel.from_pretrained(base, source.model)
         except (RuntimeError, ValueError, KeyError) as exc:
@@ -191,6 +200,22 @@ def _merge_adapter(source: sources.WhisperSource) -> tuple[Any, Any]:
     if processor is None:
         processor = _load_processor(source.base_model, source.revision)
     return peft_model.merge_and_unload(), processor
+
+
+def _load_base(name_or_path: str, revision: Optional[str]) -> Any:
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    from mlflow_faster_whisper import lowmem
+
+    if not revision and Path(name_or_path).is_dir():
+        config = _load(WhisperConfig.from_pretrained, name_or_path, None)
+        try:
+            model = lowmem.load_pretrained(WhisperForConditionalGeneration, name_or_path, config)
+        except ValueError as exc:
+            raise InvalidSourceError(f"Could not load the base model {name_or_path!r}: {first_line(exc)}") from None
+        if model is not None:
+            return model
+    return _load(WhisperForConditionalGeneration.from_pretrained, name_or_path, revision)
 
 
 def _save_checkpoint(model: Any, processor: Any, target: Path) -> str:
@@ -233,17 +258,20 @@ def _check_mel_bins(checkpoint: str, processor: Any, revision: Optional[str]) ->
         )
 
 
-def _run_converter(checkpoint: str, output_dir: Path, quantization: str, revision: Optional[str], tokenizer: Any) -> None:
+def _converter(checkpoint: str, quantization: str, revision: Optional[str], tokenizer: Any, model: Any) -> Any:
     from mlflow_faster_whisper import lowmem
 
     # float16 targets load as float16, as CTranslate2's own command line does.
-    converter = lowmem.Converter(checkpoint, revision=revision, low_cpu_mem_usage=True, tokenizer=tokenizer,
-                                 load_as_float16=quantization in ("float16", "int8_float16"))
+    return lowmem.Converter(checkpoint, revision=revision, low_cpu_mem_usage=True, tokenizer=tokenizer, model=model,
+                            load_as_float16=quantization in ("float16", "int8_float16"))
+
+
+def _run_converter(converter: Any, name: str, output_dir: Path, quantization: str) -> None:
     try:
         converter.convert(str(output_dir), quantization=None if quantization == "none" else quantization)
     except Exception as exc:
         shutil.rmtree(output_dir, ignore_errors=True)
-        raise ConversionError(f"CTranslate2 could not convert {checkpoint}: {first_line(exc)}") from exc
+        raise ConversionError(f"CTranslate2 could not convert {name}: {first_line(exc)}") from exc
 
 
 def _write_processor_files(processor: Any, output_dir: Path) -> None:

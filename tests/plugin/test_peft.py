@@ -92,3 +92,19 @@ def test_adapter_on_a_base_of_other_shape_is_refused(lora_adapter, tiny_variant,
     with pytest.raises(InvalidSourceError, match="does not fit the base model .*wider.*Pass base_model="):
         mfw.save_model(str(lora_adapter), tmp_path / "m", base_model=str(other_base))
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("quantization", ["int8", "float16"])
+def test_an_adapter_merged_in_memory_writes_what_converting_the_saved_merge_writes(
+        lora_adapter, tiny_whisper_hf, tmp_path, quantization):
+    from peft import PeftModel
+    from transformers import WhisperForConditionalGeneration
+
+    mfw.save_model(str(lora_adapter), tmp_path / "ours", base_model=str(tiny_whisper_hf), quantization=quantization)
+    saved = tmp_path / "merged"
+    base = WhisperForConditionalGeneration.from_pretrained(tiny_whisper_hf)
+    PeftModel.from_pretrained(base, lora_adapter).merge_and_unload().save_pretrained(saved)
+    (saved / "tokenizer.json").write_bytes((tiny_whisper_hf / "tokenizer.json").read_bytes())
+    ctranslate2.converters.TransformersConverter(str(saved), load_as_float16=quantization == "float16").convert(
+        str(tmp_path / "theirs"), quantization=quantization)
+    assert (tmp_path / "ours" / "model" / "model.bin").read_bytes() == (tmp_path / "theirs" / "model.bin").read_bytes()
