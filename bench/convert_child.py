@@ -7,7 +7,11 @@ Modes:
                                       runs it (the floor)
   save CHECKPOINT QUANTIZATION OUT    mlflow_faster_whisper.save_model (conversion, no registry)
   load MODEL_DIR CLIP                 mlflow_faster_whisper.load_model, then one transcription
-  imports                             the imports ``ours`` needs, nothing else (the RSS floor)
+  merge ADAPTER BASE QUANTIZATION OUT mlflow_faster_whisper.save_model of a LoRA adapter on BASE
+  merge_raw ADAPTER BASE OUT          the script it replaces: PEFT merge_and_unload, save_pretrained
+                                      (then ``raw`` on OUT, in a process of its own)
+  adapter BASE DEST                   write a random LoRA adapter (r=32 on q_proj, v_proj) for BASE
+  imports [MODULE ...]                the imports ``ours`` needs (and MODULEs), nothing else (the RSS floor)
   rebuild CT2_DIR DEST                write a transformers checkpoint rebuilt from a CTranslate2 dir
   random SHAPE DEST                   write a random-weight Whisper checkpoint shaped like SHAPE
 
@@ -127,6 +131,44 @@ def _save(checkpoint: str, quantization: str, out: str) -> dict:
     return {"import_s": imported - STARTED, "convert_s": time.perf_counter() - imported, "size_bytes": dir_size(out)}
 
 
+def _merge(adapter: str, base: str, quantization: str, out: str) -> dict:
+    import mlflow_faster_whisper as mfw
+    from bench.common import dir_size
+
+    _imports("peft")
+    imported = time.perf_counter()
+    mfw.save_model(adapter, out, base_model=base, quantization=quantization)
+    return {"import_s": imported - STARTED, "convert_s": time.perf_counter() - imported, "size_bytes": dir_size(out)}
+
+
+def _merge_raw(adapter: str, base: str, out: str) -> dict:
+    import shutil
+    from pathlib import Path
+
+    from peft import PeftModel
+    from transformers import WhisperForConditionalGeneration
+
+    _imports("peft")
+    imported = time.perf_counter()
+    merged = PeftModel.from_pretrained(WhisperForConditionalGeneration.from_pretrained(base), adapter).merge_and_unload()
+    merged.save_pretrained(out)
+    for name in ("tokenizer.json", "preprocessor_config.json"):  # what ct2-transformers-converter copies
+        shutil.copyfile(Path(base) / name, Path(out) / name)
+    return {"import_s": imported - STARTED, "convert_s": time.perf_counter() - imported}
+
+
+def _adapter(base: str, dest: str) -> dict:
+    """Random non-zero LoRA weights in the common Whisper recipe (r=32, alpha 64, q_proj and v_proj)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import WhisperForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=32, lora_alpha=64, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(WhisperForConditionalGeneration.from_pretrained(base), config).save_pretrained(dest)
+    return {}
+
+
 def _load(model_dir: str, clip: str) -> dict:
     from pathlib import Path
 
@@ -158,7 +200,9 @@ def _random(shape: str, dest: str) -> dict:
     return {}
 
 
-def _imports() -> dict:
+def _imports(*extra: str) -> dict:
+    import importlib
+
     import ctranslate2  # noqa: F401
     import mlflow  # noqa: F401
     import torch  # noqa: F401
@@ -167,6 +211,8 @@ def _imports() -> dict:
 
     import mlflow_faster_whisper  # noqa: F401
 
+    for module in extra:
+        importlib.import_module(module)
     return {"import_s": time.perf_counter() - STARTED}
 
 
@@ -183,7 +229,7 @@ def _rebuild(ct2_dir: str, dest: str) -> dict:
 def main(argv: list[str]) -> int:
     mode, *args = argv
     result = {"ours": _ours, "raw": _raw, "save": _save, "load": _load, "imports": _imports, "rebuild": _rebuild,
-              "random": _random}[mode](*args)
+              "random": _random, "merge": _merge, "merge_raw": _merge_raw, "adapter": _adapter}[mode](*args)
     result["process_s"] = time.perf_counter() - STARTED
     result["vmhwm_bytes"] = _vmhwm()
     print(json.dumps(result), flush=True)

@@ -14,7 +14,7 @@ Rendered by `python -m bench` from `bench/results/merged.json`; do not edit by h
 
 **How to run.** `make bench` (= `.venv/bin/python -m bench`, about 85 minutes on 2 cores);
 `python -m bench --quick` is a smoke test; `python -m bench --only SECTION` runs one of
-`single`, `concurrency`, `padding`, `quantization`, `conversion`, `scaling`, `service`, `soak`,
+`single`, `concurrency`, `padding`, `quantization`, `conversion`, `scaling`, `merge`, `service`, `soak`,
 `batch`, `promotion`. Each run writes
 `bench/results/<run>.json`; the latest full result per section is kept in `merged.json`.
 Everything runs offline on real weights (openai/whisper-base and whisper-tiny.en, rebuilt as float32
@@ -423,6 +423,45 @@ SCALING_READING = (
     "the artifact (float32 medium: 29.5 s against 10.7 s; int8 13.6 s against 11.9 s). `load_model` verifies the "
     "checksums (it reads every byte once) and loads model.bin into memory: CTranslate2 does not map it."
 )
+
+
+def merge(r: dict[str, Any]) -> str:
+    parts = []
+    shapes = r.get("shapes") or {}
+    for quantization in ("float32", "int8"):
+        rows = []
+        for shape, body in shapes.items():
+            q = body["quantizations"].get(quantization)
+            if not q:
+                continue
+            ours, scripts, alone = q["ours"], q["scripts"], q["base_alone"]
+            rows.append([shape, mib(body["weights_bytes"]), mib(body["adapter_bytes"]), ours["n"], mib(ours["peak_rss_bytes"]),
+                         num(ours["above_floor_over_weights"], 2), num(alone["above_floor_over_weights"], 2),
+                         num(q["above_floor_merge_over_base_alone"], 2), mib(scripts["merge_step_peak_rss_bytes"]),
+                         mib(scripts["convert_step_peak_rss_bytes"]), num(scripts["above_floor_over_weights"], 2),
+                         num(q["peak_ours_over_scripts"], 2), f"{sec(ours['convert_s'], 1)} / {sec(ours['process_s'], 1)}",
+                         f"{sec(scripts['convert_s'], 1)} / {sec(scripts['process_s'], 1)}"])
+        if rows:
+            parts.append(f"**{quantization}**")
+            parts.append(table(["shape", "base weights", "adapter", "n", "peak RSS (ours)", "(peak - floor) / weights",
+                                "same, base alone", "merge / base alone", "scripts: merge + save", "scripts: convert",
+                                "scripts: (peak - floor) / weights", "peak ours / scripts", "ours: work / process",
+                                "scripts: work / processes"], rows))
+    parts.append(
+        f"**Reading.** Floors (the imports before a weight is read): {mib(r.get('imports_floor_bytes'))} with PEFT, "
+        f"{mib(r.get('plain_imports_floor_bytes'))} without (the base alone). Random LoRA adapters (r=32 on q_proj and "
+        "v_proj) on the scaling section's random checkpoints. Ours is `save_model(adapter, base_model=base)` in one fresh "
+        "process: the base is read once into memory (mlflow_faster_whisper.lowmem), merged in place and converted from "
+        "memory, never saved and read again; \"base alone\" is `save_model(base)` in the same run. The scripts are two "
+        "processes: PEFT's merge_and_unload with save_pretrained, then CTranslate2's converter on the saved merge; their "
+        "peak is the larger of the two, their time the sum (work: after the imports; processes: wall, imports included). "
+        "The merged model.bin is byte for byte what CTranslate2 writes from the saved merge (tests/plugin/test_peft.py). "
+        + MERGE_READING)
+    return "\n\n".join(parts)
+
+
+# The reading of the latest full run of the merge section (its figures are the tables above).
+MERGE_READING = ""
 
 
 # How the service section starts a cold server (its result keys), as the tables name them.

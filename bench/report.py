@@ -19,6 +19,7 @@ TITLES = {
     "quantization": "3. Quantization: size, RTF, WER/CER",
     "conversion": "4. Conversion: log_model wall time and peak RSS",
     "scaling": "4b. Conversion at scale: tiny to medium shapes, against CTranslate2's converter",
+    "merge": "4c. Merging a LoRA adapter at scale: in memory, against the merge-save-convert scripts",
     "service": "5. Service: cold start and RSS growth",
     "soak": "6. Soak and faults: 16 clients for 10 minutes, a killed worker, clients that go away",
     "batch": "7. Batch transcription: a pyfunc loop vs whisper-registry transcribe, here and on Spark",
@@ -104,6 +105,12 @@ def targets(sections: dict[str, Any]) -> list[list[Any]]:
             v = body["quantizations"][q]["ours"]["above_floor_over_weights"]
             rows.append([f"conversion (peak RSS - import floor) <= 1.5x weights ({shape}, {q})", num(v, 2), status(v <= 1.5),
                          scaling.get("mode")])
+    merge = sections.get("merge", {})
+    for shape, body in (merge.get("shapes") or {}).items():
+        for q, row in body["quantizations"].items():
+            v = row["ours"]["above_floor_over_weights"]
+            rows.append([f"adapter merge + conversion (peak RSS - import floor) <= 1.5x base weights ({shape}, {q})", num(v, 2),
+                         status(v <= 1.5), merge.get("mode")])
     svc = sections.get("service", {})
     for mode, label in readings.COLD_START_MODES.items():
         if mode in (svc.get("cold_start") or {}):
