@@ -35,7 +35,8 @@ with bentoml.importing():
 
     import mlflow_faster_whisper
     from mlflow_faster_whisper import checksums, devices, transcription
-    from mlflow_faster_whisper.engine import Engine, Overloaded, PassStats, Ticket, limit_malloc_arenas, release_free_memory
+    from mlflow_faster_whisper.engine import Engine, Overloaded, PassStats, Ticket
+    from mlflow_faster_whisper.malloc import limit_malloc_arenas, release_free_memory
     from mlflow_faster_whisper import constants as c
     from mlflow_faster_whisper.audio import decode_audio
     from mlflow_faster_whisper.decoding import DecodingOptions

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from mlflow_faster_whisper import ct2, sources
+from mlflow_faster_whisper import ct2, malloc, sources
 from mlflow_faster_whisper.constants import REQUIRED_CT2_FILES
 from mlflow_faster_whisper.errors import (
     ConversionError,
@@ -88,7 +88,7 @@ def convert(source: sources.WhisperSource, output_dir: Path, quantization: Optio
     if source.kind == sources.CTRANSLATE2:
         return _copy_ct2(Path(source.model), output_dir, quantization)
     check_memory(source)
-    with tempfile.TemporaryDirectory(prefix="mlflow-faster-whisper-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="mlflow-faster-whisper-") as tmp, malloc.big_blocks_mapped():
         checkpoint, processor, merged = _transformers_checkpoint(source, Path(tmp))
         _check_mel_bins(checkpoint, processor, source.revision)
         converter = _converter(checkpoint, quantization, source.revision, processor.tokenizer, merged)

@@ -24,10 +24,7 @@ CTranslate2 is only ever called from the scheduler thread: one thread's CUDA and
 from __future__ import annotations
 
 import collections
-import ctypes
-import functools
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -38,6 +35,7 @@ from typing import Any, Optional
 import numpy as np
 
 from mlflow_faster_whisper import transcription
+from mlflow_faster_whisper.malloc import release_free_memory
 from mlflow_faster_whisper.decoding import DecodingOptions
 from mlflow_faster_whisper.transcription import Segment, Transcription
 
@@ -532,40 +530,3 @@ class _Routed:
             "kwargs": kwargs,
         }
         return self._engine._call(self._ticket, "align", ("align", object()), len(encoder_output.rows), args)
-
-
-def release_free_memory() -> None:
-    """Give the malloc heap's free pages back to the OS (glibc's ``malloc_trim``; a no-op elsewhere).
-
-    A pass frees its features, encoder output and beams, but glibc keeps those pages mapped, so
-    the process's RSS would read as its largest pass so far rather than what it holds.
-    """
-    libc = _glibc()
-    if libc is not None:
-        libc.malloc_trim(0)
-
-
-def limit_malloc_arenas(arenas: int = 2) -> None:
-    """Cap glibc's malloc arenas (``mallopt(M_ARENA_MAX)``) unless ``MALLOC_ARENA_MAX`` is set.
-
-    A long-running process whose threads come and go (each engine has its own) otherwise spreads
-    its allocations over up to 8 arenas per core, whose free pages fragment and stay mapped:
-    measured on the service, RSS after four model swaps grew 17 % with glibc's default and 4 %
-    with two arenas. Call it before the threads start; a no-op elsewhere than glibc.
-    """
-    libc = _glibc()
-    if libc is not None and "MALLOC_ARENA_MAX" not in os.environ:
-        libc.mallopt(_M_ARENA_MAX, arenas)
-
-
-_M_ARENA_MAX = -8  # glibc's malloc.h
-
-
-@functools.lru_cache(maxsize=1)
-def _glibc():
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.malloc_trim, libc.mallopt  # noqa: B018 -- both exist on glibc
-        return libc
-    except (OSError, AttributeError):  # not glibc
-        return None
