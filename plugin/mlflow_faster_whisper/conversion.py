@@ -100,12 +100,11 @@ def convert(source: sources.WhisperSource, output_dir: Path, quantization: Optio
     return _inspect(output_dir, quantization)
 
 
-# A conversion's peak memory above its imports: about 1.0x the checkpoint's weights plus a fixed
-# 300 MiB (the tokenizer, the quantizer's blocks) from tiny to medium shapes, with or without an
-# adapter merged in (BENCHMARKS.md sections 4b, 4c), counted here as 1.1x + 300 MiB for safetensors
-# weights; weights in other files load through ``from_pretrained`` (memory-mapped, copied on write),
-# counted as 1.5x; plus the imports themselves (torch, transformers: about 600 MiB) where they are not
-# loaded yet.
+# A conversion's peak memory above its imports: 1.0x the checkpoint's weights plus the tokenizer
+# (about 50 MiB) from tiny to medium shapes, with or without an adapter merged in (BENCHMARKS.md
+# sections 4b, 4c), counted here with a margin as 1.1x + 300 MiB for safetensors weights; weights in
+# other files load through ``from_pretrained`` (memory-mapped, copied on write), counted as 1.5x;
+# plus the imports themselves (torch, transformers: about 600 MiB) where they are not loaded yet.
 _PEAK_PER_SAFETENSORS_BYTE = 1.1
 _PEAK_PER_OTHER_WEIGHT_BYTE = 1.5
 _FIXED_BYTES = 300 << 20
