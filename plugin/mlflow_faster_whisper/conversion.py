@@ -8,6 +8,7 @@ the checkpoint's own processor and check the result.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -169,7 +170,7 @@ def _transformers_checkpoint(source: sources.WhisperSource, tmp: Path) -> tuple[
     if source.kind == sources.IN_MEMORY:
         return _save_checkpoint(source.model, source.processor, tmp / "checkpoint"), source.processor, None
     model, processor = _merge_adapter(source)
-    if not isinstance(source.model, str):  # the caller's own PeftModel: converted from a saved copy
+    if not isinstance(source.model, str):  # a copy of the caller's PeftModel, on its device: saved, read back
         return _save_checkpoint(model, processor, tmp / "checkpoint"), processor, None
     config_dir = tmp / "config"
     model.config.save_pretrained(config_dir)  # all the converter reads from disk besides the model
@@ -194,8 +195,8 @@ def _merge_adapter(source: sources.WhisperSource) -> tuple[Any, Any]:
         adapter_dir = Path(source.model)
         if processor is None and (adapter_dir / "preprocessor_config.json").is_file():
             processor = _load_processor(str(adapter_dir), None)
-    else:
-        peft_model = source.model
+    else:  # the caller's: merged in a copy (merge_and_unload strips the LoRA layers of the model it is called on)
+        peft_model = copy.deepcopy(source.model)
     if processor is None:
         processor = _load_processor(source.base_model, source.revision)
     return peft_model.merge_and_unload(), processor

@@ -82,9 +82,14 @@ def test_in_memory_peft_model_with_processor(lora_adapter, tiny_whisper_hf, tiny
     from transformers import WhisperForConditionalGeneration
 
     peft_model = PeftModel.from_pretrained(WhisperForConditionalGeneration.from_pretrained(tiny_whisper_hf), lora_adapter)
+    before = {name: p.detach().clone() for name, p in peft_model.named_parameters()}
     _, processor = tiny_whisper_objects
     mfw.save_model(peft_model, tmp_path / "m", processor=processor, quantization="int8")
     assert (tmp_path / "m" / "model" / "model.bin").is_file()
+    # The caller's model is left as it was: its LoRA layers, its base weights unmerged.
+    after = dict(peft_model.named_parameters())
+    assert sorted(after) == sorted(before) and any("lora_A" in name for name in after)
+    assert all(torch.equal(after[name], before[name]) for name in before)
 
 
 def test_adapter_on_a_base_of_other_shape_is_refused(lora_adapter, tiny_variant, tmp_path):
