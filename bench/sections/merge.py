@@ -69,15 +69,14 @@ def run(settings) -> dict[str, Any]:
                 scripts.append({"vmhwm_bytes": max(step1["vmhwm_bytes"], step2["vmhwm_bytes"]),
                                 "merge_vmhwm_bytes": step1["vmhwm_bytes"], "convert_vmhwm_bytes": step2["vmhwm_bytes"],
                                 "convert_s": step1["convert_s"] + step2["convert_s"],
-                                "wall_s": wall1["wall_s"] + wall2["wall_s"]})
+                                "wall_s": wall1["wall_s"] + wall2["wall_s"], "size_bytes": step2["size_bytes"]})
             shutil.rmtree(out, ignore_errors=True)
             shutil.rmtree(merged, ignore_errors=True)
-            rows[quantization] = {"ours": _figures(ours, weights, floor["vmhwm_bytes"]),
-                                  "scripts": _figures(scripts, weights, floor["vmhwm_bytes"]),
-                                  "base_alone": _figures(plain, weights, plain_floor["vmhwm_bytes"])}
-            rows[quantization]["scripts"]["merge_step_peak_rss_bytes"] = summary([s["merge_vmhwm_bytes"] for s in scripts])["median"]
-            rows[quantization]["scripts"]["convert_step_peak_rss_bytes"] = summary([s["convert_vmhwm_bytes"] for s in scripts])["median"]
-            row = rows[quantization]
+            row = rows[quantization] = {"ours": scaling.figures(ours, weights, floor["vmhwm_bytes"]),
+                                        "scripts": scaling.figures(scripts, weights, floor["vmhwm_bytes"]),
+                                        "base_alone": scaling.figures(plain, weights, plain_floor["vmhwm_bytes"])}
+            for step in ("merge", "convert"):
+                row["scripts"][f"{step}_step_peak_rss_bytes"] = summary([s[f"{step}_vmhwm_bytes"] for s in scripts])["median"]
             row["peak_ours_over_scripts"] = ratio(row["ours"]["peak_rss_bytes"], row["scripts"]["peak_rss_bytes"])
             row["above_floor_merge_over_base_alone"] = ratio(row["ours"]["above_floor_over_weights"],
                                                              row["base_alone"]["above_floor_over_weights"])
@@ -85,9 +84,3 @@ def run(settings) -> dict[str, Any]:
                                     "quantizations": rows}
     return results
 
-
-def _figures(runs: list[dict], weights: int, floor: int) -> dict[str, Any]:
-    peak = summary([r["vmhwm_bytes"] for r in runs])["median"]
-    return {"n": len(runs), "peak_rss_bytes": peak, "above_floor_over_weights": ratio(peak - floor, weights),
-            "convert_s": summary([r["convert_s"] for r in runs])["median"],
-            "process_s": summary([r["wall_s"] for r in runs])["median"]}

@@ -73,7 +73,7 @@ def run(settings) -> dict[str, Any]:
                     child, _ = models.run_child(["load", str(out), str(clip)], f"scaling-{shape}-load-{rep}")
                     loads.append(child)
             shutil.rmtree(out, ignore_errors=True)
-            rows[quantization] = {who: _figures(r, weights, floor["vmhwm_bytes"]) for who, r in runs.items()}
+            rows[quantization] = {who: figures(r, weights, floor["vmhwm_bytes"]) for who, r in runs.items()}
             rows[quantization]["peak_ours_over_ctranslate2"] = ratio(rows[quantization]["ours"]["peak_rss_bytes"],
                                                                      rows[quantization]["ctranslate2"]["peak_rss_bytes"])
             if loads:
@@ -85,7 +85,7 @@ def run(settings) -> dict[str, Any]:
     return results
 
 
-def _figures(runs: list[dict], weights: int, floor: int) -> dict[str, Any]:
+def figures(runs: list[dict], weights: int, floor: int) -> dict[str, Any]:
     peak = summary([r["vmhwm_bytes"] for r in runs])["median"]
     return {"n": len(runs), "peak_rss_bytes": peak, "above_floor_over_weights": ratio(peak - floor, weights),
             "convert_s": summary([r["convert_s"] for r in runs])["median"],
