@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import bentoml
 from fastapi import FastAPI, Request
@@ -31,17 +31,22 @@ from whisper_bento.config import ServiceConfig, bound_violation
 from whisper_bento.errors import ApiError, bad_request, invalid_value, too_large
 
 with bentoml.importing():
-    import numpy as np
-
     import mlflow_faster_whisper
     from mlflow_faster_whisper import checksums, devices, transcription
-    from mlflow_faster_whisper.engine import Engine, Overloaded, PassStats, Ticket
     from mlflow_faster_whisper.malloc import limit_malloc_arenas, release_free_memory
     from mlflow_faster_whisper import constants as c
-    from mlflow_faster_whisper.audio import decode_audio
     from mlflow_faster_whisper.decoding import DecodingOptions
-    from mlflow_faster_whisper.errors import AudioDecodeError, AudioTooLongError, DecodingOptionsError
+    from mlflow_faster_whisper.errors import AudioDecodeError, AudioTooLongError, DecodingOptionsError, Overloaded
     from mlflow_faster_whisper.transcription import Transcription
+
+# The decoding stack (numpy, CTranslate2, faster-whisper, PyAV: mlflow_faster_whisper.engine and
+# .audio) is imported where a version is loaded: in a worker. The `bentoml serve` process and
+# `bentoml build` import this module only for the service's definition; the stack would add a
+# quarter of a second to the serve process, which every cold start waits for before its worker.
+if TYPE_CHECKING:
+    import numpy as np
+
+    from mlflow_faster_whisper.engine import Engine, PassStats, Ticket
 
 _logger = logging.getLogger(__name__)
 # BentoML's server logging keeps the root at WARNING; the service's own lines (model loaded,
@@ -293,6 +298,8 @@ class Transcriber:
         A request whose client goes away is cancelled: its waiting windows leave the queue, and
         it stops at its next forward pass, so abandoned requests do not hold the model.
         """
+        from mlflow_faster_whisper.engine import Ticket
+
         ticket = Ticket()
         try:
             future = served.engine.submit(audio, options, ticket)
@@ -406,6 +413,8 @@ def _load(stored: bentoml.Model, registry: model_ref.RegistryVersion | None, uri
             f"The decoding defaults (model version + service config) break the service's bounds: "
             f"{problem.message} Lower the default or raise the bound."
         )
+    from mlflow_faster_whisper.engine import Engine
+
     engine = Engine(
         whisper,
         **{"batch_size": CONFIG.batch_size, "max_requests": CONFIG.max_requests,
@@ -421,6 +430,8 @@ def _load(stored: bentoml.Model, registry: model_ref.RegistryVersion | None, uri
 def _smoke_decode(served: _Served) -> None:
     """One cheap pass through a just-loaded version: 1 s of silence, greedy, at most 8 tokens, no
     temperature fallback (silence under beam search with fallback can take seconds)."""
+    import numpy as np
+
     options = DecodingOptions.layered(served.defaults, {"beam_size": 1, "temperature": 0.0, "max_new_tokens": 8,
                                                         "vad_filter": False, "without_timestamps": True})
     served.engine.transcribe(np.zeros(c.SAMPLE_RATE, dtype=np.float32), options)
@@ -600,6 +611,8 @@ def _overloaded(exc: Overloaded) -> ApiError:
 
 
 def _decode_audio(data: bytes) -> np.ndarray:
+    from mlflow_faster_whisper.audio import decode_audio
+
     if not data:
         raise bad_request("The file is empty (0 bytes): send a wav, flac, mp3 or ogg recording.", param="file")
     try:

@@ -19,7 +19,8 @@ import numpy as np
 
 from mlflow_faster_whisper import transcription
 from mlflow_faster_whisper.decoding import DecodingOptions
-from mlflow_faster_whisper.engine import Cancelled, Overloaded, Ticket
+from mlflow_faster_whisper.engine import Ticket
+from mlflow_faster_whisper.errors import Cancelled, Overloaded
 from mlflow_faster_whisper.transcription import Transcription
 from whisper_registry import tags as registry_tags
 from whisper_registry.metrics import score_utterance

@@ -9,6 +9,7 @@ fields it sets explicitly (pydantic's ``model_fields_set``).
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 from collections.abc import Mapping
 from typing import Any, Literal, Optional, Union, get_args, get_origin
@@ -17,9 +18,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from mlflow_faster_whisper.errors import DecodingOptionsError
 
-# faster-whisper's own list, so a language code it rejects deep inside transcribe() is refused
-# up front with the list of valid codes.
-from faster_whisper.tokenizer import _LANGUAGE_CODES as WHISPER_LANGUAGES  # noqa: E402
+
+@functools.cache
+def whisper_languages() -> tuple[str, ...]:
+    """faster-whisper's own language codes, so a code it rejects deep inside transcribe() is
+    refused up front with the valid ones. Read on first use: importing faster-whisper (numpy,
+    CTranslate2, PyAV) is a quarter of a second that a process only defining options (the
+    ``bentoml serve`` process, the CLI) does not need."""
+    from faster_whisper.tokenizer import _LANGUAGE_CODES
+
+    return tuple(_LANGUAGE_CODES)
 
 
 # Bounds on what one request may ask. Every value inside them decodes (CTranslate2 and
@@ -125,8 +133,8 @@ class DecodingOptions(BaseModel):
         code = value.strip().lower()
         if code in ("", "auto"):
             return None
-        if code not in WHISPER_LANGUAGES:
-            close = difflib.get_close_matches(code, WHISPER_LANGUAGES, n=3)
+        if code not in whisper_languages():
+            close = difflib.get_close_matches(code, whisper_languages(), n=3)
             hint = f" Did you mean {', '.join(close)}?" if close else ""
             raise ValueError(f"unknown language {value!r}; use a Whisper language code such as 'en' or 'zh'.{hint}")
         return code

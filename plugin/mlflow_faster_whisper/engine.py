@@ -37,17 +37,10 @@ import numpy as np
 from mlflow_faster_whisper import transcription
 from mlflow_faster_whisper.malloc import release_free_memory
 from mlflow_faster_whisper.decoding import DecodingOptions
+from mlflow_faster_whisper.errors import Cancelled, Overloaded
 from mlflow_faster_whisper.transcription import Segment, Transcription
 
 _logger = logging.getLogger(__name__)
-
-
-class Overloaded(Exception):
-    """The engine holds ``max_requests`` already, or the request waited past ``max_wait_s``."""
-
-
-class Cancelled(Exception):
-    """The request was cancelled (its client went away); its waiting windows were dropped."""
 
 
 @dataclass(frozen=True)

@@ -86,3 +86,11 @@ class DeviceError(FasterWhisperFlavorError):
 
 class ChecksumError(FasterWhisperFlavorError):
     """An artifact file is missing or differs from the checksum recorded when it was logged."""
+
+
+class Overloaded(Exception):
+    """The decoding engine holds ``max_requests`` already, or the request waited past ``max_wait_s``."""
+
+
+class Cancelled(Exception):
+    """The request was cancelled (its client went away); its waiting windows were dropped."""

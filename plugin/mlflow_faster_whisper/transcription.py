@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import numpy as np
 from pydantic import BaseModel
 
 from mlflow_faster_whisper.decoding import DecodingOptions
 from mlflow_faster_whisper.errors import DecodingOptionsError
+
+if TYPE_CHECKING:  # the result types are read where numpy is not imported (the serve process)
+    import numpy as np
 
 # Whisper's vocabulary ends with the timestamp tokens <|0.00|> .. <|30.00|> (0.02 s apart) right
 # after <|notimestamps|>: every model's vocabulary size follows from its tokenizer.
@@ -163,6 +165,7 @@ class _UnpaddedEncoder:
 
     def encode(self, features, to_cpu: bool = False):
         import ctranslate2
+        import numpy as np
 
         array = np.asarray(features)
         voiced = np.flatnonzero(np.any(array != 0.0, axis=(0, 1)))

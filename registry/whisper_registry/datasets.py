@@ -25,7 +25,7 @@ from typing import Any, Optional
 import numpy as np
 from mlflow_faster_whisper.audio import decode_audio
 from mlflow_faster_whisper.errors import AudioDecodeError
-from mlflow_faster_whisper.decoding import WHISPER_LANGUAGES
+from mlflow_faster_whisper.decoding import whisper_languages
 
 from whisper_registry.errors import DatasetError
 
@@ -263,6 +263,6 @@ def _language(record: dict[str, Any]) -> Optional[str]:
 
 def _language_problem(record: dict[str, Any]) -> Optional[str]:
     language = _language(record)
-    if language is None or language in WHISPER_LANGUAGES:
+    if language is None or language in whisper_languages():
         return None
     return f"unknown language {language!r}: use a Whisper language code such as 'en' or 'zh'"

@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 import numpy as np
 from mlflow_faster_whisper.constants import SAMPLE_RATE
-from mlflow_faster_whisper.decoding import WHISPER_LANGUAGES
+from mlflow_faster_whisper.decoding import whisper_languages
 
 from whisper_registry.datasets import EvaluationDataset, Row, load_dataset
 from whisper_registry.errors import FinetuneDataError, LanguageError
@@ -173,7 +173,7 @@ def check_language(language: Optional[str], generation_config: Any) -> Optional[
     if language is None:
         return None
     code = str(language).strip().lower()
-    if code not in WHISPER_LANGUAGES:
+    if code not in whisper_languages():
         raise LanguageError(f"Unknown language {language!r}: use a Whisper language code such as 'en' or 'zh'.")
     if not getattr(generation_config, "is_multilingual", True):
         if code != "en":

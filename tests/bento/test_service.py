@@ -86,6 +86,23 @@ def test_health_info_and_no_torch(http):
     assert info["decoding"]["version_defaults"]["patience"] == 1.5
 
 
+def test_serve_process_maps_no_decoding_stack(server, http):
+    """The `bentoml serve` process reads the service's definition only: CTranslate2 and PyAV
+    (faster-whisper's native parts) are mapped in its worker, never in it (a cold start waits for
+    that process before its worker starts). numpy is not checked: the MLflow client that a sqlite
+    registry needs imports it."""
+
+    def native_libraries(pid: int) -> set[str]:
+        with open(f"/proc/{pid}/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "/site-packages/" in line}
+        return {name for name in ("ctranslate2", "av") if any(f"/site-packages/{name}/" in p for p in paths)}
+
+    worker = http.get("/info").json()["worker_pid"]
+    assert worker != server.process.process.pid
+    assert native_libraries(worker) == {"ctranslate2", "av"}
+    assert native_libraries(server.process.process.pid) == set()
+
+
 def test_transcribe_returns_text_segments_options_and_model(http, clips):
     clip = clips["quick_brown_fox"]
     started = time.perf_counter()
