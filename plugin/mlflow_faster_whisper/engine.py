@@ -4,17 +4,20 @@ Each request runs faster-whisper's own decoding (``transcription.stream_segments
 long-form, or the batched pipeline) on its own thread, against a view of the model whose
 CTranslate2 calls (``encode``, ``generate``, ``detect_language``, ``align``) are not run on that
 thread but handed to the engine. One scheduler thread runs every forward pass: it takes the
-oldest waiting call and every other waiting call that can share its CTranslate2 call, up to
-``batch_size`` windows, runs them as one batch and hands each request its rows back.
+first waiting call in turn and every other waiting call that can share its CTranslate2 call, up
+to ``batch_size`` windows, runs them as one batch and hands each request its rows back.
 
-- Any encode shares a pass with any other; a generate shares one with every generate whose
-  decoding arguments are the same, whatever its prompt (language, task, previous text): one
-  prompt per batch item. Requests whose arguments differ form their own passes, taken in turn.
+- Any encode shares a pass with any other of the same kind of request (short or long, below); a
+  generate shares one with every generate whose decoding arguments are the same, whatever its
+  prompt (language, task, previous text): one prompt per batch item. Requests whose arguments
+  differ form their own passes, taken in turn.
 - A request alone makes exactly the calls ``WhisperModel.transcribe`` makes, with the same
   inputs: it decodes the same text, and starts at once.
 - A long file's windows go one after the other (seek, previous text, temperature fallback are
-  faster-whisper's own), each step sharing a pass with other requests' windows; a short request
-  sent meanwhile waits for at most the pass in flight before it joins.
+  faster-whisper's own), each step sharing a pass with other long requests' windows. Short
+  requests (one window) go first and share passes among themselves: one sent while a file
+  decodes waits for the pass in flight, not behind the file. A call passed over twice goes
+  next, so a file keeps going under a stream of short requests.
 - The service's requests (streaming too), the pyfunc's rows and an evaluation's utterances all
   go through it, so they all share passes.
 
@@ -36,21 +39,28 @@ import numpy as np
 
 from mlflow_faster_whisper import transcription
 from mlflow_faster_whisper.malloc import release_free_memory
+from mlflow_faster_whisper.constants import SAMPLE_RATE
 from mlflow_faster_whisper.decoding import DecodingOptions
 from mlflow_faster_whisper.errors import Cancelled, Overloaded
 from mlflow_faster_whisper.transcription import Segment, Transcription
 
 _logger = logging.getLogger(__name__)
 
+# Whisper's window: a request with more audio than this is long (several windows, in turn).
+_WINDOW_SAMPLES = 30 * SAMPLE_RATE
+# How many passes may go before an older call (short requests before a long file's window).
+_MAX_SKIPS = 2
+
 
 @dataclass(frozen=True)
 class PassStats:
-    """One forward pass: what ran, for how many windows of how many requests."""
+    """One forward pass: what ran, for how many windows of which requests."""
 
     op: str
     windows: int
     requests: int
     seconds: float
+    tickets: tuple[Ticket, ...] = ()
 
 
 @dataclass
@@ -63,6 +73,7 @@ class Ticket:
     max_requests_per_pass: int = 1  # the most requests that shared one of its passes
     pass_s: float = 0.0  # time in the forward passes it took part in
     cancelled: bool = False
+    long: bool = False  # more than one 30 s window of audio (set by the engine at submission)
 
     def cancel(self) -> None:
         """Drop its waiting windows; its thread stops at its next model call."""
@@ -125,7 +136,7 @@ class Engine:
         Raises:
             Overloaded: the engine holds ``max_requests`` already.
         """
-        ticket = ticket or Ticket()
+        ticket = _admitted_ticket(ticket, audio)
         self._admit(computing=False)  # computing once a thread takes it
         try:
             return self._threads.submit(self._decode, audio, options, ticket)
@@ -174,7 +185,7 @@ class Engine:
         Raises:
             Overloaded: the engine holds ``max_requests`` already.
         """
-        ticket = ticket or Ticket()
+        ticket = _admitted_ticket(ticket, audio)
         self._admit(computing=True)  # the caller's thread runs it
         try:
             segments, info = transcription.stream_segments(self._view(ticket), audio, options, batch_size=self.batch_size)
@@ -238,13 +249,9 @@ class Engine:
             if ticket.cancelled:
                 raise Cancelled("the request was cancelled")
             self._waiting.append(call)
-            self._computing -= 1
+            self._computing -= 1  # until the scheduler settles the call (_settle)
             self._cond.notify_all()
-        try:
-            call.done.wait()
-        finally:
-            with self._cond:
-                self._computing += 1
+        call.done.wait()
         if call.error is not None:
             raise call.error
         return call.result
@@ -276,34 +283,46 @@ class Engine:
             self._cond.wait(remaining)
 
     def _next_batch(self) -> list[_Call]:
-        """The oldest live call and the calls that can share its pass, up to ``batch_size`` windows."""
+        """The first live call in turn and the calls that can share its pass, up to ``batch_size`` windows.
+
+        Short requests (one window) go before long ones, oldest first within each, and a pass
+        takes one kind only: a short request sent while a long file decodes waits for the pass in
+        flight, not behind the file's windows, and its passes are not lengthened by them (on a
+        CPU a window costs the same in a batch as alone). A call that short requests passed over
+        ``_MAX_SKIPS`` times goes next, so a long file keeps going under a stream of short ones.
+        """
         now = time.monotonic()
         live: list[_Call] = []
         for call in self._waiting:
             ticket = call.ticket
             if ticket.cancelled:
-                call.fail(Cancelled("the request was cancelled"))
+                self._settle([call], error=Cancelled("the request was cancelled"))
             elif ticket.queue_wait_s is None and now - ticket.submitted > self.max_wait_s:
-                call.fail(Overloaded(f"waited {now - ticket.submitted:.1f} s for the model"))
+                self._settle([call], error=Overloaded(f"waited {now - ticket.submitted:.1f} s for the model"))
             else:
                 live.append(call)
         if not live:
             self._waiting = []
             return []
-        first = live[0]
+        # sorted() is stable: arrival order within the same turn
+        queue = sorted(live, key=lambda c: (c.skips < _MAX_SKIPS, c.ticket.long))
+        first = queue[0]
         batch, windows = [first], first.windows
-        for call in live[1:]:
-            if call.key == first.key and windows + call.windows <= self.batch_size:
+        for call in queue[1:]:
+            if call.key == first.key and call.ticket.long == first.ticket.long and windows + call.windows <= self.batch_size:
                 batch.append(call)
                 windows += call.windows
         taken = {id(c) for c in batch}
         self._waiting = [c for c in live if id(c) not in taken]
+        for call in live[: live.index(first)]:  # older than the call that went first
+            call.skips += id(call) not in taken
         return batch
 
     def _execute(self, batch: list[_Call]) -> None:
         started = time.perf_counter()
         now = time.monotonic()
-        requests = len({id(c.ticket) for c in batch})
+        tickets = tuple({id(c.ticket): c.ticket for c in batch}.values())
+        requests = len(tickets)
         for call in batch:
             if call.ticket.queue_wait_s is None:
                 call.ticket.queue_wait_s = now - call.ticket.submitted
@@ -312,23 +331,31 @@ class Engine:
             results = _OPS[batch[0].op](self, batch)
         except Exception as exc:
             if len(batch) == 1:
-                batch[0].fail(exc)
+                self._settle(batch, error=exc)
             else:  # one bad call must not fail the others: run each alone
                 for call in batch:
                     self._execute([call])
                 return
         else:
-            for call, result in zip(batch, results):
-                call.succeed(result)
+            self._settle(batch, results)
         seconds = time.perf_counter() - started
-        for ticket in {id(c.ticket): c.ticket for c in batch}.values():
+        for ticket in tickets:
             ticket.pass_s += seconds
         if self.on_pass is not None:
-            stats = PassStats(batch[0].op, sum(c.windows for c in batch), requests, seconds)
+            stats = PassStats(batch[0].op, sum(c.windows for c in batch), requests, seconds, tickets)
             try:
                 self.on_pass(stats)
             except Exception:  # metrics must never stop decoding
                 _logger.exception("on_pass failed")
+
+    def _settle(self, calls: list[_Call], results: Optional[list[Any]] = None, error: Optional[BaseException] = None) -> None:
+        """Answer calls, each with its result or ``error``. Their threads compute again from now
+        on: the next pass waits for their next calls (``gather_s``) although they have not woken yet."""
+        with self._cond:
+            self._computing += len(calls)
+            for i, call in enumerate(calls):
+                call.result, call.error = (results[i] if results is not None else None), error
+                call.done.set()
 
     # -- the CTranslate2 calls, batched -----------------------------------------------------
 
@@ -359,6 +386,12 @@ class Engine:
         a = call.args
         features, _ = _rows([a["encoder_output"]])
         return [self._ct2.align(features, a["start_sequence"], a["text_tokens"], a["num_frames"], **a["kwargs"])]
+
+
+def _admitted_ticket(ticket: Optional[Ticket], audio: np.ndarray) -> Ticket:
+    ticket = ticket or Ticket()
+    ticket.long = len(audio) > _WINDOW_SAMPLES
+    return ticket
 
 
 def _settled(ticket: Optional[Ticket], pending: Future | BaseException) -> tuple[Optional[Ticket], Transcription | BaseException]:
@@ -414,17 +447,10 @@ class _Call:
     key: tuple
     windows: int
     args: dict[str, Any]
+    skips: int = 0  # passes that went before it although it was older
     done: threading.Event = field(default_factory=threading.Event)
     result: Any = None
     error: Optional[BaseException] = None
-
-    def succeed(self, result: Any) -> None:
-        self.result = result
-        self.done.set()
-
-    def fail(self, error: BaseException) -> None:
-        self.error = error
-        self.done.set()
 
 
 class _Block:
