@@ -130,8 +130,6 @@ def test_cancelling_frees_capacity_and_a_full_engine_refuses_at_once(tiny_en, cl
     long_audio = decode_audio(long_speech.read_bytes())
     engine = Engine(tiny_en, max_requests=1)
     try:
-        from mlflow_faster_whisper.engine import Ticket
-
         ticket = Ticket()
         held = engine.submit(long_audio, GREEDY, ticket)
         with pytest.raises(Overloaded):
