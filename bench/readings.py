@@ -557,7 +557,7 @@ SERVICE_READING = (
     "that version was registered anew (the plugin's code had changed) and its first start imported it into the "
     "BentoML store through MLflow, so the serve process holds MLflow (about 210 MB); the worker never imports it. "
     "The worker holds still: glibc keeps at most two malloc arenas "
-    "(mlflow_faster_whisper.malloc.limit_malloc_arenas), and BentoML's TimeoutMiddleware no longer keeps each "
+    "(mlflow_faster_whisper.malloc.limit_retained_memory), and BentoML's TimeoutMiddleware no longer keeps each "
     "answered request (its Request, uvicorn cycle and tracing spans, through the context its `call_later` timer "
     "copies) for `request_timeout_s`: whisper_bento.traffic runs that timer in an empty context and cancels it with "
     "the response (a unit test shows BentoML's own middleware keeping every request and ours none). A run with "

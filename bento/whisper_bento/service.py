@@ -33,7 +33,7 @@ from whisper_bento.errors import ApiError, bad_request, invalid_value, too_large
 with bentoml.importing():
     import mlflow_faster_whisper
     from mlflow_faster_whisper import checksums, devices, transcription
-    from mlflow_faster_whisper.malloc import limit_malloc_arenas, release_free_memory
+    from mlflow_faster_whisper.malloc import limit_retained_memory, release_free_memory
     from mlflow_faster_whisper import constants as c
     from mlflow_faster_whisper.decoding import DecodingOptions
     from mlflow_faster_whisper.errors import AudioDecodeError, AudioTooLongError, DecodingOptionsError, Overloaded
@@ -53,7 +53,7 @@ _logger = logging.getLogger(__name__)
 # batch sizes) are part of what an operator reads.
 logging.getLogger("whisper_bento").setLevel(logging.INFO)
 
-limit_malloc_arenas()  # a worker swaps models for as long as it runs: keep its heap from fragmenting
+limit_retained_memory()  # a worker swaps models for as long as it runs: keep what it frees from staying mapped
 traffic.release_request_timers()  # and does not keep answered requests for request_timeout_s
 CONFIG = bentoml.use_arguments(ServiceConfig)
 MODEL = model_ref.bento_model_for(CONFIG.model)

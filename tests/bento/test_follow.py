@@ -59,7 +59,7 @@ def test_the_service_follows_its_alias_without_a_failed_request(tmp_path, whispe
             loop.go.set()
             moves = {}
             rss = []
-            for done, version in enumerate(("2", "1", "2", "1"), start=1):
+            for done, version in enumerate(("2", "1") * 4, start=1):
                 moved = time.monotonic()
                 client.set_registered_model_alias(NAME, "production", version)
                 moves.setdefault(version, []).append(round(loop.first_answer_by(version, after=moved) - moved, 2))
@@ -85,15 +85,18 @@ def test_the_service_follows_its_alias_without_a_failed_request(tmp_path, whispe
 
     failed = [a for a in answers if a[1] != 200]
     assert not failed, failed[:5]
-    assert info["model"]["version"] == "1" and info["follow"]["swaps"] == 4
+    assert info["model"]["version"] == "1" and info["follow"]["swaps"] == 8
     assert info["follow"]["failed_version"] == "3" and "ChecksumError" in info["follow"]["last_error"]
     assert all(v != "3" for t, _, v in answers if t > moved) and answers[-1][2] == "1"  # the tampered one never answered
     assert any(line.startswith("whisper_model_swaps_total{") and 'role="primary"' in line and 'outcome="failed"' in line
                and line.endswith(" 1.0") for line in metrics.splitlines()), metrics
-    # Each retired version's memory goes back: after four moves the worker's RSS (the median of the
-    # four readings, one after each move: a single reading of a 400 MB heap varies by some 5 %) is
-    # within 10 % of before, and it does not climb move after move.
-    assert abs(statistics.median(rss) - rss_before) / rss_before < 0.10, (rss_before, rss)
-    assert rss[-1] < rss_before * 1.2, (rss_before, rss)
+    # Each retired version's memory goes back. A tiny.en version holds 55-70 MB of the worker's
+    # 390-480 MB: one version kept per move would add some 15 % a move, without end. What the
+    # allocators keep (fragments of the heap, MKL's buffers where CTranslate2 runs on MKL) swings
+    # with the version served and levels off: from 5 % (this machine) to 20 % (CT2_USE_MKL=1) of
+    # the worker over eight moves. So the last four readings are within 10 % of the first four
+    # (a version kept per move: some 60 %), and none is 1.4x before (some 120 %).
+    assert (statistics.mean(rss[4:]) - statistics.mean(rss[:4])) / rss_before < 0.10, (rss_before, rss)
+    assert max(rss) < rss_before * 1.4, (rss_before, rss)
     print(f"alias move -> first answer by the new version: {moves}; worker RSS {rss_before} -> {rss} kB; "
           f"{len(answers)} answers")
