@@ -29,13 +29,14 @@ def limit_retained_memory(arenas: int = 2) -> None:
     A process whose threads come and go (each engine has its own) otherwise spreads its
     allocations over up to 8 arenas per core, whose free pages fragment and stay mapped: measured
     on the service, RSS after four model swaps grew 17 % with glibc's default and 4 % with two
-    arenas. Where CTranslate2 runs on MKL (Intel CPUs, or ``CT2_USE_MKL=1``), its CPU allocator is
-    ``mkl_malloc``, which keeps every freed block in a per-thread pool that ``malloc_trim`` cannot
-    reach: with ``CT2_USE_MKL=1`` here, the service's worker held 592 MB before a model swap and
-    608 to 720 MB after each of the next seven; with the pools off, 443 to 484 MB before and 464
-    to 566 MB after (three runs), decoding as fast (tiny.en int8, three clips: median 8.44 s
-    with the pools, 8.48 s without). Call it before the threads start and before CTranslate2's
-    first allocation.
+    arenas. CTranslate2 built with MKL (its x86 wheels) allocates with ``mkl_malloc``, which keeps
+    freed blocks in per-thread pools that ``malloc_trim`` cannot reach; they grow where it also
+    computes on MKL (Intel CPUs, or ``CT2_USE_MKL=1``). With ``CT2_USE_MKL=1`` here, the service's
+    worker held 592 MB before a model swap and 608 to 720 MB after each of the next seven; with
+    the pools off, 443 to 484 MB before and 464 to 566 MB after (three runs). Decoding is as fast
+    (tiny.en int8, three clips, medians: 8.44 s with the pools and 8.48 s without on MKL; 3.24 s
+    and 3.24 s on this AMD CPU's default path). Call it before the threads start and before
+    CTranslate2's first allocation.
     """
     os.environ.setdefault("MKL_DISABLE_FAST_MM", "1")
     libc = _glibc()
