@@ -8,9 +8,12 @@ also accepts a JSON object string: ``--arg 'decoding={"beam_size": 1}'``.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mlflow_faster_whisper.decoding import DecodingOptions
 from mlflow_faster_whisper.devices import LoadOptions
@@ -155,3 +158,55 @@ def bound_violation(config: ServiceConfig, options: DecodingOptions) -> Optional
             f"task {options.task!r} is not served here; allowed: {', '.join(config.allowed_tasks)}.", field="task"
         )
     return None
+
+
+class DroppedArgumentsError(Exception):
+    """``bentoml serve BENTO --arg ...`` asks for configuration a built bento would not apply."""
+
+
+def refuse_dropped_arguments(config: ServiceConfig, argv: Sequence[str]) -> None:
+    """Refuse ``bentoml serve`` arguments that a built bento would silently drop.
+
+    BentoML 1.4 serves a built bento with the arguments it was built with: ``--arg`` and
+    ``--arg-file`` on the ``bentoml serve`` command line are replaced by the bento's own. A value
+    that differs from the build's would not be applied (``device=cpu`` on a CUDA bento still loads
+    on CUDA), so the start fails instead, naming the fix. ``argv`` is the ``bentoml serve`` process's
+    command line; values equal to the build's pass.
+    """
+    given = command_line_arguments(argv)
+    if not given:
+        return
+    built = config.model_dump()
+    try:
+        asked = ServiceConfig.model_validate({**built, **given})
+    except ValidationError:
+        asked = None
+    if asked == config:
+        return
+    flat = {**built, **built["load"]}
+    differ = ", ".join(f"{k}={v} (built with {flat.get(k)})" for k, v in given.items() if str(v) != str(flat.get(k)))
+    raise DroppedArgumentsError(
+        f"This is a built bento: BentoML serves it with the configuration it was built with and drops the "
+        f"`bentoml serve` arguments, so these would not be applied: {differ}. Build a bento with them "
+        "(python -m whisper_bento.build --arg model=... --arg KEY=VALUE), or serve from source "
+        "(bentoml serve whisper_bento:Transcriber --arg model=... --arg KEY=VALUE)."
+    )
+
+
+def command_line_arguments(argv: Sequence[str]) -> dict[str, Any]:
+    """The ``--arg KEY=VALUE`` and ``--arg-file FILE`` values of a ``bentoml serve`` command line,
+    merged as BentoML's CLI merges them (``--arg`` over the file)."""
+    from_args: dict[str, Any] = {}
+    from_files: dict[str, Any] = {}
+    items = iter(argv[1:])
+    for item in items:
+        option, inline, value = item.partition("=")
+        if option not in ("--arg", "--arg-file"):
+            continue
+        value = value if inline else next(items, "")
+        if option == "--arg-file":
+            from_files.update(yaml.safe_load(Path(value).read_text()) or {})
+        else:
+            key, _, val = value.partition("=")
+            from_args[key] = val
+    return {**from_files, **from_args}

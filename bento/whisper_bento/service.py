@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from whisper_bento import auth, forms, formats, model_ref, openapi, traffic
-from whisper_bento.config import ServiceConfig, bound_violation
+from whisper_bento.config import ServiceConfig, bound_violation, refuse_dropped_arguments
 from whisper_bento.errors import ApiError, bad_request, invalid_value, too_large
 
 with bentoml.importing():
@@ -56,6 +56,8 @@ logging.getLogger("whisper_bento").setLevel(logging.INFO)
 limit_retained_memory()  # a worker swaps models for as long as it runs: keep what it frees from staying mapped
 traffic.release_request_timers()  # and does not keep answered requests for request_timeout_s
 CONFIG = bentoml.use_arguments(ServiceConfig)
+if model_ref.running_bento_dir() is not None:  # `bentoml serve`'s command line has its --arg values (a worker's none)
+    refuse_dropped_arguments(CONFIG, sys.argv)
 MODEL = model_ref.bento_model_for(CONFIG.model)
 _BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 BATCH_SIZE = bentoml.metrics.Histogram(

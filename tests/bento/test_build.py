@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from tests.bento.conftest import MODEL_NAME, REPO, bentoml_serve, make_registry, server_env
+from tests.fixtures.processes import ServerStartError
 
 pytestmark = [pytest.mark.server, pytest.mark.real_weights]
 
@@ -43,6 +44,8 @@ def test_built_bento_serves_the_imported_version_without_the_registry(tmp_path, 
     bento_yaml = yaml.safe_load((home / "bentos" / "whisper" / "test1" / "bento.yaml").read_text())
     assert bento_yaml["args"]["model"] == f"models:/{MODEL_NAME}@production"
     assert any(m["tag"].startswith(f"{MODEL_NAME}:v{registry.version}-") for m in bento_yaml["services"][0]["models"])
+    src = home / "bentos" / "whisper" / "test1" / "src"
+    assert sorted(p.name for p in src.iterdir()) == ["bentofile.yaml", "whisper_bento"]  # no build scratch
     python_env = home / "bentos" / "whisper" / "test1" / "env" / "python"
     assert not (python_env / "requirements.lock.txt").exists()
     _shipped_wheel(python_env)
@@ -64,6 +67,10 @@ def test_built_bento_serves_the_imported_version_without_the_registry(tmp_path, 
         with open(hello.path, "rb") as f:
             refused = http.post("/v1/audio/transcriptions", files={"file": f}, data={"language": "fr"})
         assert refused.status_code == 422 and refused.json()["error"]["param"] == "language"
+    # BentoML serves a built bento with the arguments it was built with: one it would drop fails the start.
+    with pytest.raises(ServerStartError, match=r"would not be applied: compute_type=float32 \(built with int8\)"):
+        with bentoml_serve("whisper:test1", {"compute_type": "float32"}, env, tmp_path / "dropped.log", cwd=tmp_path):
+            pass
 
 
 def _shipped_wheel(python_env: Path) -> Path:

@@ -8,7 +8,13 @@ from pydantic import ValidationError
 from mlflow_faster_whisper.decoding import DecodingOptions
 from mlflow_faster_whisper.transcription import Segment, Transcription
 from whisper_bento import formats
-from whisper_bento.config import ServiceConfig, bound_violation
+from whisper_bento.config import (
+    DroppedArgumentsError,
+    ServiceConfig,
+    bound_violation,
+    command_line_arguments,
+    refuse_dropped_arguments,
+)
 from whisper_bento.errors import ApiError
 
 
@@ -42,6 +48,25 @@ def test_config_from_yaml_types_and_errors():
         ServiceConfig(model="m", compute_type="int4")
     with pytest.raises(ValidationError):
         ServiceConfig(model="m", surprise="1")
+
+
+def test_serve_arguments_a_built_bento_would_drop_are_refused(tmp_path):
+    arg_file = tmp_path / "service.yaml"
+    arg_file.write_text("batch_size: 16\ndecoding: {beam_size: 1}\n")
+    argv = ["bentoml", "serve", "whisper:v1", "--port", "3000", "--arg", "device=cpu", "--arg=compute_type=int8",
+            "--arg-file", str(arg_file), "--arg", "batch_size=4"]
+    assert command_line_arguments(argv) == {"device": "cpu", "compute_type": "int8", "batch_size": "4",
+                                            "decoding": {"beam_size": 1}}
+    built = ServiceConfig.model_validate({"model": "models:/m@production", "device": "cuda", "batch_size": 32})
+    refuse_dropped_arguments(built, ["bentoml", "serve", "whisper:v1", "--port", "3000"])  # nothing asked
+    refuse_dropped_arguments(built, ["bentoml", "serve", "whisper:v1", "--arg", "device=cuda", "--arg", "batch_size=32"])
+    with pytest.raises(DroppedArgumentsError) as refused:
+        refuse_dropped_arguments(built, ["bentoml", "serve", "whisper:v1", "--arg", "device=cpu", "--arg", "batch_size=32"])
+    message = str(refused.value)
+    assert "device=cpu (built with cuda)" in message and "batch_size" not in message
+    assert "python -m whisper_bento.build" in message
+    with pytest.raises(DroppedArgumentsError, match="beam_sise"):  # an invalid value is not silently dropped either
+        refuse_dropped_arguments(built, ["bentoml", "serve", "whisper:v1", "--arg", 'decoding={"beam_sise": 2}'])
 
 
 def test_bounds():
