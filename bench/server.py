@@ -23,7 +23,9 @@ class BentoServer:
     """One ``bentoml serve`` process group; ``start()`` returns the seconds until /readyz said 200.
 
     Serves ``model_uri`` through the service in this checkout, or, with ``bento``, a built bento
-    (which carries its model; ``env`` may then point the tracking URI nowhere).
+    (which carries its model; ``env`` may then point the tracking URI nowhere). A built bento
+    serves with the configuration it was built with, so it is started with no ``--arg``: build it
+    with ``service_args(...)`` for the same configuration.
     """
 
     def __init__(self, model_uri: Optional[str], *, cpu_threads: int, compute_type: str = "int8", log_name: str = "bento",
@@ -32,7 +34,7 @@ class BentoServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.target = bento or SERVICE
-        self.args = {"cpu_threads": str(cpu_threads), "compute_type": compute_type, "device": "cpu", **(extra_args or {})}
+        self.args = {} if bento else service_args(cpu_threads, compute_type, extra_args)
         if model_uri is not None:
             self.args["model"] = model_uri
         self.env = env
@@ -89,6 +91,11 @@ class BentoServer:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+def service_args(cpu_threads: int, compute_type: str = "int8", extra: Optional[dict[str, str]] = None) -> dict[str, str]:
+    """The service configuration the bench serves with (``--arg`` values): CPU, pinned threads."""
+    return {"cpu_threads": str(cpu_threads), "compute_type": compute_type, "device": "cpu", **(extra or {})}
 
 
 def transcribe_http(client, url: str, data: bytes, options: dict[str, Any], filename: str = "audio.wav") -> dict:

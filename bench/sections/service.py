@@ -25,7 +25,7 @@ from typing import Any
 
 from bench import models
 from bench.common import REPO, TRACKING_DB, WORK, decoding_for, log, ratio, summary
-from bench.server import BentoServer, ServiceUnavailable, service_code_present, transcribe_http
+from bench.server import BentoServer, ServiceUnavailable, service_args, service_code_present, transcribe_http
 from tests.fixtures.processes import mlflow_server
 
 BENTO_VERSION = "bench"
@@ -62,7 +62,7 @@ def _measure(settings, logged, results: dict[str, Any], server_uri: str) -> None
     first = BentoServer(logged.uri, cpu_threads=settings.cpu_threads, log_name="service-first", env=registries["server"])
     results["first_start_s"] = first.start()  # may import into the BentoML model store
     first.stop()
-    bento = _build_bento(logged.uri)
+    bento = _build_bento(logged.uri, service_args(settings.cpu_threads))
     servers = {
         "bento": lambda rep: BentoServer(None, bento=bento, cpu_threads=settings.cpu_threads,
                                          log_name=f"service-cold-bento-{rep}",
@@ -110,12 +110,14 @@ def _measure(settings, logged, results: dict[str, Any], server_uri: str) -> None
         server.stop()
 
 
-def _build_bento(model_uri: str) -> str:
-    """``python -m whisper_bento.build`` for ``model_uri`` (rebuilt each run): the bento tag."""
+def _build_bento(model_uri: str, args: dict[str, str]) -> str:
+    """``python -m whisper_bento.build`` for ``model_uri`` with the service configuration ``args``,
+    the one the other starts serve with (rebuilt each run): the bento tag."""
     tag = f"whisper:{BENTO_VERSION}"
     subprocess.run(["bentoml", "delete", "-y", tag], cwd=REPO, capture_output=True)  # absent the first time
-    build = subprocess.run([sys.executable, "-m", "whisper_bento.build", "--arg", f"model={model_uri}",
-                            "--version", BENTO_VERSION], cwd=REPO, capture_output=True, text=True)
+    arguments = [x for k, v in {"model": model_uri, **args}.items() for x in ("--arg", f"{k}={v}")]
+    build = subprocess.run([sys.executable, "-m", "whisper_bento.build", *arguments, "--version", BENTO_VERSION],
+                           cwd=REPO, capture_output=True, text=True)
     if build.returncode != 0:
         raise ServiceUnavailable(f"bentoml build failed:\n{build.stdout[-2000:]}{build.stderr[-2000:]}")
     return tag
