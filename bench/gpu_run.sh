@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # On the GPU machine, once per part of .gpu-kit (bench/gpu_kit.py): stage the carried part in
 # .gpu-stage (git-ignored, kept while the machine stays warm); when every part is there, install
-# the wheels and run bench/gpu.py, writing $OUT/gpu.md (BENCHMARKS.md's GPU section).
-# GPU_DEVICE=cpu tries the whole path on a machine without a GPU.
+# the wheels and run bench/gpu.py, writing $OUT/gpu.md (BENCHMARKS.md's GPU section) and its logs.
+# The engine part serves the kit's bentos (their compute types, batch_size and device are the kit's:
+# python -m bench.gpu_kit --help). GPU_DEVICE=cpu, with a kit built with --device cpu, tries the
+# whole path on a machine without a GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STAGE=.gpu-stage
@@ -40,7 +42,10 @@ if [ "${GPU_DEVICE:-cuda}" = cuda ] && ! python3 -c 'import ctypes; ctypes.CDLL(
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null || true
 export PYTHONPATH="$SITE:$(pwd)/plugin:$(pwd)/registry" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-python3 bench/gpu.py --model "$STAGE/kit/model" --audio "$STAGE/kit/long_speech.wav" \
+# The kit's BentoML home: the bento (served over HTTP) and its model (which the in-process parts load).
+export BENTOML_HOME="$(pwd)/$STAGE/kit/bentoml" BENTOML_DO_NOT_TRACK=True
+MODEL=$(ls -d "$BENTOML_HOME"/models/*/*/mlflow_model | head -1)
+python3 bench/gpu.py --model "$MODEL" --audio "$STAGE/kit/long_speech.wav" \
   --device "${GPU_DEVICE:-cuda}" ${GPU_COMPUTE_TYPES:+--compute-types "$GPU_COMPUTE_TYPES"} \
-  --runs "${GPU_RUNS:-3}" --out "$OUT/gpu.md" --clips "$STAGE/kit/clips.npz" \
-  ${GPU_ENGINE_COMPUTE_TYPES:+--engine-compute-types "$GPU_ENGINE_COMPUTE_TYPES"} --batch-size "${GPU_BATCH_SIZE:-32}"
+  --runs "${GPU_RUNS:-3}" --out "$OUT/gpu.md" --clips "$STAGE/kit/clips.json" --bentos "$STAGE/kit/bentos.json" \
+  ${GPU_REQUESTS:+--requests "$GPU_REQUESTS"}

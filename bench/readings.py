@@ -35,12 +35,18 @@ No GPU on the machine of these runs: float16 and int8_float16 rows have sizes on
 machine, `python -m bench --only quantization` decodes them on CUDA and fills the column; the
 single-stream, concurrency and service sections pin device=cpu and have no GPU variant yet.
 
-The GPU reading of the compute types (float16, int8_float16, bfloat16, int8 on the long file:
-first-load time, the flavor against raw faster-whisper, WER, GPU memory) is `bench/gpu.py`, one
-self-contained script for a GPU machine that reaches no package registry: `python -m
-bench.gpu_kit` packs the Python 3.12 wheels, a model and the long file in parts under 64 MiB, and
-`bash bench/gpu_run.sh` (once per part) stages them and runs it, writing this section's table. It
-has not run yet: no GPU machine was lent to the sessions so far."""
+The GPU reading is `bench/gpu.py`, one self-contained script for a GPU machine that reaches no
+package registry. Its first table is the compute types (float16, int8_float16, bfloat16, int8) on
+the long file: first-load time, the flavor against raw faster-whisper, WER, GPU memory. Its second
+is issue 11's measure: a bento built for device=cuda, served by `bentoml serve` and driven over
+HTTP by 1, 8 and 32 clients (short English, 9 languages forced and detected, the long file, a
+short request beside it), against raw sequential faster-whisper and one batched-pipeline call over
+the same windows in the same run, with the GPU targets read off the rows. `python -m
+bench.gpu_kit` packs the Python 3.12 wheels (the service's stack, less the heavy packages the GPU
+image holds), a BentoML home with the bento and its model, the long file and the clips, in parts
+under 64 MiB; `bash bench/gpu_run.sh` (once per part) stages them and runs it, writing this
+section's tables. It has been tried on CPU only (a kit built with `--device cpu`, in a Python 3.12
+environment holding only those heavy packages); no GPU machine was lent to the sessions so far."""
 
 GPU_PRESENT = """## GPU column
 
