@@ -115,8 +115,8 @@ class DecodingOptions(BaseModel):
     pad_to_30s: bool = Field(
         True,
         description="Pad every window to 30 s for the encoder, as Whisper was trained; false encodes a shorter "
-        "window at its own length (+2 s): on CPU a 3 s clip decodes about 4x faster, and the error moves by "
-        "language (BENCHMARKS.md section 2).",
+        "window at its own length (+2 s): on CPU short clips decode 2.3-3x faster, and the error moves by "
+        "language (BENCHMARKS.md section 2b).",
     )
     long_form: Literal["sequential", "batched"] = Field(
         "sequential",
