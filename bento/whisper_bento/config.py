@@ -173,18 +173,19 @@ def refuse_dropped_arguments(config: ServiceConfig, argv: Sequence[str]) -> None
     on CUDA), so the start fails instead, naming the fix. ``argv`` is the ``bentoml serve`` process's
     command line; values equal to the build's pass.
     """
-    given = command_line_arguments(argv)
-    if not given:
-        return
     built = config.model_dump()
-    try:
-        asked = ServiceConfig.model_validate({**built, **given})
-    except ValidationError:
-        asked = None
-    if asked == config:
+
+    def changes(values: dict[str, Any]) -> bool:
+        try:
+            return ServiceConfig.model_validate({**built, **values}) != config
+        except ValidationError:  # an invalid value would be dropped too
+            return True
+
+    given = command_line_arguments(argv)
+    if not given or not changes(given):
         return
     flat = {**built, **built["load"]}
-    differ = ", ".join(f"{k}={v} (built with {flat.get(k)})" for k, v in given.items() if str(v) != str(flat.get(k)))
+    differ = ", ".join(f"{k}={v} (built with {flat.get(k)})" for k, v in given.items() if changes({k: v}))
     raise DroppedArgumentsError(
         f"This is a built bento: BentoML serves it with the configuration it was built with and drops the "
         f"`bentoml serve` arguments, so these would not be applied: {differ}. Build a bento with them "

@@ -59,11 +59,13 @@ def test_serve_arguments_a_built_bento_would_drop_are_refused(tmp_path):
                                             "decoding": {"beam_size": 1}}
     built = ServiceConfig.model_validate({"model": "models:/m@production", "device": "cuda", "batch_size": 32})
     refuse_dropped_arguments(built, ["bentoml", "serve", "whisper:v1", "--port", "3000"])  # nothing asked
-    refuse_dropped_arguments(built, ["bentoml", "serve", "whisper:v1", "--arg", "device=cuda", "--arg", "batch_size=32"])
+    refuse_dropped_arguments(built, ["bentoml", "serve", "whisper:v1", "--arg", "device=cuda", "--arg", "batch_size=32",
+                                     "--arg", 'decoding={}'])  # all as built
     with pytest.raises(DroppedArgumentsError) as refused:
-        refuse_dropped_arguments(built, ["bentoml", "serve", "whisper:v1", "--arg", "device=cpu", "--arg", "batch_size=32"])
+        refuse_dropped_arguments(built, ["bentoml", "serve", "whisper:v1", "--arg", "device=cpu", "--arg", "batch_size=32",
+                                         "--arg", "decoding={}"])
     message = str(refused.value)
-    assert "device=cpu (built with cuda)" in message and "batch_size" not in message
+    assert "device=cpu (built with cuda)" in message and "batch_size" not in message and "decoding" not in message
     assert "python -m whisper_bento.build" in message
     with pytest.raises(DroppedArgumentsError, match="beam_sise"):  # an invalid value is not silently dropped either
         refuse_dropped_arguments(built, ["bentoml", "serve", "whisper:v1", "--arg", 'decoding={"beam_sise": 2}'])
