@@ -8,8 +8,9 @@ the heavy packages the GPU image already holds), a BentoML home holding one bent
 built for ``device=cuda`` (``python -m whisper_bento.build``, as a user builds one; a built bento
 serves with the configuration it was built with) and their one model, the long English file with
 its reference and the real clips, as one tar split into parts under the 64 MiB a device call
-carries. ``--device cpu`` builds the same kit for trying it on a machine without a GPU. Each device call carries one part and runs the same command; the call that
-brings the last part installs the wheels and runs the reading (``bench/gpu_run.sh``):
+carries. ``--device cpu`` builds the same kit for trying it on a machine without a GPU. Each device
+call carries one part and runs the same command; the call that brings the last part installs the
+wheels and runs the reading (``bench/gpu_run.sh``):
 
     run(carry=[".gpu-kit/part-01"], command="bash bench/gpu_run.sh")
     run(carry=[".gpu-kit/part-02"], command="bash bench/gpu_run.sh")      # within 30 s: warm
@@ -86,10 +87,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def wheel_pins() -> list[str]:
     """``name==version`` for ROOTS and what they require (no extras), as installed here, less IMAGE_HAS."""
+    from packaging.requirements import Requirement
+
+    # The GPU image's interpreter (KINDS.md: Python 3.12.3 on x86-64 Linux), for the requirements' markers.
     marker_env = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux",
                   "platform_system": "Linux", "platform_machine": "x86_64", "implementation_name": "cpython",
                   "platform_python_implementation": "CPython", "os_name": "posix", "extra": ""}
-    from packaging.requirements import Requirement
 
     pins: dict[str, str] = {}
     pending = list(ROOTS)
