@@ -26,18 +26,25 @@ python3 -m pip install -q --no-index --no-deps --no-compile --disable-pip-versio
   --target "$STAGE/site" "$STAGE"/kit/wheels/*.whl
 SITE=$(cd "$STAGE/site" && pwd)
 
-# CTranslate2 4.x opens libcublas.so.12. The gpu extra's nvidia-cublas-cu12 wheel (580 MB) is over
-# what a call carries, so where no cuBLAS 12 is loadable, this machine's cuBLAS 13 stands in under
-# the wheel's layout (nvidia/cublas/lib), which is where the flavor's preload looks. The reading
-# says which one ran (its cublas comment lines).
+# CTranslate2 4.x opens libcublas.so.12 by soname. The gpu extra's nvidia-cublas-cu12 wheel (580 MB)
+# is over what a call carries, so where no cuBLAS 12 is loadable, this machine's cuBLAS 13 stands in:
+# symlinks named as cuBLAS 12 (and its own Lt, which it needs) in one folder on LD_LIBRARY_PATH, as
+# GPU.md's check did. The flavor's preload by path is not enough for a stand-in: a library is found
+# again by the name it was opened with or its own soname, and a cuBLAS 13 file's soname is .so.13.
+# The reading says which cuBLAS ran (its cublas comment lines).
 if [ "${GPU_DEVICE:-cuda}" = cuda ] && ! python3 -c 'import ctypes; ctypes.CDLL("libcublas.so.12")' 2>/dev/null; then
-  lt=$(find / -name 'libcublasLt.so.13*' -not -path '*/proc/*' 2>/dev/null | head -1 || true)
-  blas=$(find / -name 'libcublas.so.13*' -not -path '*/proc/*' 2>/dev/null | head -1 || true)
+  blas=$(find / -name 'libcublas.so.13*' -not -path '/proc/*' 2>/dev/null | head -1 || true)
+  lt=$(ls "$(dirname "${blas:-/nonexistent}")"/libcublasLt.so.13* 2>/dev/null | head -1 || true)
   if [ -n "$lt" ] && [ -n "$blas" ]; then
-    mkdir -p "$SITE/nvidia/cublas/lib"
-    ln -sf "$lt" "$SITE/nvidia/cublas/lib/libcublasLt.so.12"
-    ln -sf "$blas" "$SITE/nvidia/cublas/lib/libcublas.so.12"
-    echo "cuBLAS 12 stand-in: $blas (cuBLAS 13) under $SITE/nvidia/cublas/lib"
+    STAND_IN="$(pwd)/$STAGE/cublas12"
+    mkdir -p "$STAND_IN"
+    ln -sf "$blas" "$STAND_IN/libcublas.so.12"
+    ln -sf "$lt" "$STAND_IN/libcublasLt.so.12"
+    ln -sf "$lt" "$STAND_IN/libcublasLt.so.13"
+    export LD_LIBRARY_PATH="$STAND_IN${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    echo "cuBLAS 12 stand-in: $blas (cuBLAS 13) in $STAND_IN, on LD_LIBRARY_PATH"
+  else
+    echo "no cuBLAS 12 and no cuBLAS 13 found: CUDA models will fail to load"
   fi
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null || true
