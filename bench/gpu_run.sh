@@ -47,6 +47,15 @@ if [ "${GPU_DEVICE:-cuda}" = cuda ] && ! python3 -c 'import ctypes; ctypes.CDLL(
     echo "no cuBLAS 12 and no cuBLAS 13 found: CUDA models will fail to load"
   fi
 fi
+# CTranslate2's CUDA wheels also open cuDNN 9 (libcudnn.so.9, the same soname for CUDA 12 and 13);
+# where it is not on the loader path, the folder of the image's copy goes on LD_LIBRARY_PATH.
+if [ "${GPU_DEVICE:-cuda}" = cuda ] && ! python3 -c 'import ctypes; ctypes.CDLL("libcudnn.so.9")' 2>/dev/null; then
+  cudnn=$(find / -name 'libcudnn.so.9*' -not -path '/proc/*' 2>/dev/null | head -1 || true)
+  if [ -n "$cudnn" ]; then
+    export LD_LIBRARY_PATH="$(dirname "$cudnn")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    echo "cuDNN 9: $(dirname "$cudnn") on LD_LIBRARY_PATH"
+  fi
+fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null || true
 export PYTHONPATH="$SITE:$(pwd)/plugin:$(pwd)/registry" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 # The kit's BentoML home: the bento (served over HTTP) and its model (which the in-process parts load).
