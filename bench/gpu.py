@@ -2,9 +2,10 @@
 then the decoding engine under 1, 8 and 32 concurrent clients against raw sequential and the
 one-call limit (issue 11's GPU figures).
 
-Self-contained: it needs the flavor (``plugin/``), the registry's text normalizer, ctranslate2,
-faster-whisper, pydantic, numpy and PyYAML (and, for the HTTP part, BentoML), and nothing from
-MLflow or a package index, so it runs on a GPU machine that reaches no registry
+Self-contained: it needs the flavor (``plugin/``), the registry's text normalizer, the checkout's
+stdlib-only server helpers (``tests/fixtures/processes.py``, ``bench/server.py``), ctranslate2,
+faster-whisper, PyAV, pydantic, numpy and PyYAML (and, for the HTTP part, BentoML), and nothing
+from MLflow or a package index, so it runs on a GPU machine that reaches no registry
 (``bench/gpu_kit.py`` packs what it needs). Each compute type runs in a child
 process of its own, so its first-load time is a process's first CUDA model (context and cuBLAS
 set-up included) and its GPU memory is that model's alone. In the child, the model is loaded
@@ -13,8 +14,8 @@ through the flavor (``mlflow_faster_whisper.load_model``: checksums, ``devices.p
 faster-whisper on the same loaded weights, interleaved, ``--runs`` times each; medians are
 reported, with WER against the file's reference text.
 
-    PYTHONPATH=plugin:registry python bench/gpu.py --model DIR --audio long.wav --device cuda --out gpu.md
-    PYTHONPATH=plugin:registry python bench/gpu.py --model DIR --audio long.wav --device cpu \
+    PYTHONPATH=.:plugin:registry python bench/gpu.py --model DIR --audio long.wav --device cuda --out gpu.md
+    PYTHONPATH=.:plugin:registry python bench/gpu.py --model DIR --audio long.wav --device cpu \
         --compute-types int8,float32 --runs 1 --out /tmp/gpu.md        # the same script, tried on CPU
 
 The engine part (``--clips``, a .json of the real clips' files, languages and texts, which
@@ -42,21 +43,12 @@ import statistics
 import subprocess
 import sys
 import time
-import wave
 from pathlib import Path
 
 import numpy as np
 
 COMPUTE_TYPES = ("float16", "int8_float16", "bfloat16", "int8")
 DECODING = {"language": "en", "beam_size": 5}
-
-
-def read_wav(path: Path) -> np.ndarray:
-    """16 kHz mono 16-bit PCM as float32 (the long file's format; no PyAV needed)."""
-    with wave.open(str(path)) as w:
-        if (w.getframerate(), w.getnchannels(), w.getsampwidth()) != (16000, 1, 2):
-            raise SystemExit(f"{path}: need 16 kHz mono 16-bit PCM")
-        return np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").astype(np.float32) / 32768.0
 
 
 def model_name(model: Path) -> str:
@@ -93,7 +85,9 @@ def child(args: argparse.Namespace) -> dict:
     from mlflow_faster_whisper import devices, transcription
     from mlflow_faster_whisper.decoding import DecodingOptions
 
-    audio = read_wav(args.audio)
+    from mlflow_faster_whisper.audio import decode_audio
+
+    audio = decode_audio(args.audio.read_bytes())
     options = DecodingOptions.parse(DECODING)
     before = devices.gpu_memory_used_mib()
     started = time.perf_counter()
@@ -272,30 +266,19 @@ class BentoFront:
     holds the bento); each client thread has its own connection, as separate clients would."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        import socket
         import threading
         import urllib.request
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = args.out.with_name(f"bento-{args.compute_type}.log")
+        from tests.fixtures.processes import ServerProcess, free_port
+
+        self.url = f"http://127.0.0.1:{free_port()}"
         # A built bento serves with the configuration it was built with (device, compute type, batch_size).
-        command = [sys.executable, "-m", "bentoml", "serve", args.bento, "--host", "127.0.0.1", "--port", str(port)]
-        with self.log.open("w") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 300
-        while True:
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.close()
-                raise RuntimeError(f"bentoml serve {args.bento} did not become ready: {self.log.read_text()[-1500:]}")
-            try:
-                with urllib.request.urlopen(self.url + "/readyz", timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
+        command = [sys.executable, "-m", "bentoml", "serve", args.bento, "--host", "127.0.0.1",
+                   "--port", self.url.rsplit(":", 1)[1]]
+        self.server = ServerProcess(command, ready_url=self.url + "/readyz", timeout_s=300,
+                                    log_path=args.out.with_name(f"bento-{args.compute_type}.log"),
+                                    fail_marker="Application startup failed")
+        self.server.start()
         with urllib.request.urlopen(self.url + "/info", timeout=10) as response:
             self.info = json.loads(response.read())
         self.batch_size = self.info["config"]["batch_size"]
@@ -305,27 +288,18 @@ class BentoFront:
     def transcribe(self, samples: np.ndarray, data: bytes, options: dict) -> str:
         import httpx
 
+        from bench.server import transcribe_http
+
         if not hasattr(self.local, "client"):
             self.local.client = httpx.Client(timeout=1800)
-        response = self.local.client.post(self.url + "/transcribe", files={"file": ("audio.wav", data, "audio/wav")},
-                                          data={k: str(v) for k, v in options.items()})
-        if response.status_code != 200:
-            raise RuntimeError(f"/transcribe -> {response.status_code}: {response.text[:300]}")
-        return response.json()["text"]
+        return transcribe_http(self.local.client, self.url, data, options)["text"]
 
     def describe(self) -> str:
         return (f"`bentoml serve {self.bento}` over HTTP ({self.info.get('device')}, "
                 f"{self.info.get('compute_type')} in force, batch_size {self.batch_size})")
 
     def close(self) -> None:
-        import signal
-
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
+        self.server.stop()
 
 
 def _engine_rows(compute_type: str, result: dict) -> list[str]:

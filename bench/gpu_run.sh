@@ -57,7 +57,7 @@ if [ "${GPU_DEVICE:-cuda}" = cuda ] && ! python3 -c 'import ctypes; ctypes.CDLL(
   fi
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null || true
-export PYTHONPATH="$SITE:$(pwd)/plugin:$(pwd)/registry" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+export PYTHONPATH="$SITE:$(pwd):$(pwd)/plugin:$(pwd)/registry" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 # The kit's BentoML home: the bento (served over HTTP) and its model (which the in-process parts load).
 export BENTOML_HOME="$(pwd)/$STAGE/kit/bentoml" BENTOML_DO_NOT_TRACK=True
 MODEL=$(ls -d "$BENTOML_HOME"/models/*/*/mlflow_model | head -1)

@@ -49,7 +49,7 @@ def run(settings) -> dict[str, Any]:
     reps = 2 if settings.mode == "full" else 1
     ways = {"padded": True, "unpadded": False}
     seconds: dict[str, dict[str, list[float]]] = {w: {a.name: [] for a in clips} for w in ways}
-    texts: dict[str, dict[str, str]] = {w: {} for w in ways}
+    texts: dict[str, dict[str, str]] = {w: {} for w in (*ways, "packed")}
     transcription.transcribe(model, samples[clips[0].name], DecodingOptions())  # warm-up
     for rep in range(reps):
         log("padding: rep %d/%d over %d clips", rep + 1, reps, len(clips))
@@ -71,7 +71,7 @@ def run(settings) -> dict[str, Any]:
             started = time.perf_counter()
             packed = transcription.transcribe(model, audio, options)
             packed_seconds[index].append(time.perf_counter() - started)
-            texts.setdefault("packed", {}).update(zip((a.name for a in group), _split(packed, spans)))
+            texts["packed"].update(zip((a.name for a in group), _split(packed, spans)))
     rows = {}
     for language in languages + ["all"]:
         chosen = [a for a in clips if language in ("all", a.language)]
