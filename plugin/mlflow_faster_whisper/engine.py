@@ -20,6 +20,9 @@ to ``batch_size`` windows, runs them as one batch and hands each request its row
   next, so a file keeps going under a stream of short requests.
 - The service's requests (streaming too), the pyfunc's rows and an evaluation's utterances all
   go through it, so they all share passes.
+- On a CPU an encode pass runs its windows through the encoder one at a time: there a window
+  costs more batched than alone (1.04-1.37x on five of six hosts measured, BENCHMARKS.md
+  section 2), while generate's cost per window falls by 2-3x. On a GPU both calls are batched.
 
 CTranslate2 is only ever called from the scheduler thread: one thread's CUDA and allocator state.
 """
@@ -92,6 +95,8 @@ class Engine:
             ``Overloaded`` (a full engine answers "retry later" rather than queueing forever).
         gather_s: how long a pass that is not full waits for windows of requests whose thread
             is between two model calls. A lone request never waits.
+        encode_batch_size: the most windows one encoder call takes within an encode pass
+            (default: 1 on a CPU, ``batch_size`` on a GPU).
         on_pass: called after each forward pass with its ``PassStats`` (metrics).
         defer: while it returns True, no pass is run (a shadow engine defers to the engine
             serving production: it uses only the time that one leaves idle).
@@ -105,13 +110,17 @@ class Engine:
         max_requests: int = 64,
         max_wait_s: float = 600.0,
         gather_s: float = 0.01,
+        encode_batch_size: Optional[int] = None,
         on_pass: Optional[Callable[[PassStats], None]] = None,
         defer: Optional[Callable[[], bool]] = None,
     ) -> None:
-        if batch_size < 1 or max_requests < 1:
-            raise ValueError("batch_size and max_requests must be at least 1")
+        if encode_batch_size is None:
+            encode_batch_size = 1 if model.model.device == "cpu" else batch_size
+        if batch_size < 1 or max_requests < 1 or encode_batch_size < 1:
+            raise ValueError("batch_size, max_requests and encode_batch_size must be at least 1")
         self.model = model
         self.batch_size = batch_size
+        self.encode_batch_size = encode_batch_size
         self.max_requests = max_requests
         self.max_wait_s = max_wait_s
         self.gather_s = gather_s
@@ -360,12 +369,16 @@ class Engine:
     # -- the CTranslate2 calls, batched -----------------------------------------------------
 
     def _encode(self, batch: list[_Call]) -> list[_Encoded]:
-        if len(batch) == 1:  # as faster-whisper made it
-            output = self._ct2.encode(batch[0].args["features"], to_cpu=False)
+        windows, step = sum(c.windows for c in batch), self.encode_batch_size
+        if len(batch) == 1 and windows <= step:  # as faster-whisper made it
+            block = _Block(self._ct2.encode(batch[0].args["features"], to_cpu=False))
         else:
             features = _HostStorage(np.concatenate([np.asarray(c.args["features"]) for c in batch]))
-            output = self._ct2.encode(features.view, to_cpu=False)
-        block = _Block(output)
+            if windows <= step:
+                block = _Block(self._ct2.encode(features.view, to_cpu=False))
+            else:  # in encoder calls of ``step`` windows, their outputs stacked on the host
+                parts = [_HostStorage(features.array[i:i + step]) for i in range(0, windows, step)]
+                block = _Block.stacked([_Block(self._ct2.encode(p.view, to_cpu=False)).host() for p in parts])
         encoded, row = [], 0
         for call in batch:
             encoded.append(_Encoded(block, range(row, row + call.windows)))
@@ -456,10 +469,15 @@ class _Call:
 class _Block:
     """One encode pass's output; rows are read back on the host only when passes regroup them."""
 
-    def __init__(self, storage) -> None:
+    def __init__(self, storage, host: Optional[np.ndarray] = None) -> None:
         self.storage = storage
         self.size = storage.shape[0]
-        self._host: Optional[np.ndarray] = None
+        self._host = host  # the array ``storage`` borrows, if it was built from one
+
+    @classmethod
+    def stacked(cls, parts: list[np.ndarray]) -> "_Block":
+        host = _HostStorage(np.concatenate(parts))
+        return cls(host.view, host.array)
 
     def host(self) -> np.ndarray:
         if self._host is None:

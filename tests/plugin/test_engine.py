@@ -90,6 +90,23 @@ def test_a_mixed_batch_gives_every_request_its_own_text_and_times(base, clips, l
     assert any(p.op == "encode" for p in shared) and any(p.op == "generate" for p in shared), passes
 
 
+@pytest.mark.parametrize("encode_batch_size, per_call", [(None, 1), (8, 8)], ids=["cpu-default", "gpu-batched"])
+def test_an_encode_pass_gives_every_request_its_own_windows(tiny_en, clips, encode_batch_size, per_call):
+    """A CPU engine runs an encode pass's windows through the encoder one at a time, a GPU engine
+    as one batch: either way each request decodes what it decodes alone."""
+    names = ["en/hello_world", "en/counting", "en/quick_brown_fox", "en/hello_world"]
+    passes = []
+    engine = Engine(tiny_en, batch_size=8, encode_batch_size=encode_batch_size, on_pass=passes.append)
+    try:
+        futures = [engine.submit(clips[n][1], GREEDY) for n in names]
+        results = [f.result(timeout=120) for f in futures]
+    finally:
+        engine.close()
+    assert engine.encode_batch_size == per_call  # a CPU model's default: one window per encoder call
+    assert [r.segments for r in results] == [transcription.transcribe(tiny_en, clips[n][1], GREEDY).segments for n in names]
+    assert max(p.windows for p in passes if p.op == "encode") > 1
+
+
 def test_a_short_request_beside_a_long_file_waits_only_for_the_pass_in_flight(tiny_en, clips, long_speech):
     """Short requests go before a long file's windows, in passes of their own: after the pass in
     flight at its submission, a short request's passes follow one another, as many as alone."""
