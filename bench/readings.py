@@ -148,11 +148,11 @@ def concurrency(r: dict[str, Any]) -> str:
         f"{r['server_config']}; walls are medians of {next(iter(r['workloads'].values())).get('reps', 1)} interleaved "
         "repetitions. Every request, from any client, goes through the flavor's decoding engine "
         "(mlflow_faster_whisper.engine): faster-whisper's own decoding per request, its encode and generate calls "
-        "run in passes shared with the other requests' windows, up to batch_size windows per pass. Short requests (one "
+        "run in passes shared with the other requests' windows, up to batch_size windows per pass (on a CPU an "
+        "encode pass runs its windows through the encoder one at a time, below). Short requests (one "
         "window) go before a long file's windows, in passes of their own (a call passed over twice goes next): a short "
-        "request sent while the long file decodes waits for the pass in flight, then its own passes run back to back; "
-        "before this (the previous run's 2.54) it also waited behind the file's next call and shared its passes, "
-        "which on a CPU cost a window each whether batched or not. 'x raw sequential' "
+        "request sent while the long file decodes waits for the pass in flight, then its own passes run back to back. "
+        "'x raw sequential' "
         "is throughput against faster-whisper's transcribe over the same requests one after the other, in the same "
         "run; 'of the limit' is against ONE BatchedInferencePipeline call over all the windows at once (first "
         "temperature only, no previous text), the most the library gets from batching them. Same text: the share "
@@ -171,8 +171,12 @@ def concurrency(r: dict[str, Any]) -> str:
         ))
         parts.append(
             f"The encoder is {pct(costs['encoder_share_batch_1'], 0)} of a short clip's model time at batch 1, and "
-            f"batching these two calls alone would change throughput by {num(costs['batching_speedup_bound'], 2)}x: "
-            "on this CPU the encoder's cost per window does not fall with batching, which bounds what any batching gives here."
+            f"batching both calls (as the one-call limit does) would change throughput by "
+            f"{num(costs['batching_speedup_bound'], 2)}x. On a CPU the encoder's cost per window does not fall with "
+            "batching, so the engine runs it one window at a time and batches only generate: "
+            + (f"{num(costs['engine_speedup_bound'], 2)}x if only these calls mattered. "
+               if "engine_speedup_bound" in costs else "")
+            + "That bounds what any batching gives here."
         )
     return "\n\n".join(parts)
 
