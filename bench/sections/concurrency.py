@@ -146,7 +146,7 @@ def run(settings) -> dict[str, Any]:
         results["lone"] = {"raw_s": summary(raw_lone), "bento_s": summary(bento_lone),
                            "ratio": ratio(float(np.median(bento_lone)), float(np.median(raw_lone)))}
 
-        reps = 2 if settings.mode == "full" else 1
+        reps = 3 if settings.mode == "full" else 1
         workloads: dict[str, Any] = {}
         for name, requests, detect, clients_list in (
             ("short_en", short, False, (8, 32) if settings.mode == "full" else (8,)),
