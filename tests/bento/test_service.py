@@ -265,3 +265,28 @@ def test_bad_input_is_a_json_4xx_and_the_worker_keeps_serving(http, clips, tmp_p
         assert error["type"] == "invalid_request_error"
         good = _post(http, "/transcribe", hello.path, language="en")
         assert good.status_code == 200 and _same_text("en", good.json()["text"], hello.text), name
+
+
+def test_bad_requests_sent_beside_good_ones_fail_alone(server, clips, tmp_path):
+    """Every bad input of the test above, sent at once with good requests: each bad one gets its
+    own 4xx, each good one its 200 and its text."""
+    bad = _bad_inputs(tmp_path, clips)
+    good = [clips[n] for n in ("hello_world", "counting", "quick_brown_fox")]
+
+    async def post(client, path, files, data):
+        return await client.post(path, files=files, data=data)
+
+    async def run_all():
+        async with httpx.AsyncClient(base_url=server.url, timeout=600) as client:
+            sends = [post(client, path, files, data) for _, path, files, data, _, _ in bad]
+            sends += [post(client, "/transcribe", {"file": (c.path.name, c.path.read_bytes(), "audio/wav")},
+                           {"language": "en"}) for c in good]
+            return await asyncio.gather(*sends)
+
+    responses = asyncio.run(run_all())
+    for (name, _, _, _, status, words), response in zip(bad, responses):
+        assert response.status_code == status, (name, response.text)
+        assert words in response.json()["error"]["message"], name
+    for clip, response in zip(good, responses[len(bad):]):
+        assert response.status_code == 200, response.text
+        assert _same_text("en", response.json()["text"], clip.text), clip.name
