@@ -208,13 +208,20 @@ class Engine:
         return self._held > 0
 
     def close(self, wait: bool = False) -> None:
-        """Stop the scheduler once no call waits; requests still decoding fail. With ``wait``,
-        return once its threads have ended (they hold the model until then)."""
+        """Stop: the calls already waiting are run, a request's later calls fail with ``Cancelled``,
+        and it returns once the scheduler has ended. With ``wait``, also once the request threads
+        have ended (they hold the model until then).
+
+        The scheduler is joined because its thread may hold the last reference to the model: the
+        model's destructor releases the GIL, and a thread that takes it back while the interpreter
+        exits is ended mid-destructor, which aborts the process (``terminate called without an
+        active exception``, exit status 134, seen with ``close()`` just before exit).
+        """
         with self._cond:
             self._closed = True
             self._cond.notify_all()
         self._threads.shutdown(wait=wait, cancel_futures=True)
-        if wait:
+        if threading.current_thread() is not self._scheduler:
             self._scheduler.join()
 
     # -- requests ---------------------------------------------------------------------------
@@ -257,6 +264,8 @@ class Engine:
         with self._cond:
             if ticket.cancelled:
                 raise Cancelled("the request was cancelled")
+            if self._closed:
+                raise Cancelled("the engine was closed before the request was decoded; send it again")
             self._waiting.append(call)
             self._computing -= 1  # until the scheduler settles the call (_settle)
             self._cond.notify_all()

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import threading
 import time
 
 import pandas as pd
@@ -239,3 +242,40 @@ def test_a_window_encoded_without_its_padding(tiny_en, clips):
         engine.close()
     assert through_engine == transcription.transcribe(tiny_en, audio, options)
     assert _same("en", through_engine.text, clips["en/quick_brown_fox"][0].text)
+
+
+_CLOSE_THEN_EXIT = """
+import sys
+import numpy as np
+from faster_whisper import WhisperModel
+from mlflow_faster_whisper.decoding import DecodingOptions
+from mlflow_faster_whisper.engine import Engine
+
+def main():
+    engine = Engine(WhisperModel(sys.argv[1], device="cpu", compute_type="int8", cpu_threads=2))
+    engine.transcribe(np.zeros(16000, dtype=np.float32), DecodingOptions.parse({"beam_size": 1, "temperature": 0}))
+    engine.close()  # the engine is the model's last holder, and the process exits right after
+
+main()
+"""
+
+
+def test_a_process_that_closes_its_engine_and_exits_exits_cleanly(whisper_tiny_en_ct2):
+    """Before close() joined the scheduler, its thread dropped the model as the interpreter
+    exited and the process aborted (4 runs of 5)."""
+    for _ in range(3):
+        done = subprocess.run([sys.executable, "-c", _CLOSE_THEN_EXIT, str(whisper_tiny_en_ct2)],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and "terminate called" not in done.stderr, done.stderr[-2000:]
+
+
+def test_a_closed_engine_fails_a_request_still_decoding(tiny_en, long_speech):
+    engine = Engine(tiny_en)
+    future = engine.submit(decode_audio(long_speech.read_bytes()), GREEDY)
+    time.sleep(0.5)  # into its windows
+    closing = threading.Thread(target=engine.close, kwargs={"wait": True})
+    closing.start()
+    closing.join(timeout=120)  # it ends: the request's later calls fail rather than wait for a scheduler that ended
+    assert not closing.is_alive()
+    with pytest.raises(Cancelled, match="closed"):
+        future.result(timeout=0)
