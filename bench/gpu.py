@@ -30,7 +30,6 @@ issue's GPU targets, read off the rows.
 
 The section is written row by row, and each child's progress goes to a log beside it, so a run cut
 short keeps what it measured.
-The section is written row by row, so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
