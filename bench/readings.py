@@ -172,8 +172,9 @@ def concurrency(r: dict[str, Any]) -> str:
         parts.append(
             f"The encoder is {pct(costs['encoder_share_batch_1'], 0)} of a short clip's model time at batch 1, and "
             f"batching both calls (as the one-call limit does) would change throughput by "
-            f"{num(costs['batching_speedup_bound'], 2)}x. On a CPU the encoder's cost per window does not fall with "
-            "batching, so the engine runs it one window at a time and batches only generate: "
+            f"{num(costs['batching_speedup_bound'], 2)}x. Here the encoder's cost per window "
+            + ("does not fall" if many["encode_s_per_window"]["median"] >= one["encode_s_per_window"]["median"] else "falls")
+            + " with batching; on a CPU the engine runs it one window at a time and batches only generate: "
             + (f"{num(costs['engine_speedup_bound'], 2)}x if only these calls mattered. "
                if "engine_speedup_bound" in costs else "")
             + "That bounds what any batching gives here."
@@ -207,11 +208,20 @@ def padding(r: dict[str, Any]) -> str:
         "timestamps and split back by the words' times; its time is the sum of those windows' medians. Speedups are "
         "against padded; same text is the share of clips whose text equals padded's. Whisper base is weak on several "
         "of these languages whichever way, so the error columns move by whole clips: read them per language. Packing "
-        "puts the clips in each other's context, and their error moved both ways by whole clips (in this run es and pt "
-        "far down, ja, fr and hi up). Each is a default only where no "
+        f"puts the clips in each other's context; packed CER against padded, by more than 0.5 points: {_moved(r, 'packed')}. "
+        "Each is a default only where no "
         "language's error rises by more than 0.5 points: pad_to_30s=false stays an option; packing is not shipped, "
         "since it would also tie unrelated requests' texts and latencies to each other."
     )
+
+
+def _moved(r: dict[str, Any], way: str) -> str:
+    """The languages whose ``way`` CER moved more than 0.5 points from padded's, down then up."""
+    deltas = {language: x[f"{way}_cer"] - x["padded_cer"] for language, x in r["languages"].items()
+              if language != "all" and x.get(f"{way}_cer") is not None and x.get("padded_cer") is not None}
+    down = [f"{k} {100 * d:+.1f}" for k, d in sorted(deltas.items(), key=lambda kv: kv[1]) if d < -0.005]
+    up = [f"{k} {100 * d:+.1f}" for k, d in sorted(deltas.items(), key=lambda kv: -kv[1]) if d > 0.005]
+    return f"down {', '.join(down) or 'none'}; up {', '.join(up) or 'none'}"
 
 
 def batch(r: dict[str, Any]) -> str:
