@@ -115,16 +115,11 @@ def build_bentos(source: Path, home: Path, registry: Path, compute_types: list[s
     their tags by compute type. The bentos share the one model in ``home``."""
     env = {**os.environ, "BENTOML_HOME": str(home), "MLFLOW_TRACKING_URI": f"sqlite:///{registry}",
            "BENTOML_DO_NOT_TRACK": "True", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    register = (
-        "import sys, mlflow, mlflow_faster_whisper as mfw\n"
-        "with mlflow.start_run():\n"
-        f"    info = mfw.log_model(sys.argv[1], registered_model_name={REGISTERED!r})\n"
-        f"mlflow.MlflowClient().set_registered_model_alias({REGISTERED!r}, 'gpu', info.registered_model_version)\n"
-    )
-    subprocess.run([sys.executable, "-c", register, str(source)], env=env, check=True, cwd=registry.parent)
+    subprocess.run([sys.executable, "-m", "whisper_registry", "register", str(source), "--name", REGISTERED, "--no-progress"],
+                   env=env, check=True, cwd=registry.parent)
     tags = {}
-    for compute_type in compute_types:
-        args = [f"model=models:/{REGISTERED}@gpu", f"compute_type={compute_type}", *(f"{k}={v}" for k, v in config.items())]
+    for compute_type in compute_types:  # version 1: the registry is this kit's own
+        args = [f"model=models:/{REGISTERED}/1", f"compute_type={compute_type}", *(f"{k}={v}" for k, v in config.items())]
         built = subprocess.run([sys.executable, "-m", "whisper_bento.build", *(x for a in args for x in ("--arg", a)),
                                 "--version", f"{config['device']}-{compute_type}"],
                                env=env, cwd=registry.parent, capture_output=True, text=True)
