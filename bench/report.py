@@ -22,6 +22,7 @@ TITLES = {
     "merge": "4c. Merging a LoRA adapter at scale: in memory, against the merge-save-convert scripts",
     "service": "5. Service: cold start and RSS growth",
     "soak": "6. Soak and faults: 16 clients for 10 minutes, a killed worker, clients that go away",
+    "field": "6b. Field faults: hostile and unlucky traffic, a killed worker, oversized uploads",
     "batch": "7. Batch transcription: a pyfunc loop vs whisper-registry transcribe, here and on Spark",
     "promotion": "8. Live promotion: alias move to the new version's first answer, and latency with a shadow",
 }
@@ -46,8 +47,35 @@ def merge(path: Path, run: dict[str, Any]) -> None:
 
 
 def render_file(merged_path: Path, out: Path) -> None:
+    """Render ``out`` from the merged results. Where ``out`` holds sections the merged results lack
+    (a machine without the earlier runs' JSON: ``bench/results/`` is not in git), only the sections
+    and runs measured here are written into it, and the rest of it is kept as it is."""
     merged = json.loads(merged_path.read_text())
-    out.write_text(render(merged))
+    old = out.read_text() if out.is_file() else ""
+    kept = [name for name in SECTIONS if f"\n## {TITLES[name]}\n" in old and name not in merged["sections"]]
+    out.write_text(splice(old, merged) if kept else render(merged))
+
+
+def splice(old: str, merged: dict[str, Any]) -> str:
+    """``old`` with each section of ``merged`` rendered in its place (or after the section before
+    it), and ``merged``'s runs added to the machine table."""
+    blocks = old.rstrip("\n").split("\n\n## ")
+    heads = [b.split("\n", 1)[0] for b in blocks]
+    for name, result in merged["sections"].items():
+        block = f"{TITLES[name]}\n\n{_section_body(name, result)}"
+        if TITLES[name] in heads:
+            blocks[heads.index(TITLES[name])] = block
+            continue
+        before = [TITLES[n] for n in SECTIONS[: SECTIONS.index(name)] if TITLES[n] in heads]
+        at = heads.index(before[-1]) + 1 if before else len(blocks)
+        blocks.insert(at, block)
+        heads.insert(at, TITLES[name])
+    machine = heads.index("Machine, versions, command")
+    lines = blocks[machine].split("\n")
+    present = {line.split(" | ")[0].lstrip("| ") for line in lines}
+    new_rows = [row for row in _machine(merged["runs"]).split("\n")[2:] if row.split(" | ")[0].lstrip("| ") not in present]
+    blocks[machine] = "\n".join(lines + new_rows)
+    return "\n\n## ".join(blocks) + "\n"
 
 
 # ------------------------------------------------------------------------------------- targets
@@ -149,20 +177,20 @@ def render(merged: dict[str, Any]) -> str:
     for name in SECTIONS:
         out.append(f"## {TITLES[name]}")
         result = sections.get(name)
-        if result is None:
-            out.append("Not measured yet: `python -m bench --only %s`." % name)
-            continue
-        out.append(f"*Run {result['run_id']}, mode {result['mode']}, {result.get('section_seconds', 0):.0f} s.*")
-        if result.get("error"):
-            out.append(f"Failed: `{result['error']}` (traceback in bench/results/{result['run_id']}.json).")
-            continue
-        if result.get("skipped"):
-            out.append(f"Skipped: {result['skipped'].splitlines()[0]}")
-            continue
-        out.append(getattr(readings, name)(result))
+        out.append(_section_body(name, result) if result is not None
+                   else "Not measured yet: `python -m bench --only %s`." % name)
     gpus = {meta["machine"].get("gpu") for meta in runs.values()} - {None}
     out.append(readings.GPU if not gpus else readings.GPU_PRESENT.format(gpus=", ".join(sorted(gpus))))
     return "\n\n".join(out) + "\n"
+
+
+def _section_body(name: str, result: dict[str, Any]) -> str:
+    head = f"*Run {result['run_id']}, mode {result['mode']}, {result.get('section_seconds', 0):.0f} s.*"
+    if result.get("error"):
+        return f"{head}\n\nFailed: `{result['error']}` (traceback in bench/results/{result['run_id']}.json)."
+    if result.get("skipped"):
+        return f"{head}\n\nSkipped: {result['skipped'].splitlines()[0]}"
+    return f"{head}\n\n{getattr(readings, name)(result)}"
 
 
 def _machine(runs: dict[str, Any]) -> str:
