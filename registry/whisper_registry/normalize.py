@@ -1,10 +1,19 @@
 """Text normalisation before scoring, in the spirit of Whisper's normalisers.
 
-- English: lowercase, drop bracketed asides, spell symbols, strip punctuation, and write number
-  words as digits so "one two three" and "1, 2, 3" score the same.
-- Chinese: Traditional -> Simplified (OpenCC t2s), punctuation and spaces removed, Arabic digits
-  read as Chinese digits; scored by characters.
-- Everything else: Whisper's basic normaliser (lowercase, punctuation and symbols removed).
+Both sides of a pair go through the same normaliser, so a number written in words on one side
+and in digits on the other scores as equal. Each language's number rule (``number_rule``):
+
+- English (``whisper-english``): lowercase, drop bracketed asides, spell symbols, strip
+  punctuation, and write number words as digits the way Whisper's English normaliser does.
+- French, Spanish, Portuguese, German, Dutch, Italian, Danish (``text2num``): number words
+  written as digits by text2num's ``alpha2digit`` ("veintiuno" -> "21", "dos mil quince" ->
+  "2015"), then the basic normaliser. Isolated numbers below 3 stay words, as text2num does by
+  default: "un", "una", "ein" are articles far more often than counts.
+- Chinese (``cn2an``): Traditional -> Simplified (OpenCC t2s), Chinese numerals written as
+  Arabic digits by cn2an (years read digit by digit, "二零一五年" -> "2015年", and values,
+  "十五" -> "15"), punctuation and spaces removed; scored by characters.
+- Everything else: Whisper's basic normaliser (lowercase, punctuation and symbols removed), with
+  no number rule: words and digits then differ.
 """
 
 from __future__ import annotations
@@ -12,17 +21,37 @@ from __future__ import annotations
 import functools
 import re
 import unicodedata
+import warnings
 from collections.abc import Callable
+from typing import Optional
 
 # Languages written without spaces between words: scored by characters (CER is the headline).
 CHARACTER_LANGUAGES = frozenset({"zh", "yue", "ja", "th", "lo", "my", "km", "bo"})
+# The languages text2num's alpha2digit reads.
+TEXT2NUM_LANGUAGES = frozenset({"fr", "es", "pt", "de", "nl", "it", "da"})
+CHINESE_LANGUAGES = frozenset({"zh", "yue"})
 
 _BRACKETS = re.compile(r"[<\[][^>\]]*[>\]]|\([^)]*\)")
 _SPACES = re.compile(r"\s+")
+# "1.000", "1,000" and "1 000" (thousands, as each language writes them) are one number.
+_DIGIT_GROUP = re.compile(r"(?<=\d)[.,\u00a0\u202f ](?=\d{3}(?!\d))")
 
 
 def is_character_language(language: str | None) -> bool:
     return (language or "").lower() in CHARACTER_LANGUAGES
+
+
+def number_rule(language: str | None) -> Optional[str]:
+    """How numbers are made comparable for ``language``: ``whisper-english``, ``text2num``,
+    ``cn2an``, or None when words and digits are left as written."""
+    code = (language or "").lower()
+    if code == "en":
+        return "whisper-english"
+    if code in TEXT2NUM_LANGUAGES:
+        return "text2num"
+    if code in CHINESE_LANGUAGES:
+        return "cn2an"
+    return None
 
 
 def normalizer_for(language: str | None) -> Callable[[str], str]:
@@ -30,8 +59,10 @@ def normalizer_for(language: str | None) -> Callable[[str], str]:
     code = (language or "").lower()
     if code == "en":
         return normalize_english
-    if code in ("zh", "yue"):
+    if code in CHINESE_LANGUAGES:
         return normalize_chinese
+    if code in TEXT2NUM_LANGUAGES:
+        return _text2num_normalizer(code)
     if code in CHARACTER_LANGUAGES:
         return normalize_characters
     return normalize_basic
@@ -49,7 +80,22 @@ def normalize_characters(text: str) -> str:
     return normalize_basic(text).replace(" ", "")
 
 
-_CHINESE_DIGITS = str.maketrans("0123456789", "〇一二三四五六七八九")
+@functools.lru_cache(maxsize=None)
+def _text2num_normalizer(language: str) -> Callable[[str], str]:
+    def normalize(text: str) -> str:
+        return normalize_with_numbers(text, language)
+
+    normalize.__name__ = f"normalize_{language}"
+    return normalize
+
+
+def normalize_with_numbers(text: str, language: str) -> str:
+    """The basic normaliser after text2num wrote ``language``'s number words as digits."""
+    from text_to_num import alpha2digit
+
+    text = _BRACKETS.sub(" ", unicodedata.normalize("NFKC", text).lower())
+    text = _DIGIT_GROUP.sub("", text)
+    return normalize_basic(alpha2digit(text, language))
 
 
 @functools.lru_cache(maxsize=1)
@@ -60,8 +106,14 @@ def _t2s() -> Callable[[str], str]:
 
 
 def normalize_chinese(text: str) -> str:
-    """Simplified characters, no punctuation or spaces; "123" read as "一二三"."""
-    return normalize_characters(_t2s()(text)).translate(_CHINESE_DIGITS)
+    """Simplified characters, Chinese numerals as Arabic digits, no punctuation or spaces."""
+    import cn2an
+
+    text = _DIGIT_GROUP.sub("", _t2s()(unicodedata.normalize("NFKC", text)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # cn2an warns about each numeral it cannot read, and leaves it
+        text = cn2an.transform(text, "cn2an")
+    return normalize_characters(text)
 
 
 # ---------------------------------------------------------------------------------------- English
