@@ -22,7 +22,8 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+# setuptools >= 77 (SPDX license): whisper_bento.build and the wheel test build without isolation.
+	$(PY) -m pip install -q --upgrade pip "setuptools>=77"
 	$(PY) -m pip install -q "$(TORCH_SPEC)" || $(PY) -m pip install -q --index-url https://download.pytorch.org/whl/cpu "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -c constraints.txt -e ".[convert,serve,finetune,spark,dev]"
 	$(PY) -m pip check

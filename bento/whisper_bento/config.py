@@ -182,7 +182,15 @@ def refuse_dropped_arguments(config: ServiceConfig, argv: Sequence[str]) -> None
             return True
 
     given = command_line_arguments(argv)
-    if not given or not changes(given):
+    known = {*ServiceConfig.model_fields, *LoadOptions.model_fields}
+    unknown = [k for k in given if k not in known]
+    if unknown:  # a typo or a decoding option: no bento would take it
+        raise DroppedArgumentsError(
+            f"Unknown service configuration key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: the keys are "
+            f"{', '.join(k for k in sorted(known) if k != 'load')}; decoding options go in "
+            """decoding='{"beam_size": 1}'."""
+        )
+    if not changes(given):
         return
     flat = {**built, **built["load"]}
     differ = ", ".join(f"{k}={v} (built with {flat.get(k)})" for k, v in given.items() if changes({k: v}))

@@ -62,6 +62,8 @@ _FAILED_START = "Application startup failed"  # BentoML would restart the worker
 
 
 def target_help() -> str:
+    from whisper_bento.build import configuration_keys
+
     keys = "\n".join(f"  -C {k}=...  {why}" for k, why in DEPLOYMENT_KEYS.items())
     return f"""Target bentoml: a registered faster_whisper version served by BentoML on this machine.
 
@@ -81,9 +83,12 @@ def target_help() -> str:
 
 Deployment keys:
 {keys}
-Every other key is service configuration, as `bentoml serve --arg`: device=cpu|cuda|auto,
-compute_type=int8, cpu_threads=4, decoding='{{"beam_size": 1}}', batch_size=8, max_beam_size=5,
-allowed_languages=en,zh, api_key=env:VARIABLE, ... (bento/README.md lists them all).
+Every other key is service configuration, as `bentoml serve --arg` takes it, e.g. device=cpu,
+compute_type=int8, decoding='{{"beam_size": 1}}', allowed_languages=en,zh (model and admin_key are
+set by the deployment):
+{configuration_keys()}
+
+Needs this package's serve extra: pip install 'mlflow-faster-whisper[serve]'.
 """
 
 
@@ -94,6 +99,7 @@ def run_local(name: str, model_uri: str, flavor: Optional[str] = None, config: O
     docstring of ``mlflow.deployments.base.run_local`` says.
     """
     _check_flavor(flavor)
+    _require_serve_extra()
     settings = _Settings.parse(model_uri, config)
     _check_port(settings.host, settings.port)
     _resolve(model_uri)
@@ -188,6 +194,7 @@ class BentoDeploymentClient(BaseDeploymentClient):
     def create_deployment(self, name, model_uri, flavor=None, config=None, endpoint=None):
         _check_flavor(flavor)
         _check_name(name)
+        _require_serve_extra()
         directory = _directory(name)
         if (directory / STATE_FILE).exists():
             status = self.get_deployment(name)["status"]
@@ -469,6 +476,18 @@ def _running_state(name: Optional[str]) -> _State:
             f"Deployment {name} is {status}; its log is {_directory(name) / LOG_FILE}. Delete it and create it again.",
             INVALID_STATE)
     return state
+
+
+def _require_serve_extra() -> None:
+    """BentoML serves the deployment: without it, say which extra brings it (before anything runs)."""
+    from mlflow_faster_whisper.errors import MissingExtraError, extra_imports
+
+    try:
+        with extra_imports():
+            import bentoml  # noqa: F401
+            import httpx  # noqa: F401
+    except MissingExtraError as exc:
+        raise MlflowException(exc.message, INVALID_STATE) from None
 
 
 def _home() -> Path:

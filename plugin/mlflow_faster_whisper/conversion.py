@@ -25,6 +25,7 @@ from mlflow_faster_whisper.errors import (
     ConversionError,
     InvalidSourceError,
     UnsupportedQuantizationError,
+    extra_imports,
     first_line,
 )
 
@@ -89,7 +90,8 @@ def convert(source: sources.WhisperSource, output_dir: Path, quantization: Optio
     if source.kind == sources.CTRANSLATE2:
         return _copy_ct2(Path(source.model), output_dir, quantization)
     check_memory(source)
-    with tempfile.TemporaryDirectory(prefix="mlflow-faster-whisper-") as tmp, malloc.big_blocks_mapped():
+    # torch, transformers (and peft) come with the convert extra: a missing one is named with it.
+    with tempfile.TemporaryDirectory(prefix="mlflow-faster-whisper-") as tmp, malloc.big_blocks_mapped(), extra_imports():
         checkpoint, processor, merged = _transformers_checkpoint(source, Path(tmp))
         _check_mel_bins(checkpoint, processor, source.revision)
         converter = _converter(checkpoint, quantization, source.revision, processor.tokenizer, merged)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import difflib
 import functools
 import json
-from collections.abc import Mapping
+import numbers
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
@@ -115,8 +116,8 @@ class DecodingOptions(BaseModel):
     pad_to_30s: bool = Field(
         True,
         description="Pad every window to 30 s for the encoder, as Whisper was trained; false encodes a shorter "
-        "window at its own length (+2 s): on CPU short clips decode 2.3-3x faster, and the error moves by "
-        "language (BENCHMARKS.md section 2b).",
+        "window at its own length (+2 s): short clips decode faster, and the error rate moves, differently "
+        "for each language.",
     )
     long_form: Literal["sequential", "batched"] = Field(
         "sequential",
@@ -142,9 +143,25 @@ class DecodingOptions(BaseModel):
     @field_validator("temperature", mode="before")
     @classmethod
     def _temperature_tuple(cls, value: Any) -> Any:
-        if isinstance(value, (int, float)):
+        def number(t: Any) -> bool:
+            return isinstance(t, numbers.Real) and not isinstance(t, bool)
+
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if number(value):
             return (float(value),)
-        return value
+        if not isinstance(value, (str, bytes, Mapping)) and isinstance(value, Iterable):
+            items = list(value)
+            if all(number(t) for t in items):
+                return tuple(float(t) for t in items)
+        # Said here: pydantic would only say "Input should be a valid tuple".
+        raise ValueError(
+            f"temperature is the sampling temperature: a number from 0 (greedy) to 5, e.g. 0, or a list of them "
+            f"tried in turn when a decode fails the thresholds, e.g. [0, 0.2, 0.4]; got {value!r}"
+        )
 
     @field_validator("temperature")
     @classmethod

@@ -8,6 +8,27 @@ which MLflow's scoring server turns into HTTP 400.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from typing import Optional
+
+DISTRIBUTION = "mlflow-faster-whisper"
+# The extra that brings each optional top-level module (pyproject.toml's optional-dependencies):
+# the one table every "install the extra" message comes from.
+EXTRA_OF_MODULE = {
+    "torch": "convert",
+    "transformers": "convert",
+    "peft": "convert",
+    "safetensors": "convert",
+    "accelerate": "finetune",
+    "datasets": "finetune",
+    "bentoml": "serve",
+    "fastapi": "serve",
+    "multipart": "serve",
+    "python_multipart": "serve",
+    "pyspark": "spark",
+}
+
 
 def first_line(exc: BaseException) -> str:
     """An exception's message cut to its first line (its type where it has none), for one-line errors."""
@@ -94,3 +115,48 @@ class Overloaded(Exception):
 
 class Cancelled(Exception):
     """The request was cancelled (its client went away); its waiting windows were dropped."""
+
+
+class MissingExtraError(ImportError):
+    """A module that one of this distribution's extras installs is missing; the message names the
+    extra and the pip command. An ``ImportError``, not bad input: nothing the caller passed is wrong.
+
+    Attributes:
+        module: the missing top-level module.
+        extra: the extra that installs it.
+    """
+
+    def __init__(self, module: str, extra: str):
+        self.message = (f"{module} is not installed; it comes with the {extra} extra: "
+                        f"pip install '{DISTRIBUTION}[{extra}]'")
+        super().__init__(self.message, name=module)
+        self.module = module
+        self.extra = extra
+
+
+def missing_extra(exc: BaseException) -> Optional[MissingExtraError]:
+    """What ``exc`` means when it is the import of a module an extra brings, failing because the
+    module is not installed; None for any other exception."""
+    if isinstance(exc, MissingExtraError):
+        return exc
+    if isinstance(exc, ModuleNotFoundError) and exc.name:
+        module = exc.name.split(".")[0]
+        if module in EXTRA_OF_MODULE:
+            return MissingExtraError(module, EXTRA_OF_MODULE[module])
+    return None
+
+
+@contextlib.contextmanager
+def extra_imports() -> Iterator[None]:
+    """Imports of optional modules go through here: ``with extra_imports(): import transformers``.
+
+    Raises:
+        MissingExtraError: a module an extra brings is not installed.
+    """
+    try:
+        yield
+    except ModuleNotFoundError as exc:
+        found = missing_extra(exc)
+        if found is None:
+            raise
+        raise found from None

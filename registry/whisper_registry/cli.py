@@ -1,7 +1,8 @@
 """``whisper-registry``: register, evaluate, compare, promote and roll back Whisper versions.
 
 The CLI parses arguments, calls the library and prints; library errors become one-line messages
-and exit code 1 here, in one place (usage errors exit 2).
+and exit code 1 here, in one place (usage errors exit 2), a missing extra included: the message
+names the pip command that installs it (``mlflow_faster_whisper.errors.EXTRA_OF_MODULE``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Optional
 import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow_faster_whisper.decoding import DecodingOptions, parse_cli_assignments
-from mlflow_faster_whisper.errors import FasterWhisperFlavorError
+from mlflow_faster_whisper.errors import FasterWhisperFlavorError, missing_extra
 
 # Each workflow function from its own module: the package re-exports nothing (whisper_registry/__init__.py).
 from whisper_registry.batch import DEFAULT_CHUNK, transcribe_files
@@ -28,6 +29,7 @@ from whisper_registry.evaluate import evaluate
 from whisper_registry.finetune import ADAPTER_ARTIFACT, DEVICES, FinetuneOptions, finetune
 from whisper_registry.promote import ALIASES, promote, rollback
 from whisper_registry.register import register
+from whisper_registry import __version__
 from whisper_registry.errors import GateFailedError, RegistrationError, RegistryError, TrainingInterrupted
 
 PROG = "whisper-registry"
@@ -54,6 +56,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _fail(exc)
     except (RegistryError, FasterWhisperFlavorError, MlflowException) as exc:
         return _fail(exc)
+    except ImportError as exc:  # a module of an extra that is not installed: name the extra
+        found = missing_extra(exc)
+        if found is None:
+            raise
+        return _fail(found)
 
 
 # Library messages name library arguments; on the command line the flag is the fix.
@@ -178,8 +185,10 @@ def _doctor(args: argparse.Namespace) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Registry workflows for faster-whisper models in MLflow.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                     help=f"one of these ({PROG} COMMAND --help for its options):")
     add_finetune_parser(commands)
 
     p = commands.add_parser("register", help="convert a checkpoint once per quantization and register each version")
@@ -220,14 +229,14 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_transcribe)
 
     p = commands.add_parser("compare", help="table and plot of every version: size, error, speed, aliases")
-    p.add_argument("name", metavar="NAME")
+    p.add_argument("name", metavar="NAME", help="registered model name")
     p.add_argument("--output-dir", default=".", help="where to write <NAME>-compare.png (default: here)")
     p.add_argument("--no-log", action="store_true", help="do not log the table and plot to an MLflow run")
     p.set_defaults(handler=_compare)
 
     p = commands.add_parser("promote", help="move an alias to a version if the gates hold")
-    p.add_argument("name", metavar="NAME")
-    p.add_argument("version", metavar="VERSION")
+    p.add_argument("name", metavar="NAME", help="registered model name")
+    p.add_argument("version", metavar="VERSION", help="the version number to move the alias to")
     p.add_argument("--to", required=True, metavar="ALIAS", help=f"one of {', '.join(ALIASES)}")
     p.add_argument("--gate", action="append", metavar="GATE", help='e.g. "cer<=0.08" (repeatable; all must hold)')
     p.add_argument("--max-regression", type=float, metavar="DELTA",
@@ -236,7 +245,7 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_promote)
 
     p = commands.add_parser("rollback", help="give an alias back to its previous holder")
-    p.add_argument("name", metavar="NAME")
+    p.add_argument("name", metavar="NAME", help="registered model name")
     p.add_argument("--alias", required=True, help=f"one of {', '.join(ALIASES)}")
     p.add_argument("--user", help="who to record in the audit trail (default: the OS user)")
     p.set_defaults(handler=_rollback)

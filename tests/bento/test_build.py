@@ -44,12 +44,14 @@ def test_built_bento_serves_the_imported_version_without_the_registry(tmp_path, 
     bento_yaml = yaml.safe_load((home / "bentos" / "whisper" / "test1" / "bento.yaml").read_text())
     assert bento_yaml["args"]["model"] == f"models:/{MODEL_NAME}@production"
     assert any(m["tag"].startswith(f"{MODEL_NAME}:v{registry.version}-") for m in bento_yaml["services"][0]["models"])
+    # A v2 bento: the wheel is a file of the project (src/wheels), installed from src/.
+    assert "not supported by bento v2" not in build.stderr
     src = home / "bentos" / "whisper" / "test1" / "src"
-    assert sorted(p.name for p in src.iterdir()) == ["bentofile.yaml", "whisper_bento"]  # no build scratch
+    assert sorted(p.name for p in src.iterdir()) == ["bentofile.yaml", "wheels", "whisper_bento"]  # no build scratch
     python_env = home / "bentos" / "whisper" / "test1" / "env" / "python"
     assert not (python_env / "requirements.lock.txt").exists()
-    _shipped_wheel(python_env)
-    assert _pip_would_install(python_env) == {"mlflow-faster-whisper": ["serve"]}
+    _shipped_wheel(src)
+    assert _pip_would_install(python_env / "requirements.txt", cwd=src) == {"mlflow-faster-whisper": ["serve"]}
     assert "nvidia" not in (python_env / "requirements.txt").read_text()
     assert "cuda_version" not in (bento_yaml.get("docker") or {}) or bento_yaml["docker"]["cuda_version"] is None
 
@@ -73,25 +75,27 @@ def test_built_bento_serves_the_imported_version_without_the_registry(tmp_path, 
             pass
 
 
-def _shipped_wheel(python_env: Path) -> Path:
-    """The project's wheel in the bento, checked to carry the flavor, the registry and the service."""
-    wheels = sorted((python_env / "wheels").glob("mlflow_faster_whisper-*.whl"))
-    assert len(wheels) == 1, list((python_env / "wheels").iterdir())
+def _shipped_wheel(folder: Path) -> Path:
+    """The project's wheel in the bento (``folder``/wheels), checked to carry the flavor, the
+    registry, the service and its bentofile."""
+    wheels = sorted((folder / "wheels").glob("mlflow_faster_whisper-*.whl"))
+    assert len(wheels) == 1, list((folder / "wheels").iterdir())
     names = zipfile.ZipFile(wheels[0]).namelist()
-    for module in ("mlflow_faster_whisper/devices.py", "whisper_registry/cli.py", "whisper_bento/service.py"):
+    for module in ("mlflow_faster_whisper/devices.py", "whisper_registry/cli.py", "whisper_bento/service.py",
+                   "whisper_bento/bentofile.yaml"):
         assert module in names
-    assert not any(n.startswith("tests/") for n in names)
+    assert not any(n.startswith("tests/") or n.endswith(".pyc") for n in names)
     return wheels[0]
 
 
-def _pip_would_install(python_env: Path) -> dict[str, list[str]]:
-    """What the image's install step (pip in env/python) resolves the requirements to, offline."""
+def _pip_would_install(requirements: Path, cwd: Path) -> dict[str, list[str]]:
+    """What the image's install step (pip in ``cwd``) resolves the requirements to, offline."""
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
         subprocess.run(
             [sys.executable, "-m", "pip", "install", "--dry-run", "--no-index", "--no-deps", "-q", "--report",
-             str(report), "-r", "requirements.txt"],
-            cwd=python_env, check=True, capture_output=True,
+             str(report), "-r", str(requirements)],
+            cwd=cwd, check=True, capture_output=True,
         )
         installs = json.loads(report.read_text())["install"]
     return {i["metadata"]["name"]: sorted(i.get("requested_extras") or []) for i in installs if i["metadata"]["name"] != "bentoml"}
@@ -115,8 +119,10 @@ def test_a_cuda_bento_declares_the_gpu_extra_and_a_cuda_12_image(tmp_path, whisp
     bento_yaml = yaml.safe_load((bento / "bento.yaml").read_text())
     assert bento_yaml["args"]["device"] == "cuda"
     assert bento_yaml["docker"]["cuda_version"].startswith("12.")
+    # docker.cuda_version makes a v1 bento: the wheel ships in env/python/wheels, installed from there.
     wheel = _shipped_wheel(bento / "env" / "python")
-    assert _pip_would_install(bento / "env" / "python") == {"mlflow-faster-whisper": ["gpu", "serve"]}
+    assert _pip_would_install(bento / "env" / "python" / "requirements.txt", cwd=bento / "env" / "python") == {
+        "mlflow-faster-whisper": ["gpu", "serve"]}
     assert (bento / "env" / "docker" / "Dockerfile").read_text().count("FROM nvidia/cuda:12.") == 1
     metadata = zipfile.ZipFile(wheel).read(f"{wheel.name.split('-')[0]}-{wheel.name.split('-')[1]}.dist-info/METADATA").decode()
     assert any(line.startswith("Requires-Dist: nvidia-cublas-cu12") and 'extra == "gpu"' in line for line in metadata.splitlines())

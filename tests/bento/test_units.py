@@ -69,6 +69,10 @@ def test_serve_arguments_a_built_bento_would_drop_are_refused(tmp_path):
     assert "python -m whisper_bento.build" in message
     with pytest.raises(DroppedArgumentsError, match="beam_sise"):  # an invalid value is not silently dropped either
         refuse_dropped_arguments(built, ["bentoml", "serve", "whisper:v1", "--arg", 'decoding={"beam_sise": 2}'])
+    with pytest.raises(DroppedArgumentsError) as unknown:  # a decoding option given as a key is no value "built with"
+        refuse_dropped_arguments(built, ["bentoml", "serve", "whisper:v1", "--arg", "beam_size=1"])
+    assert "Unknown service configuration key beam_size" in str(unknown.value) and "built with" not in str(unknown.value)
+    assert """decoding='{"beam_size": 1}'""" in str(unknown.value)
 
 
 def test_bounds():
