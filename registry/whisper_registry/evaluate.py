@@ -26,13 +26,16 @@ from mlflow_faster_whisper.engine import Engine
 from mlflow_faster_whisper.transcription import check_options
 from tqdm.auto import tqdm
 
-from whisper_registry import metrics, tags, tracking, versions
+from whisper_registry import metrics, normalize, report_html, tags, tracking, versions
 from whisper_registry.datasets import BadRow, EvaluationDataset, load_dataset
 from whisper_registry.errors import BadRowsError, DatasetError
 
 _logger = logging.getLogger(__name__)
 
 UTTERANCES_TABLE = "eval/utterances.json"
+REPORT_PAGE = "eval/report.html"  # the worst utterances aligned, and the figures with their intervals
+# Per-utterance counts in the table, so that two versions on one dataset can be compared pairwise.
+COUNT_COLUMNS = ("word_errors", "words", "char_errors", "chars")
 SKIPPED_TABLE = "eval/skipped_rows.json"
 # Metrics copied onto the version as eval.<name> tags (the UI's version page shows them).
 VERSION_TAG_METRICS = ("cer", "wer", "rtf", "latency_p50_s", "latency_p95_s", "load_time_s", "n_utterances", "n_skipped")
@@ -136,14 +139,21 @@ def evaluate(
         started = time.perf_counter()
         scored, table = _transcribe_all(model, data, stored, overrides, progress, concurrency)
         wall = time.perf_counter() - started if concurrency > 1 else None
-        results = metrics.compute_all(metrics.Measurements(scored, load_time_s=load_time, n_skipped=len(data.bad_rows), wall_s=wall))
+        measured = metrics.Measurements(scored, load_time_s=load_time, n_skipped=len(data.bad_rows), wall_s=wall)
+        results = metrics.compute_all(measured)
+        intervals = metrics.compute_intervals(measured)
+        results.update(metrics.interval_figures(intervals))
         mlflow.log_metrics(results, model_id=versions.logged_model_id(mv), dataset=_mlflow_dataset(data))
         mlflow.log_table(_columns(table), UTTERANCES_TABLE)
+        mlflow.log_text(report_html.render(f"{name} version {version} on {data.name}", results, intervals, table), REPORT_PAGE)
+        rules = _number_rules(data.languages + [row["language"] for row in table])
+        mlflow.set_tag(tags.EVAL_NUMBER_RULES, rules)
         if data.bad_rows:
             mlflow.log_table({"where": [b.where for b in data.bad_rows], "reason": [b.reason for b in data.bad_rows]}, SKIPPED_TABLE)
             mlflow.set_tag(tags.RUN_SKIPPED_ROWS, "; ".join(b.where for b in data.bad_rows)[:5000])
         run_id = run.info.run_id
-    _tag_version(name, version, results, headline, data, run_id)
+    report = f"{run.info.artifact_uri.rstrip('/')}/{REPORT_PAGE}"
+    _tag_version(name, version, results, headline, data, run_id, {tags.EVAL_NUMBER_RULES: rules, tags.EVAL_REPORT: report})
     return EvaluationResult(name, version, run_id, data.digest, headline, results, table, list(data.bad_rows))
 
 
@@ -175,6 +185,7 @@ def _transcribe_all(model, data: EvaluationDataset, stored: dict, overrides: dic
                 "reference_normalized": utterance.reference,
                 "hypothesis_normalized": utterance.hypothesis,
                 "errors": utterance.errors,
+                **{column: getattr(utterance, column) for column in COUNT_COLUMNS},
                 "unit": "char" if utterance.by_characters else "word",
                 "error_rate": utterance.error_rate,
                 "duration_s": round(duration, 3),
@@ -186,7 +197,8 @@ def _transcribe_all(model, data: EvaluationDataset, stored: dict, overrides: dic
     return scored, table
 
 
-def _tag_version(name: str, version: str, results: dict[str, float], headline: str, data: EvaluationDataset, run_id: str) -> None:
+def _tag_version(name: str, version: str, results: dict[str, float], headline: str, data: EvaluationDataset, run_id: str,
+                 extra: dict[str, str]) -> None:
     client = tracking.client()
     values = {
         f"{tags.EVAL_PREFIX}{k}": _fmt(v)
@@ -199,6 +211,7 @@ def _tag_version(name: str, version: str, results: dict[str, float], headline: s
         tags.EVAL_DATASET_NAME: data.name,
         tags.EVAL_RUN_ID: run_id,
         tags.EVAL_TIME: datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **extra,
     })
     # Results of an earlier evaluation on another dataset must not survive next to these.
     for stale in client.get_model_version(name, version).tags:
@@ -206,6 +219,35 @@ def _tag_version(name: str, version: str, results: dict[str, float], headline: s
             client.delete_model_version_tag(name, version, stale)
     for key, value in values.items():
         client.set_model_version_tag(name, version, key, value)
+
+
+def utterance_counts(run_id: str) -> Optional[dict[str, list]]:
+    """The per-utterance error counts an evaluation run logged (``audio`` and ``COUNT_COLUMNS``).
+
+    None when the run logged no counts (an evaluation by an older version of this package).
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=UTTERANCES_TABLE)
+    except (MlflowException, OSError):
+        return None
+    table = json.loads(Path(path).read_text(encoding="utf-8"))
+    columns = table.get("columns", [])
+    if not all(c in columns for c in ("audio", *COUNT_COLUMNS)):
+        return None
+    return {c: [row[columns.index(c)] for row in table["data"]] for c in ("audio", "language", *COUNT_COLUMNS)}
+
+
+def _number_rules(languages) -> str:
+    """``"en=whisper-english zh=cn2an ja=none"``: each language's number rule, "none" where words
+    and digits stay different (a number written the other way counts as an error there)."""
+    codes = sorted({lang for lang in languages if lang})
+    missing = [code for code in codes if normalize.number_rule(code) is None]
+    if missing:
+        _logger.warning("No number rule for %s: numbers written in words on one side and digits on the other "
+                        "count as errors there.", ", ".join(missing))
+    return " ".join(f"{code}={normalize.number_rule(code) or 'none'}" for code in codes) or "none"
 
 
 def _mlflow_dataset(data: EvaluationDataset):

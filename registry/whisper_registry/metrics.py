@@ -18,6 +18,7 @@ from typing import Optional
 import jiwer
 import numpy as np
 
+from whisper_registry import bootstrap
 from whisper_registry.errors import UnknownMetricError
 from whisper_registry.normalize import is_character_language, normalizer_for
 
@@ -71,6 +72,8 @@ class Metric:
 
 
 METRICS: dict[str, Metric] = {}
+# Suffixes of an error rate's bootstrap interval bounds: "wer_ci_low", "cer_zh_ci_high".
+CI_LOW, CI_HIGH = "_ci_low", "_ci_high"
 
 
 def register_metric(name: str, *, description: str, kind: str):
@@ -111,6 +114,38 @@ def compute_all(measurements: Measurements) -> dict[str, float]:
             for name in ("wer", "cer"):
                 results[f"{name}_{language}"] = get_metric(f"{name}_{language}").compute(measurements)
     return {k: float(v) for k, v in results.items() if v is not None}
+
+
+def compute_intervals(measurements: Measurements, *, seed: int = bootstrap.SEED) -> dict[str, bootstrap.Interval]:
+    """A bootstrap interval over utterances for each error rate ``compute_all`` reports.
+
+    Keyed like ``compute_all`` (``wer``, ``cer``, ``wer_<lang>``, ``cer_<lang>``); an interval
+    resamples the same utterances its rate is computed from.
+    """
+    groups: dict[str, list[ScoredUtterance]] = {"": list(measurements.utterances)}
+    languages = sorted({u.language for u in measurements.utterances if u.language})
+    if len(languages) > 1:
+        groups.update({f"_{lang}": [u for u in measurements.utterances if u.language == lang] for lang in languages})
+    out = {}
+    for suffix, group in groups.items():
+        spaced = [u for u in group if not u.by_characters]
+        for name, units, errors, lengths in (
+            ("wer", spaced, [u.word_errors for u in spaced], [u.words for u in spaced]),
+            ("cer", group, [u.char_errors for u in group], [u.chars for u in group]),
+        ):
+            interval = bootstrap.rate_interval(errors, lengths, seed=seed) if units else None
+            if interval is not None:
+                out[f"{name}{suffix}"] = interval
+    return out
+
+
+def interval_figures(intervals: dict[str, bootstrap.Interval]) -> dict[str, float]:
+    """``{"wer_ci_low": ..., "wer_ci_high": ...}``: intervals as the flat figures MLflow logs."""
+    figures = {}
+    for name, interval in intervals.items():
+        figures[f"{name}{CI_LOW}"] = interval.low
+        figures[f"{name}{CI_HIGH}"] = interval.high
+    return figures
 
 
 def headline_metric(languages: Sequence[Optional[str]]) -> str:

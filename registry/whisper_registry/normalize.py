@@ -41,7 +41,7 @@ def is_character_language(language: str | None) -> bool:
     return (language or "").lower() in CHARACTER_LANGUAGES
 
 
-def number_rule(language: str | None) -> Optional[str]:
+def number_rule(language: str | None) -> str | None:
     """How numbers are made comparable for ``language``: ``whisper-english``, ``text2num``,
     ``cn2an``, or None when words and digits are left as written."""
     code = (language or "").lower()
@@ -80,7 +80,7 @@ def normalize_characters(text: str) -> str:
     return normalize_basic(text).replace(" ", "")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _text2num_normalizer(language: str) -> Callable[[str], str]:
     def normalize(text: str) -> str:
         return normalize_with_numbers(text, language)

@@ -23,6 +23,8 @@ EVAL_DATASET = "eval.dataset"  # the dataset digest
 EVAL_DATASET_NAME = "eval.dataset_name"
 EVAL_HEADLINE = "eval.headline"  # "cer" or "wer"
 EVAL_TIME = "eval.time"
+EVAL_NUMBER_RULES = "eval.number_rules"  # per language, how numbers were made comparable ("none": not)
+EVAL_REPORT = "eval.report"  # artifact URI of the HTML page of the worst utterances
 
 # Model version tags the service writes on a shadowed candidate (bento config shadow=...): its
 # figures against the production version's answers to the same live requests.

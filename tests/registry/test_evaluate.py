@@ -3,11 +3,16 @@ import json
 import mlflow
 import pytest
 from mlflow import MlflowClient
-
-from tests.registry.conftest import clip_rows, write_manifest
 from whisper_registry import tags, versions
 from whisper_registry.errors import BadRowsError, ModelNotFoundError
-from whisper_registry.evaluate import UTTERANCES_TABLE, evaluate
+from whisper_registry.evaluate import (
+    REPORT_PAGE,
+    UTTERANCES_TABLE,
+    evaluate,
+    utterance_counts,
+)
+
+from tests.registry.conftest import clip_rows, write_manifest
 
 
 def test_evaluation_run_is_linked_to_the_version_and_tags_it(tiny_registered, two_clips_manifest):
@@ -36,6 +41,33 @@ def test_evaluation_run_is_linked_to_the_version_and_tags_it(tiny_registered, tw
     assert float(t["eval.cer"]) == pytest.approx(result.metrics["cer"], rel=1e-5)
     assert t[tags.EVAL_RUN_ID] == result.run_id and t[tags.EVAL_DATASET] == result.dataset_digest
     assert t[tags.EVAL_HEADLINE] == "cer"  # a dataset with Chinese is headlined by CER
+
+
+def test_every_error_rate_has_its_interval_and_the_counts_to_pair_it(tiny_registered, two_clips_manifest, tmp_path, en_zh_clips):
+    rows = clip_rows(en_zh_clips) + [{"audio": str(en_zh_clips[0].path), "text": "uno dos tres", "language": "ja"}]
+    result = evaluate("models:/tiny/1", write_manifest(tmp_path / "mixed.jsonl", rows))
+    run = MlflowClient().get_run(result.run_id)
+    t = MlflowClient().get_model_version("tiny", "1").tags
+    rates = [k for k in result.metrics if k.split("_")[0] in ("wer", "cer") and "_ci_" not in k]
+    assert {"wer", "cer", "cer_zh", "cer_en", "wer_en", "cer_ja"} <= set(rates)
+    for rate in rates:
+        low, high = result.metrics[f"{rate}_ci_low"], result.metrics[f"{rate}_ci_high"]
+        assert low <= result.metrics[rate] <= high
+        assert run.data.metrics[f"{rate}_ci_high"] == pytest.approx(high)
+        assert float(t[f"eval.{rate}_ci_low"]) == pytest.approx(low, rel=1e-5, abs=1e-9)
+    # The counts behind each rate are in the table, so a later promotion can pair two versions.
+    counts = utterance_counts(result.run_id)
+    assert len(counts["audio"]) == len(rows)
+    spaced = [i for i, lang in enumerate(counts["language"]) if lang == "en"]
+    assert sum(counts["word_errors"][i] for i in spaced) / sum(counts["words"][i] for i in spaced) == pytest.approx(result.metrics["wer_en"])
+    # Japanese has no number rule, and the evaluation says so; the page of the worst utterances is linked.
+    assert t[tags.EVAL_NUMBER_RULES] == "en=whisper-english ja=none zh=cn2an"
+    assert t[tags.EVAL_REPORT].endswith(REPORT_PAGE)
+    page = mlflow.artifacts.load_text(t[tags.EVAL_REPORT])
+    assert 'data-metric="cer_zh"' in page and page.count('class="utterance"') == sum(1 for u in result.utterances if u["errors"])
+    # Reproducible: the same utterances give the same intervals.
+    again = evaluate("models:/tiny/1", write_manifest(tmp_path / "mixed.jsonl", rows))
+    assert {k: v for k, v in again.metrics.items() if "_ci_" in k} == {k: v for k, v in result.metrics.items() if "_ci_" in k}
 
 
 def test_concurrent_utterances_share_passes_and_score_as_one_at_a_time(tiny_registered, two_clips_manifest):

@@ -1,6 +1,11 @@
 import pytest
-
-from whisper_registry.normalize import normalize_basic, normalize_chinese, normalize_english, normalizer_for, number_rule
+from whisper_registry.normalize import (
+    normalize_basic,
+    normalize_chinese,
+    normalize_english,
+    normalizer_for,
+    number_rule,
+)
 
 
 @pytest.mark.parametrize(
