@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from mlflow_faster_whisper import ct2, malloc, sources
+from mlflow_faster_whisper import compute_types, ct2, malloc, sources
 from mlflow_faster_whisper.constants import REQUIRED_CT2_FILES
 from mlflow_faster_whisper.errors import (
     ConversionError,
@@ -31,16 +31,12 @@ from mlflow_faster_whisper.errors import (
 
 _logger = logging.getLogger(__name__)
 
-# CTranslate2's quantizations; "none" keeps the checkpoint's dtype.
-QUANTIZATIONS = (
-    "int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16", "float16", "bfloat16", "float32", "none",
-)
-# The CPU-serving choice: ~4x smaller than float32 at nearly the same error.
+# CTranslate2's quantizations (its compute types); "none" keeps the checkpoint's dtype.
+QUANTIZATIONS = (*compute_types.NAMES, "none")
+# The CPU-serving choice: a byte per weight, at nearly float32's error (BENCHMARKS.md section 3).
 DEFAULT_QUANTIZATION = "int8"
-# Written identically by CTranslate2.
-_SAME_STORAGE = {"int8": "int8_float32"}
-# Written indented by transformers and CTranslate2; compact, they are 2.6 MB smaller (whisper-base:
-# 5.0 -> 2.4 MB, 3 % of an int8 artifact) with the same content.
+# Written indented by transformers and CTranslate2; compact, the same content is smaller in every
+# copy of the artifact.
 _JSON_TO_COMPACT = ("tokenizer.json", "vocabulary.json")
 
 
@@ -103,11 +99,10 @@ def convert(source: sources.WhisperSource, output_dir: Path, quantization: Optio
     return _inspect(output_dir, quantization)
 
 
-# A conversion's peak memory above its imports: 1.0x the checkpoint's weights plus the tokenizer
-# (about 50 MiB) from tiny to medium shapes, with or without an adapter merged in (BENCHMARKS.md
-# sections 4b, 4c), counted here with a margin as 1.1x + 300 MiB for safetensors weights; weights in
-# other files load through ``from_pretrained`` (memory-mapped, copied on write), counted as 1.5x;
-# plus the imports themselves (torch, transformers: about 600 MiB) where they are not loaded yet.
+# A conversion's peak memory, with a margin over the peaks measured from tiny to medium shapes with
+# or without an adapter (BENCHMARKS.md sections 4b, 4c): safetensors weights are read once
+# (``lowmem``); other weight files load through ``from_pretrained`` (memory-mapped, copied on
+# write); the imports (torch, transformers) count where they are not loaded yet.
 _PEAK_PER_SAFETENSORS_BYTE = 1.1
 _PEAK_PER_OTHER_WEIGHT_BYTE = 1.5
 _FIXED_BYTES = 300 << 20
@@ -183,7 +178,7 @@ def _merge_adapter(source: sources.WhisperSource) -> tuple[Any, Any]:
     """Load the base, apply the adapter and fold its weights in (CT2 cannot convert LoRA layers).
     A local safetensors base is read into memory once (``lowmem``) and merged in place. The
     processor is loaded first: its tokenizer peaks above what it keeps while it loads, which
-    would otherwise land on top of the base's weights (tiny: 11 MiB more at the peak)."""
+    would otherwise land on top of the base's weights."""
     from peft import PeftModel
 
     processor = source.processor
@@ -264,9 +259,9 @@ def _check_mel_bins(checkpoint: str, processor: Any, revision: Optional[str]) ->
 def _converter(checkpoint: str, quantization: str, revision: Optional[str], tokenizer: Any, model: Any) -> Any:
     from mlflow_faster_whisper import lowmem
 
-    # float16 targets load as float16, as CTranslate2's own command line does.
+    row = compute_types.get(quantization)
     return lowmem.Converter(checkpoint, revision=revision, low_cpu_mem_usage=True, tokenizer=tokenizer, model=model,
-                            load_as_float16=quantization in ("float16", "int8_float16"))
+                            load_as_float16=row is not None and row.load_as_float16)
 
 
 def _run_converter(converter: Any, name: str, output_dir: Path, quantization: str) -> None:
@@ -307,7 +302,8 @@ def _copy_ct2(source_dir: Path, output_dir: Path, quantization: Optional[str]) -
             "'preprocessor_config.json']): faster-whisper would otherwise fetch it from the hub."
         )
     stored = ct2.stored_quantization(source_dir)
-    if quantization is not None and _SAME_STORAGE.get(quantization, quantization) != stored:
+    row = compute_types.get(quantization)
+    if quantization is not None and (row.stored_as if row else quantization) != stored:
         raise UnsupportedQuantizationError(
             f"{source_dir} is stored as {stored} and a CTranslate2 directory is logged as is: "
             f"pass quantization=None, or convert the transformers checkpoint to {quantization}."

@@ -29,6 +29,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from mlflow_faster_whisper import compute_types
 from mlflow_faster_whisper.errors import DeviceError, LoadOptionsError
 
 _logger = logging.getLogger(__name__)
@@ -37,18 +38,6 @@ DEVICES = ("auto", "cpu", "cuda")
 # Lt first: libcublas.so.12 needs it, and the wheel's copy must be the one it binds to.
 CUBLAS_LIBRARIES = ("libcublasLt.so.12", "libcublas.so.12")
 GPU_EXTRA_HINT = "pip install 'mlflow-faster-whisper[gpu]' (it brings nvidia-cublas-cu12)"
-
-# What to try, in order, when a device cannot run the requested compute type.
-_FALLBACKS = {
-    "float16": ("float32",),
-    "bfloat16": ("float32",),
-    "int8_float16": ("int8_float32", "int8", "float32"),
-    "int8_bfloat16": ("int8_float32", "int8", "float32"),
-    "int8_float32": ("int8", "float32"),
-    "int16": ("int8", "float32"),
-    "int8": ("int8_float32", "float32"),
-    "float32": (),
-}
 
 
 @dataclass(frozen=True)
@@ -105,7 +94,7 @@ def _loaded_from(soname: str) -> Optional[str]:
     return None
 
 
-COMPUTE_TYPES = ("default", "auto", *_FALLBACKS)
+COMPUTE_TYPES = ("default", "auto", *compute_types.NAMES)
 
 
 class LoadOptions(BaseModel):
@@ -192,11 +181,12 @@ def place(device: str = "auto", compute_type: str = "default", quantization: Opt
                 _logger.warning("device='auto' falls back to CPU: %s", reason)
             device = "cpu"
     supported = set(ctranslate2.get_supported_compute_types(device))
-    as_stored = compute_type == "default" and quantization in _FALLBACKS
+    as_stored = compute_type == "default" and compute_types.get(quantization) is not None
     requested = quantization if as_stored else compute_type
     chosen = requested
     if requested not in supported and requested not in ("default", "auto"):
-        chosen = next((t for t in _FALLBACKS.get(requested, ()) if t in supported), "default")
+        row = compute_types.get(requested)
+        chosen = next((t for t in (row.fallbacks if row else ()) if t in supported), "default")
         (_logger.info if as_stored else _logger.warning)(
             "compute_type %r%s is not supported on %s (supported: %s); using %r instead",
             requested,

@@ -3,8 +3,8 @@
 CTranslate2's ``TransformersConverter`` loads the checkpoint with ``from_pretrained``, which (with
 transformers 5) keeps the weights memory-mapped: every page read counts in the process's RSS, and
 int8 quantization, which scales each weight in place, copies the mapped pages on write, so a float
-copy is made beside the mapping and both stay until the conversion ends (BENCHMARKS.md section 4b:
-about 1.3x the weights above the imports at small and medium shapes, 1.0x here). Here the same
+copy is made beside the mapping and both stay until the conversion ends (BENCHMARKS.md section 4b
+compares the two peaks). Here the same
 converter loads the model differently: the tensors are read one by one with plain reads into
 anonymous memory, in the dtype the target needs, and assigned to a model built without weights
 (``meta`` device). While CTranslate2 builds its spec, the q/k/v projections it fuses into one
@@ -35,6 +35,8 @@ from typing import Any, Optional
 import ctranslate2
 import numpy as np
 import torch
+
+from mlflow_faster_whisper import compute_types
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -181,7 +183,8 @@ def _one_copy_at_a_time():
 
     def quantize_in_blocks(self, quantization, variable_filter=None):
         done: set[str] = set()
-        if quantization in _INT8:
+        row = compute_types.get(quantization)
+        if row is not None and row.int8_weights:
             def int8(spec, name, value):
                 key = name.rsplit("/", 1)[-1]
                 if ((variable_filter is None or variable_filter(name)) and hasattr(spec, f"{key}_scale")
@@ -201,18 +204,16 @@ def _one_copy_at_a_time():
         utils.fuse_linear, PyTorchVariable.to_bytes, LayerSpec._quantize = fuse_linear, to_bytes, quantize
 
 
-_INT8 = ("int8", "int8_float32", "int8_float16", "int8_bfloat16")
 # 512 KiB of float32 per block: its temporaries stay below the 1 MiB at which a conversion maps
 # blocks on their own (malloc.big_blocks_mapped), so the heap reuses them instead of faulting in
-# fresh pages for every block (medium int8: 10.2-10.9 s against 13.6-15.9 s with 4 MiB blocks, the
-# same peak).
+# fresh pages for every block: faster than bigger blocks, at the same peak.
 _BLOCK_ELEMENTS = 1 << 17
 
 
 def _int8_rows(value: Any) -> tuple[Any, Any]:
     """CTranslate2's int8 quantization (a float32 scale per row, 127 / max |row|, rounded to
     nearest), the same arithmetic, a block of rows at a time: its own temporaries are two float
-    copies of the whole tensor, 55 % of whisper-tiny's weights for the embedding alone."""
+    copies of the whole tensor, for the token embedding most of a small model's weights."""
     from ctranslate2.specs.model_spec import NumpyVariable, PyTorchVariable
 
     tensor = value.tensor if isinstance(value, PyTorchVariable) else torch.from_numpy(value.numpy())

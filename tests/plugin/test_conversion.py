@@ -180,12 +180,13 @@ def test_failed_conversion_leaves_no_version_no_temp_dirs(tiny_variant, mlflow_s
     assert list(scratch.iterdir()) == []
 
 
-@pytest.mark.parametrize("quantization", ["int8", "int8_float16", "float32", "float16"])
+@pytest.mark.parametrize("quantization", ["int8", "int8_float16", "float32", "float16", "bfloat16", "int8_bfloat16"])
 def test_the_low_memory_load_writes_what_ctranslate2s_own_converter_writes(tiny_whisper_hf, tmp_path, quantization):
     ours = tmp_path / "ours"
     mfw.save_model(str(tiny_whisper_hf), ours, quantization=quantization)
     theirs = tmp_path / "theirs"
-    ctranslate2.converters.TransformersConverter(str(tiny_whisper_hf), load_as_float16="float16" in quantization).convert(
+    as_its_command_line = quantization in ("float16", "int8_float16")  # not the bfloat16 types
+    ctranslate2.converters.TransformersConverter(str(tiny_whisper_hf), load_as_float16=as_its_command_line).convert(
         str(theirs), quantization=quantization)
     assert (ours / "model" / "model.bin").read_bytes() == (theirs / "model.bin").read_bytes()
 

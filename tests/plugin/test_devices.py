@@ -35,6 +35,17 @@ def test_the_stored_quantization_is_the_default_and_falls_back_where_the_device_
     assert "not supported on cpu" in caplog.text and caplog.records[0].levelno == logging.WARNING
 
 
+def test_conversion_and_placement_know_the_same_compute_types_and_each_falls_back_to_float32():
+    from mlflow_faster_whisper import compute_types
+
+    assert set(mfw.QUANTIZATIONS) - {"none"} == set(devices.COMPUTE_TYPES) - {"default", "auto"}
+    for row in compute_types.BY_NAME.values():
+        assert set(row.fallbacks) <= set(compute_types.BY_NAME) - {row.name}, row.name
+        assert (row.fallbacks or ("float32",))[-1] == "float32", row.name  # what every device runs
+        placed = devices.place("cpu", row.name)
+        assert placed.compute_type in ctranslate2.get_supported_compute_types("cpu"), row.name
+
+
 def test_load_options_parse_like_decoding_options():
     assert mfw.LoadOptions.parse(None) == mfw.LoadOptions(device="auto", compute_type="default", cpu_threads=0, num_workers=1)
     assert mfw.LoadOptions.parse({"device": "cpu", "cpu_threads": None}).cpu_threads == 0  # None: the default
