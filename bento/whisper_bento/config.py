@@ -15,6 +15,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mlflow_faster_whisper.batching import BatchPolicy
 from mlflow_faster_whisper.decoding import DecodingOptions
 from mlflow_faster_whisper.devices import LoadOptions
 from mlflow_faster_whisper.errors import DecodingOptionsError
@@ -50,7 +51,9 @@ class ServiceConfig(BaseModel):
     max_audio_seconds: float = Field(1800.0, gt=0, description="Longer audio gets 413.")
     max_upload_bytes: int = Field(100 * 1024 * 1024, gt=0, description="Bigger uploads get 413.")
     # The decoding engine (mlflow_faster_whisper.engine).
-    batch_size: int = Field(8, ge=1, description="Most 30 s windows in one forward pass, from all requests in flight.")
+    batch_size: int = Field(
+        BatchPolicy.batch_size, ge=1, description="Most 30 s windows in one forward pass, from all requests in flight."
+    )
     max_requests: int = Field(
         64, ge=1, description="Requests held at once (decoding, or waiting for the model); one more gets 503."
     )

@@ -21,8 +21,11 @@ to ``batch_size`` windows, runs them as one batch and hands each request its row
 - The service's requests (streaming too), the pyfunc's rows and an evaluation's utterances all
   go through it, so they all share passes.
 - On a CPU an encode pass runs its windows through the encoder one at a time: there a window
-  costs more batched than alone (1.04-1.37x on five of six hosts measured, BENCHMARKS.md
-  section 2), while generate's cost per window falls by 2-3x. On a GPU both calls are batched.
+  costs more batched than alone, while generate's cost per window falls (BENCHMARKS.md
+  section 2). On a GPU both calls are batched.
+
+Which calls share a pass, how long a pass waits for company and how an encode pass is split are
+``batching.BatchPolicy``'s decisions; this module runs them on its threads.
 
 CTranslate2 is only ever called from the scheduler thread: one thread's CUDA and allocator state.
 """
@@ -41,6 +44,7 @@ from typing import Any, Optional
 import numpy as np
 
 from mlflow_faster_whisper import transcription
+from mlflow_faster_whisper.batching import BatchPolicy
 from mlflow_faster_whisper.malloc import release_free_memory
 from mlflow_faster_whisper.constants import SAMPLE_RATE
 from mlflow_faster_whisper.decoding import DecodingOptions
@@ -51,8 +55,6 @@ _logger = logging.getLogger(__name__)
 
 # Whisper's window: a request with more audio than this is long (several windows, in turn).
 _WINDOW_SAMPLES = 30 * SAMPLE_RATE
-# How many passes may go before an older call (short requests before a long file's window).
-_MAX_SKIPS = 2
 
 
 @dataclass(frozen=True)
@@ -88,15 +90,11 @@ class Engine:
 
     Args:
         model: a ``faster_whisper.WhisperModel``.
-        batch_size: the most windows one forward pass takes.
+        batch_size, gather_s, encode_batch_size: its ``BatchPolicy`` (None: the policy's default).
         max_requests: requests held at once (decoding or waiting for a thread); one more is
             refused with ``Overloaded``.
         max_wait_s: a request that waits longer than this for its first pass is refused with
             ``Overloaded`` (a full engine answers "retry later" rather than queueing forever).
-        gather_s: how long a pass that is not full waits for windows of requests whose thread
-            is between two model calls. A lone request never waits.
-        encode_batch_size: the most windows one encoder call takes within an encode pass
-            (default: 1 on a CPU, ``batch_size`` on a GPU).
         on_pass: called after each forward pass with its ``PassStats`` (metrics).
         defer: while it returns True, no pass is run (a shadow engine defers to the engine
             serving production: it uses only the time that one leaves idle).
@@ -106,24 +104,21 @@ class Engine:
         self,
         model,
         *,
-        batch_size: int = 8,
+        batch_size: Optional[int] = None,
         max_requests: int = 64,
         max_wait_s: float = 600.0,
-        gather_s: float = 0.01,
+        gather_s: Optional[float] = None,
         encode_batch_size: Optional[int] = None,
         on_pass: Optional[Callable[[PassStats], None]] = None,
         defer: Optional[Callable[[], bool]] = None,
     ) -> None:
-        if encode_batch_size is None:
-            encode_batch_size = 1 if model.model.device == "cpu" else batch_size
-        if batch_size < 1 or max_requests < 1 or encode_batch_size < 1:
-            raise ValueError("batch_size, max_requests and encode_batch_size must be at least 1")
+        given: dict[str, Any] = {"batch_size": batch_size, "gather_s": gather_s, "encode_batch_size": encode_batch_size}
+        self.policy = BatchPolicy(**{k: v for k, v in given.items() if v is not None})
+        if max_requests < 1:
+            raise ValueError("max_requests must be at least 1")
         self.model = model
-        self.batch_size = batch_size
-        self.encode_batch_size = encode_batch_size
         self.max_requests = max_requests
         self.max_wait_s = max_wait_s
-        self.gather_s = gather_s
         self.on_pass = on_pass
         self.defer = defer
         self._ct2 = model.model
@@ -133,9 +128,19 @@ class Engine:
         self._computing = 0  # admitted requests whose thread is not waiting on a call
         self._closed = False
         # Enough threads to fill two passes; more requests wait for a thread (they are held).
-        self._threads = ThreadPoolExecutor(max_workers=max(2 * batch_size, 4), thread_name_prefix="whisper-request")
+        self._threads = ThreadPoolExecutor(max_workers=max(2 * self.batch_size, 4), thread_name_prefix="whisper-request")
         self._scheduler = threading.Thread(target=self._run, name="whisper-engine", daemon=True)
         self._scheduler.start()
+
+    @property
+    def batch_size(self) -> int:
+        """The most windows one forward pass takes."""
+        return self.policy.batch_size
+
+    @property
+    def encode_batch_size(self) -> int:
+        """The most windows one encoder call takes, on this model's device."""
+        return self.policy.encoder_batch_size(self._ct2.device)
 
     # -- front-ends -------------------------------------------------------------------------
 
@@ -206,6 +211,11 @@ class Engine:
     def busy(self) -> bool:
         """Whether it holds a request (decoding, or waiting for the model)."""
         return self._held > 0
+
+    @property
+    def held(self) -> int:
+        """Requests it holds now (decoding, or waiting for the model); at ``max_requests`` it admits no more."""
+        return self._held
 
     def close(self, wait: bool = False) -> None:
         """Stop: the calls already waiting are run, a request's later calls fail with ``Cancelled``,
@@ -293,22 +303,15 @@ class Engine:
 
     def _wait_for_company(self) -> None:
         """Wait (briefly) for the windows of requests that are about to make their next call."""
-        deadline = time.monotonic() + self.gather_s
-        while self._computing > 0 and sum(c.windows for c in self._waiting) < self.batch_size:
+        deadline = time.monotonic() + self.policy.gather_s
+        while self.policy.gathers(sum(c.windows for c in self._waiting), self._computing):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
             self._cond.wait(remaining)
 
     def _next_batch(self) -> list[_Call]:
-        """The first live call in turn and the calls that can share its pass, up to ``batch_size`` windows.
-
-        Short requests (one window) go before long ones, oldest first within each, and a pass
-        takes one kind only: a short request sent while a long file decodes waits for the pass in
-        flight, not behind the file's windows, and its passes are not lengthened by them (on a
-        CPU a window costs the same in a batch as alone). A call that short requests passed over
-        ``_MAX_SKIPS`` times goes next, so a long file keeps going under a stream of short ones.
-        """
+        """Settle the cancelled and expired calls, then take the policy's next batch of the rest."""
         now = time.monotonic()
         live: list[_Call] = []
         for call in self._waiting:
@@ -319,21 +322,11 @@ class Engine:
                 self._settle([call], error=Overloaded(f"waited {now - ticket.submitted:.1f} s for the model"))
             else:
                 live.append(call)
-        if not live:
-            self._waiting = []
-            return []
-        # sorted() is stable: arrival order within the same turn
-        queue = sorted(live, key=lambda c: (c.skips < _MAX_SKIPS, c.ticket.long))
-        first = queue[0]
-        batch, windows = [first], first.windows
-        for call in queue[1:]:
-            if call.key == first.key and call.ticket.long == first.ticket.long and windows + call.windows <= self.batch_size:
-                batch.append(call)
-                windows += call.windows
+        batch = self.policy.next_batch(live)
         taken = {id(c) for c in batch}
         self._waiting = [c for c in live if id(c) not in taken]
-        for call in live[: live.index(first)]:  # older than the call that went first
-            call.skips += id(call) not in taken
+        for call in self.policy.passed_over(live, batch):
+            call.skips += 1
         return batch
 
     def _execute(self, batch: list[_Call]) -> None:
@@ -378,15 +371,15 @@ class Engine:
     # -- the CTranslate2 calls, batched -----------------------------------------------------
 
     def _encode(self, batch: list[_Call]) -> list[_Encoded]:
-        windows, step = sum(c.windows for c in batch), self.encode_batch_size
-        if len(batch) == 1 and windows <= step:  # as faster-whisper made it
+        calls = self.policy.encoder_calls(sum(c.windows for c in batch), self._ct2.device)
+        if len(batch) == 1 and len(calls) <= 1:  # as faster-whisper made it
             block = _Block(self._ct2.encode(batch[0].args["features"], to_cpu=False))
         else:
             features = _HostStorage(np.concatenate([np.asarray(c.args["features"]) for c in batch]))
-            if windows <= step:
+            if len(calls) <= 1:
                 block = _Block(self._ct2.encode(features.view, to_cpu=False))
-            else:  # in encoder calls of ``step`` windows, their outputs stacked on the host
-                parts = [_HostStorage(features.array[i:i + step]) for i in range(0, windows, step)]
+            else:  # in the policy's encoder calls, their outputs stacked on the host
+                parts = [_HostStorage(features.array[r.start:r.stop]) for r in calls]
                 block = _Block.stacked([_Block(self._ct2.encode(p.view, to_cpu=False)).host() for p in parts])
         encoded, row = [], 0
         for call in batch:
@@ -473,6 +466,10 @@ class _Call:
     done: threading.Event = field(default_factory=threading.Event)
     result: Any = None
     error: Optional[BaseException] = None
+
+    @property
+    def long(self) -> bool:
+        return self.ticket.long
 
 
 class _Block:

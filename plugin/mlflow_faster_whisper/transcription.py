@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Optional
 
 from pydantic import BaseModel
 
+from mlflow_faster_whisper.batching import BatchPolicy
 from mlflow_faster_whisper.decoding import DecodingOptions
 from mlflow_faster_whisper.errors import DecodingOptionsError
 
@@ -92,7 +93,7 @@ def _longest_prompt(model, options: DecodingOptions) -> int:
     return (1 if previous or hotwords else 0) + previous + hotwords + start + int(options.without_timestamps) + prefix
 
 
-def stream_segments(model, audio: np.ndarray, options: DecodingOptions, *, batch_size: int = 8):
+def stream_segments(model, audio: np.ndarray, options: DecodingOptions, *, batch_size: int = BatchPolicy.batch_size):
     """Start decoding; returns (segments iterator, faster-whisper TranscriptionInfo).
 
     Segments are decoded lazily as the iterator is consumed, which is what lets the service stream.
@@ -117,7 +118,7 @@ def stream_segments(model, audio: np.ndarray, options: DecodingOptions, *, batch
     return (to_segment(s) for s in segments), info
 
 
-def transcribe(model, audio: np.ndarray, options: DecodingOptions, *, batch_size: int = 8) -> Transcription:
+def transcribe(model, audio: np.ndarray, options: DecodingOptions, *, batch_size: int = BatchPolicy.batch_size) -> Transcription:
     """Transcribe decoded 16 kHz samples with the given options."""
     segments, info = stream_segments(model, audio, options, batch_size=batch_size)
     segments = list(segments)

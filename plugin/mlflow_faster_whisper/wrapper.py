@@ -23,7 +23,7 @@ _logger = logging.getLogger(__name__)
 class FasterWhisperPyfunc:
     """``predict`` transcribes each row; a bad row gets an ``error`` instead of failing the batch."""
 
-    def __init__(self, model, defaults: DecodingOptions, *, batch_size: int = 8):
+    def __init__(self, model, defaults: DecodingOptions, *, batch_size: Optional[int] = None):  # None: the engine's
         self.model = model
         self.defaults = defaults
         self.batch_size = batch_size
