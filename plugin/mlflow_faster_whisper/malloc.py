@@ -27,16 +27,12 @@ def limit_retained_memory(arenas: int = 2) -> None:
     off MKL's buffer pools (``MKL_DISABLE_FAST_MM=1``) unless that variable is set.
 
     A process whose threads come and go (each engine has its own) otherwise spreads its
-    allocations over up to 8 arenas per core, whose free pages fragment and stay mapped: measured
-    on the service, RSS after four model swaps grew 17 % with glibc's default and 4 % with two
-    arenas. CTranslate2 built with MKL (its x86 wheels) allocates with ``mkl_malloc``, which keeps
-    freed blocks in per-thread pools that ``malloc_trim`` cannot reach; they grow where it also
-    computes on MKL (Intel CPUs, or ``CT2_USE_MKL=1``). With ``CT2_USE_MKL=1`` here, the service's
-    worker held 592 MB before a model swap and 608 to 720 MB after each of the next seven; with
-    the pools off, 443 to 484 MB before and 464 to 566 MB after (three runs). Decoding is as fast
-    (tiny.en int8, three clips, medians: 8.44 s with the pools and 8.48 s without on MKL; 3.24 s
-    and 3.24 s on this AMD CPU's default path). Call it before the threads start and before
-    CTranslate2's first allocation.
+    allocations over up to 8 arenas per core, whose free pages fragment and stay mapped, so its
+    RSS grows with every model swap. CTranslate2 built with MKL (its x86 wheels) allocates with
+    ``mkl_malloc``, which keeps freed blocks in per-thread pools that ``malloc_trim`` cannot
+    reach; they grow where it also computes on MKL (Intel CPUs, or ``CT2_USE_MKL=1``), and
+    decoding is as fast without them. The service's RSS over time: BENCHMARKS.md section 5.
+    Call it before the threads start and before CTranslate2's first allocation.
     """
     os.environ.setdefault("MKL_DISABLE_FAST_MM", "1")
     libc = _glibc()
@@ -64,9 +60,8 @@ def big_blocks_mapped(threshold: int = 1 << 20) -> Iterator[None]:
 
     By default glibc raises that threshold to the size of each mapped block freed (up to 32 MiB),
     so a conversion, which frees tensors of a few MiB while it allocates others, puts them on the
-    heap, whose free holes stay in RSS: a small-shaped int8 conversion peaked 1.08x to 1.32x its
-    weights above the imports from run to run (one process each), 1.07x every time with the
-    threshold fixed. On exit the
+    heap, whose free holes stay in RSS: the conversion's peak then varies from run to run, and
+    with the threshold fixed it does not (the peaks: BENCHMARKS.md section 4b). On exit the
     threshold is 32 MiB, where glibc's own adjustment ends in a process that frees big blocks.
     Unchanged where ``MALLOC_MMAP_THRESHOLD_`` is set.
     """
