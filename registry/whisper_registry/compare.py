@@ -65,9 +65,19 @@ class Comparison:
 
 
 def summarize(name: str) -> list[VersionSummary]:
-    """One summary per version of ``name``, oldest first, from the version tags."""
+    """One summary per complete version of ``name``, oldest first, from the version tags.
+
+    A registration that never finished (``versions.is_complete``) is left out, with a warning.
+    """
     aliases = versions.aliases_by_version(name)
-    return [_summary(mv, tuple(sorted(aliases.get(str(mv.version), [])))) for mv in versions.list_all(name)]
+    summaries = []
+    for mv in versions.list_all(name):
+        if not versions.is_complete(mv):
+            _logger.warning("Leaving out version %s of %r: its registration did not finish (register again to remove it)",
+                            mv.version, name)
+            continue
+        summaries.append(_summary(mv, tuple(sorted(aliases.get(str(mv.version), [])))))
+    return summaries
 
 
 def compare(name: str, *, output_dir: str | Path = ".", log_artifact: bool = True) -> Comparison:

@@ -2,9 +2,13 @@
 
 Gates read the candidate's own evaluation (the ``eval.*`` version tags): ``"cer<=0.08"``,
 ``"wer<0.1"``, ``"rtf<=0.5"``, or the figures the service's shadow wrote on it from live traffic
-(the ``shadow.*`` tags): ``"shadow.agreement>=0.95"``. ``max_regression`` compares the candidate's headline error rate with
-that of the version currently holding the alias, on the same dataset (same digest). A failing gate
-moves nothing.
+(the ``shadow.*`` tags): ``"shadow.agreement>=0.95"``. Those compare point figures; ``.upper`` or
+``.lower`` checks an end of the figure's bootstrap interval instead (``"wer.upper<=0.08"``,
+``"shadow.agreement.lower>=0.95"``), so a figure read from too few utterances to tell fails,
+saying about how many more it would take. ``max_regression`` compares the candidate's headline
+error rate with that of the version currently holding the alias on the same dataset (same
+digest), utterance by utterance: the alias moves only when the upper bound of the paired
+bootstrap interval of the regression is within the limit. A failing gate moves nothing.
 
 Every move is an event in the registered model's tags, ``audit.<alias>.<NNNN>`` (JSON: action,
 from/to version, time, user, gate results); the promoted version also gets ``promoted.<alias>.*``
@@ -17,26 +21,33 @@ alias. The lock is a registered model named ``<name>.<alias>.lock`` that exists 
 under way: creating a registered model is atomic in every MLflow registry (names are unique), so
 exactly one process creates it; the others wait. Under the lock the holder is read afresh, the
 gates are checked against it, the alias moves and the event is written.
+
+A lock whose owner died (SIGKILL mid-move) is broken at once by a waiter on the owner's host,
+which sees that the owner process is gone; from another host, once it is ``LOCK_STALE_S`` old.
+Breaking is itself a create: the breaker of a given lock creates ``<lock>.break.<id>`` (one
+waiter wins), checks the lock is still the one it judged dead, deletes it, then the marker. Two
+waiters can thus never delete a fresh lock that a third took meanwhile.
 """
 
 from __future__ import annotations
 
 import contextlib
 import getpass
+import hashlib
 import json
 import logging
 import operator
 import os
 import random
 import re
-import socket
 import time
+import uuid
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Optional
 
-from whisper_registry import metrics, tags, tracking, versions
+from whisper_registry import bootstrap, metrics, tags, tracking, versions
 from whisper_registry.errors import (
     AliasBusyError,
     GateFailedError,
@@ -52,8 +63,9 @@ _logger = logging.getLogger(__name__)
 ALIASES = ("staging", "production")
 LOCK_WAIT_S = 60.0  # how long a move waits for another move of the same alias
 LOCK_STALE_S = 300.0  # a lock older than this was left by a process that died mid-move
+BOUNDS = ("upper", "lower")
 _OPERATORS = {"<=": operator.le, "<": operator.lt, ">=": operator.ge, ">": operator.gt, "==": operator.eq}
-_GATE = re.compile(r"^\s*(?P<metric>[A-Za-z][\w]*(\.[A-Za-z][\w]*)?)\s*(?P<op><=|>=|==|<|>)\s*(?P<value>[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?)\s*$")
+_GATE = re.compile(r"^\s*(?P<metric>[A-Za-z][\w]*(\.[A-Za-z][\w]*){0,2})\s*(?P<op><=|>=|==|<|>)\s*(?P<value>[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?)\s*$")
 
 
 @dataclass(frozen=True)
@@ -61,9 +73,10 @@ class Gate:
     metric: str
     op: str
     threshold: float
+    bound: Optional[str] = None  # "upper" or "lower": check that end of the figure's interval
 
     def __str__(self) -> str:
-        return f"{self.metric}{self.op}{self.threshold:g}"
+        return f"{self.metric}{'.' + self.bound if self.bound else ''}{self.op}{self.threshold:g}"
 
     def holds(self, value: float) -> bool:
         return _OPERATORS[self.op](value, self.threshold)
@@ -75,6 +88,7 @@ class GateResult:
     value: Optional[float]
     passed: bool
     detail: str = ""
+    bound: Optional[float] = None  # the interval's end the gate checked, where it checked one
 
 
 @dataclass
@@ -98,6 +112,9 @@ def parse_gate(text: str) -> Gate:
         UnknownMetricError: the metric is not in the metrics registry (the message lists them).
     """
     m = _GATE.match(text)
+    bound = m["metric"].rpartition(".")[2] if m else None
+    if bound in BOUNDS:  # "wer.upper<=0.08": the upper end of wer's interval
+        return replace(parse_gate(text.replace(f".{bound}", "", 1)), bound=bound)
     if not m:
         raise GateSyntaxError(
             f"Cannot read the gate {text!r}: write <metric><op><number>, e.g. cer<=0.08, wer<0.1 or rtf<=0.5 "
@@ -137,7 +154,8 @@ def promote(
         alias: ``staging`` or ``production``.
         gates: conditions on the version's own evaluation, e.g. ``["cer<=0.08"]``.
         max_regression: the most the headline error rate may exceed that of the current holder
-            of ``alias`` on the same dataset (ignored when no version holds it).
+            of ``alias`` on the same dataset, read as the upper bound of the paired bootstrap
+            interval of the difference (ignored when no version holds it).
         user: recorded in the audit trail (default: MLFLOW_TRACKING_USERNAME or the OS user).
 
     Returns:
@@ -244,29 +262,15 @@ def alias_lock(name: str, alias: str, *, wait_s: float = LOCK_WAIT_S, stale_s: f
     Raises:
         AliasBusyError: another move held it for longer than ``wait_s``.
     """
-    from mlflow.exceptions import MlflowException
-
     client = tracking.client()
     lock = f"{name}.{alias}.lock"
-    owner = f"{socket.gethostname()}:{os.getpid()}"
+    token = f"{tracking.owner()}:{uuid.uuid4().hex}"  # host:pid:start, and unique to this hold
     deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            client.create_registered_model(
-                lock, tags={tags.LOCK_OWNER: owner},
-                description=f"Held by whisper-registry while it moves {name}@{alias}; it is deleted after the move.",
-            )
-            break
-        except MlflowException as exc:
-            # A store answers a duplicate name by reading the existing model for its message: if the
-            # holder deleted it in between, that read says RESOURCE_DOES_NOT_EXIST. Both mean "retry".
-            if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
-                raise
+    while not _create(client, lock, token, f"Held by whisper-registry while it moves {name}@{alias}; "
+                      "it is deleted after the move."):
         held = _lock_age_and_owner(client, lock)
-        if held is not None and held[0] > stale_s:
-            _logger.warning("Breaking the lock of %s@%s left %.0f s ago by %s", name, alias, held[0], held[1])
-            with contextlib.suppress(MlflowException):
-                client.delete_registered_model(lock)
+        if held is not None and (tracking.owner_is_dead(held[1]) or held[0] > stale_s):
+            _break(client, lock, held, stale_s)
             continue
         if time.monotonic() > deadline:
             who = f" by {held[1]}" if held else ""
@@ -278,8 +282,51 @@ def alias_lock(name: str, alias: str, *, wait_s: float = LOCK_WAIT_S, stale_s: f
     try:
         yield
     finally:
-        with contextlib.suppress(MlflowException):
-            client.delete_registered_model(lock)
+        held = _lock_age_and_owner(client, lock)
+        if held is not None and held[1] == token:  # not a lock another waiter took after breaking ours
+            _delete(client, lock)
+
+
+def _create(client, model_name: str, owner: str, description: str) -> bool:
+    """Create the registered model ``model_name`` owned by ``owner``; False if it exists."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(model_name, tags={tags.LOCK_OWNER: owner}, description=description)
+        return True
+    except MlflowException as exc:
+        # A store answers a duplicate name by reading the existing model for its message: if the
+        # holder deleted it in between, that read says RESOURCE_DOES_NOT_EXIST. Both mean "retry".
+        if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
+            raise
+        return False
+
+
+def _break(client, lock: str, held: tuple[float, str], stale_s: float) -> None:
+    """Delete ``lock`` if it is still the dead or stale one ``held`` describes; one breaker at a time."""
+    age, dead_owner = held
+    marker = f"{lock}.break.{hashlib.sha256(dead_owner.encode()).hexdigest()[:16]}"
+    if not _create(client, marker, f"{tracking.owner()}:{uuid.uuid4().hex}", f"Breaking {lock} left by {dead_owner}."):
+        # Another waiter is breaking it; its marker goes too if that waiter died mid-break.
+        mark = _lock_age_and_owner(client, marker)
+        if mark is not None and (tracking.owner_is_dead(mark[1]) or mark[0] > stale_s):
+            _delete(client, marker)
+        return
+    try:
+        now = _lock_age_and_owner(client, lock)
+        if now is not None and now[1] == dead_owner:
+            why = "its process has ended" if tracking.owner_is_dead(dead_owner) else f"held for {age:.0f} s"
+            _logger.warning("Breaking the lock %s of %s: %s", lock, dead_owner, why)
+            _delete(client, lock)
+    finally:
+        _delete(client, marker)
+
+
+def _delete(client, model_name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    with contextlib.suppress(MlflowException):
+        client.delete_registered_model(model_name)
 
 
 def _lock_age_and_owner(client, lock: str) -> Optional[tuple[float, str]]:
@@ -319,8 +366,28 @@ def _check_gate(gate: Gate, version_tags: dict[str, str]) -> GateResult:
                  else "the version's evaluation")
         return GateResult(str(gate), None, False, f"no {gate.metric} in {where}")
     value = float(raw)
+    if gate.bound:
+        return _check_bound(gate, value, version_tags)
     passed = gate.holds(value)
     return GateResult(str(gate), value, passed, f"{gate.metric}={value:.4g} {'holds' if passed else 'fails'}")
+
+
+def _check_bound(gate: Gate, value: float, version_tags: dict[str, str]) -> GateResult:
+    """A gate on one end of the figure's bootstrap interval (``wer.upper<=0.08``)."""
+    shadow = gate.metric.startswith(tags.SHADOW_PREFIX)
+    key = gate.metric if shadow else f"{tags.EVAL_PREFIX}{gate.metric}"
+    low, high = version_tags.get(key + metrics.CI_LOW), version_tags.get(key + metrics.CI_HIGH)
+    n = version_tags.get(f"{tags.SHADOW_PREFIX}requests" if shadow else f"{tags.EVAL_PREFIX}n_utterances")
+    if low is None or high is None or n is None:
+        return GateResult(str(gate), None, False, f"no interval of {gate.metric} recorded: evaluate the version again "
+                          "(evaluations and shadow figures record one beside each rate)")
+    interval = bootstrap.Interval(value, float(low), float(high), int(float(n)))
+    bound = interval.high if gate.bound == "upper" else interval.low
+    if (gate.bound == "upper") == (gate.op in ("<", "<=")):  # the conservative end: noise can refuse
+        passed, detail = bootstrap.bound_check(interval, gate.threshold, upper=gate.bound == "upper", what=gate.metric)
+        return GateResult(str(gate), value, passed and gate.holds(bound), detail, bound)
+    passed = gate.holds(bound)
+    return GateResult(str(gate), value, passed, f"{gate.metric} {gate.bound} bound {bound:.4g} {'holds' if passed else 'fails'}", bound)
 
 
 def _check_regression(name: str, candidate_tags: dict[str, str], holder, alias: str, limit: float) -> GateResult:
@@ -330,22 +397,33 @@ def _check_regression(name: str, candidate_tags: dict[str, str], holder, alias: 
     if holder is None:
         return GateResult(gate, None, True, f"no version holds {alias}")
     dataset = candidate_tags.get(tags.EVAL_DATASET)
-    theirs = _holder_value(name, holder, headline, dataset)
+    theirs = _holder_run(name, holder, dataset)
     if mine is None or theirs is None:
         return GateResult(
             gate, None, False,
             f"version {holder.version} (holding {alias}) has no {headline} on dataset {str(dataset)[:12]}: "
             f"evaluate models:/{name}/{holder.version} on the same dataset",
         )
-    delta = float(mine) - theirs
-    passed = delta <= limit
-    return GateResult(gate, delta, passed, f"{headline} {float(mine):.4g} vs {theirs:.4g} of version {holder.version} ({delta:+.4g})")
+    # The same utterances drawn for both versions: the regression's interval, not two point figures.
+    from whisper_registry.evaluate import paired_difference  # it reads MLflow artifacts: only when asked
+
+    try:
+        diff = paired_difference(headline, candidate_tags[tags.EVAL_RUN_ID], theirs)
+    except ValueError as exc:
+        return GateResult(gate, None, False, f"{exc} Evaluate both versions on the same dataset again")
+    if diff is None:
+        return GateResult(gate, None, False, f"no per-utterance counts in the evaluations of this version and version "
+                          f"{holder.version}: evaluate both again on the same dataset to compare them utterance by utterance")
+    what = f"{headline} {float(mine):.4g} vs {float(mine) - diff.value:.4g} of version {holder.version}: regression"
+    passed, detail = bootstrap.bound_check(diff, limit, upper=True, what=what)
+    return GateResult(gate, diff.value, passed, detail, diff.high)
 
 
-def _holder_value(name: str, holder, metric: str, dataset: Optional[str]) -> Optional[float]:
+def _holder_run(name: str, holder, dataset: Optional[str]) -> Optional[str]:
+    """The id of the holder's latest evaluation run on ``dataset``."""
     t = holder.tags or {}
-    if dataset and t.get(tags.EVAL_DATASET) == dataset and f"{tags.EVAL_PREFIX}{metric}" in t:
-        return float(t[f"{tags.EVAL_PREFIX}{metric}"])
+    if dataset and t.get(tags.EVAL_DATASET) == dataset and tags.EVAL_RUN_ID in t:
+        return t[tags.EVAL_RUN_ID]
     # The holder's latest evaluation is on another dataset: look for an earlier run on this one.
     client = tracking.client()
     experiment_ids = [e.experiment_id for e in client.search_experiments()]
@@ -358,9 +436,7 @@ def _holder_value(name: str, holder, metric: str, dataset: Optional[str]) -> Opt
         order_by=["attributes.start_time DESC"],
         max_results=1,
     )
-    if runs and metric in runs[0].data.metrics:
-        return float(runs[0].data.metrics[metric])
-    return None
+    return runs[0].info.run_id if runs else None
 
 
 def _version_label(mv) -> str:

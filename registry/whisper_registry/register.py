@@ -1,8 +1,11 @@
 """One source -> one registered version per quantization, all logged in one MLflow run.
 
-Each quantization is a separate conversion by the flavor (``mlflow_faster_whisper.log_model``
-with ``registered_model_name``); a conversion that fails registers nothing for that
-quantization, and the others still go through. Versions are tagged only once they are READY.
+Each quantization is a separate conversion by the flavor (``mlflow_faster_whisper.log_model``);
+a conversion that fails registers nothing for that quantization, and the others still go through.
+A version is created only once its model is logged, with all its tags in the same call, so a
+process killed at any point leaves either a complete version or none. The next registration on
+the same host ends the runs of registrations whose process died (KILLED) and removes versions
+that older releases left half-tagged (``versions.is_complete``).
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ from mlflow_faster_whisper.errors import FasterWhisperFlavorError, first_line
 from mlflow_faster_whisper.sources import resolve_source
 from tqdm.auto import tqdm
 
-from whisper_registry import tags, tracking
-from whisper_registry.errors import RegistrationError
+from whisper_registry import tags, tracking, versions
+from whisper_registry.errors import RegistrationError, RegistryError
 
 _logger = logging.getLogger(__name__)
 
@@ -89,12 +92,17 @@ def register(
     decoding = DecodingOptions.parse(decoding)
     resolved = resolve_source(source, base_model=base_model, revision=revision)  # refuse bad input early
     setup = tracking.configure()
+    clean_up(name, setup.experiment_id)
     label = _describe(source)
-    run = mlflow.start_run(experiment_id=setup.experiment_id, run_name=f"register {name}")
+    # The owner is a tag of the run from its creation: a run whose process dies is recognisable.
+    run = mlflow.start_run(
+        experiment_id=setup.experiment_id,
+        run_name=f"register {name}",
+        tags={tags.RUN_KIND: "register", tags.RUN_MODEL_NAME: name, tracking.RUN_OWNER: tracking.owner()},
+    )
     result = RegistrationResult(name=name, run_id=run.info.run_id)
     status = "FAILED"
     try:
-        mlflow.set_tags({tags.RUN_KIND: "register", tags.RUN_MODEL_NAME: name})
         mlflow.log_params({
             "source": label,
             "source_kind": resolved.kind,
@@ -122,6 +130,7 @@ def register(
 def _register_one(source, name, quantization, base_model, revision, decoding, label, result) -> None:
     key = quantization or "as-stored"
     try:
+        # Logged, not yet registered: the version is created below, complete, in one call.
         info = mfw.log_model(
             source,
             name=f"{name}-{key}".replace("/", "-"),
@@ -129,47 +138,80 @@ def _register_one(source, name, quantization, base_model, revision, decoding, la
             base_model=base_model,
             revision=revision,
             decoding=decoding,
-            registered_model_name=name,
         )
     except (FasterWhisperFlavorError, mlflow.exceptions.MlflowException, OSError, RuntimeError, ValueError) as exc:
-        # Conversion or upload failed: the flavor registered nothing for this quantization.
+        # Conversion or upload failed: nothing is registered for this quantization.
         _logger.error("Registering %s as %s failed: %s", label, key, exc)
         result.failed[key] = first_line(exc)
         return
-    client = tracking.client()
-    version = str(info.registered_model_version)
-    if client.get_model_version(name, version).status != "READY":
-        result.failed[key] = f"version {version} did not become READY"
-        return
     conf = info.flavors[c.FLAVOR_NAME]
     lineage = conf.get(c.SOURCE) or {}
-    registered = RegisteredVersion(
-        name=name,
-        version=version,
-        quantization=conf[c.QUANTIZATION],
-        size_bytes=int(conf[c.SIZE_BYTES]),
-        checksums_digest=checksums.digest(conf[c.CHECKSUMS]),
-        model_id=info.model_id,
-    )
+    size_bytes = int(conf[c.SIZE_BYTES])
     version_tags = {
-        tags.QUANTIZATION: registered.quantization,
-        tags.SIZE_BYTES: str(registered.size_bytes),
-        tags.SIZE_MB: f"{registered.size_bytes / 1e6:.1f}",
+        tags.QUANTIZATION: conf[c.QUANTIZATION],
+        tags.SIZE_BYTES: str(size_bytes),
+        tags.SIZE_MB: f"{size_bytes / 1e6:.1f}",
         tags.SOURCE: label,
         tags.SOURCE_KIND: lineage.get(c.SOURCE_KIND) or "",
         tags.BASE_MODEL: lineage.get(c.SOURCE_BASE_MODEL) or "",
         tags.ADAPTER: lineage.get(c.SOURCE_ADAPTER) or "",
-        tags.CHECKSUMS_DIGEST: registered.checksums_digest,
+        tags.CHECKSUMS_DIGEST: checksums.digest(conf[c.CHECKSUMS]),
         tags.SOURCE_RUN: lineage.get(c.SOURCE_RUN_ID) or "",
-        tags.REGISTER_RUN: result.run_id,
+        tags.REGISTER_RUN: result.run_id,  # versions.is_complete reads it
     }
-    for key_, value in version_tags.items():
-        if value:
-            client.set_model_version_tag(name, version, key_, value)
-    client.update_model_version(
-        name, version, description=f"{registered.quantization} CTranslate2 conversion of {label}"
-    )
-    result.versions.append(registered)
+    try:
+        mv = _create_version(name, info, version_tags, f"{conf[c.QUANTIZATION]} CTranslate2 conversion of {label}")
+    except mlflow.exceptions.MlflowException as exc:
+        _logger.error("Registering %s as %s failed: %s", label, key, exc)
+        result.failed[key] = first_line(exc)
+        return
+    if mv.status != "READY":
+        result.failed[key] = f"version {mv.version} did not become READY"
+        return
+    result.versions.append(RegisteredVersion(
+        name=name,
+        version=str(mv.version),
+        quantization=version_tags[tags.QUANTIZATION],
+        size_bytes=size_bytes,
+        checksums_digest=version_tags[tags.CHECKSUMS_DIGEST],
+        model_id=info.model_id,
+    ))
+
+
+def _create_version(name: str, info, version_tags: dict[str, str], description: str):
+    """Register the logged model as a new version of ``name`` with its tags in the same call (the
+    store writes the version row and its tags in one transaction); the description follows."""
+    mv = mlflow.register_model(info.model_uri, name, tags={k: v for k, v in version_tags.items() if v})
+    tracking.client().update_model_version(name, mv.version, description=description)
+    return mv
+
+
+def clean_up(name: str, experiment_id: str) -> list[str]:
+    """End the register runs whose process died, then remove the unfinished versions of ``name``.
+
+    A version is unfinished when a register run created it without its tags (releases that tagged
+    a version after creating it, killed in between); it is removed once its run is no longer
+    RUNNING (see ``tracking.end_dead_runs`` for which runs are ended).
+
+    Returns:
+        The numbers of the versions removed.
+    """
+    tracking.end_dead_runs(experiment_id, "register")
+    try:
+        found = versions.list_all(name)
+    except RegistryError:
+        return []  # no such model yet
+    client = tracking.client()
+    removed = []
+    for mv in found:
+        if versions.is_complete(mv):
+            continue
+        if client.get_run(mv.run_id).info.status == "RUNNING":
+            continue  # still being tagged by a live registration
+        _logger.warning("Removing version %s of %r: its registration (run %s) did not finish", mv.version, name, mv.run_id)
+        client.delete_model_version(name, str(mv.version))
+        removed.append(str(mv.version))
+    return removed
 
 
 def _check_quantizations(quantizations: Optional[list[str]]) -> list[Optional[str]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -17,6 +18,8 @@ from urllib.parse import unquote, urlparse
 
 import mlflow
 from mlflow import MlflowClient
+
+from whisper_registry import tags
 
 _logger = logging.getLogger(__name__)
 
@@ -95,6 +98,87 @@ def _experiment_id(uri: str) -> str:
 def client() -> MlflowClient:
     """A client on the configured tracking and registry URIs."""
     return MlflowClient()
+
+
+# Run tag naming the process that runs a workflow (``owner()``): a later workflow on the same host
+# can tell a run whose process died (SIGKILL, OOM, power) from one still going, and end it.
+RUN_OWNER = "whisper_registry.owner"
+
+
+def owner() -> str:
+    """This process as ``host:pid:start``; ``start`` tells a dead process from a later one with its pid."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_start_time(os.getpid()) or ''}"
+
+
+def owner_is_dead(text: Optional[str]) -> bool:
+    """Whether the process ``owner()`` described (maybe followed by ``:<more>``) is known to have ended.
+
+    Only a process of this host can be checked: one of another host, or an unreadable owner,
+    counts as alive.
+    """
+    host, pid_text, start = ((text or "").split(":") + ["", "", ""])[:3]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # another user's process: alive
+    now = _start_time(pid)
+    # A zombie has ended; a different start time means the pid now names another process.
+    return now == "Z" or bool(start and now and now != start)
+
+
+def _start_time(pid: int) -> Optional[str]:
+    """The start time of ``pid`` in clock ticks since boot (Linux ``/proc``), ``"Z"`` for a zombie, or None."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    if fields[0] in ("Z", "X"):
+        return "Z"
+    return fields[19] if len(fields) > 19 else None
+
+
+def end_dead_runs(experiment_id: str, kind: str) -> list[str]:
+    """End as KILLED the RUNNING runs of workflow ``kind`` whose process on this host has died.
+
+    Their logged models still PENDING are marked FAILED. A run of a process on another host is
+    left alone: its liveness cannot be checked from here.
+
+    Returns:
+        The ids of the runs ended.
+    """
+    mlflow_client = client()
+    ended = []
+    runs = mlflow_client.search_runs(
+        [experiment_id], filter_string=f"tags.`{tags.RUN_KIND}` = '{kind}' and attributes.status = 'RUNNING'"
+    )
+    for run in runs:
+        holder = run.data.tags.get(RUN_OWNER)
+        if not owner_is_dead(holder):
+            continue
+        _logger.warning("Ending run %s: its process %s died while it ran", run.info.run_id, holder)
+        _fail_pending_models(mlflow_client, experiment_id, run.info.run_id)
+        mlflow_client.set_terminated(run.info.run_id, "KILLED")
+        ended.append(run.info.run_id)
+    return ended
+
+
+def _fail_pending_models(mlflow_client: MlflowClient, experiment_id: str, run_id: str) -> None:
+    from mlflow.entities import LoggedModelStatus
+
+    found = mlflow_client.search_logged_models(
+        experiment_ids=[experiment_id], filter_string=f"source_run_id = '{run_id}'"
+    )
+    for model in found:
+        if model.status == LoggedModelStatus.PENDING:
+            mlflow_client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
 
 
 # Settings that would point MLflow somewhere other than the embedded default.

@@ -8,7 +8,7 @@ from typing import Optional
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from whisper_registry import tracking
+from whisper_registry import tags, tracking
 from whisper_registry.errors import ModelNotFoundError, WrongModelError
 
 _VERSION_URI = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>\d+)$")
@@ -52,11 +52,12 @@ def get(name: str, version: str | int) -> ModelVersion:
         raise ModelNotFoundError(f"{version!r} is not a version number: use e.g. 1, or models:/{name}/1.")
     _require_model(name)
     try:
-        return tracking.client().get_model_version(name, version)
+        found = tracking.client().get_model_version(name, version)
     except MlflowException:
         raise ModelNotFoundError(
             f"{name!r} has no version {version} (versions: {', '.join(list_numbers(name)) or 'none'})."
         ) from None
+    return _complete(found)
 
 
 def by_alias(name: str, alias: str) -> ModelVersion:
@@ -70,7 +71,34 @@ def by_alias(name: str, alias: str) -> ModelVersion:
         raise ModelNotFoundError(
             f"No version of {name!r} holds the alias {alias!r}: promote a version to {alias} first."
         )
-    return found
+    return _complete(found)
+
+
+def is_complete(mv: ModelVersion) -> bool:
+    """False for a version a register run created but never finished tagging.
+
+    ``register`` creates a version with all its tags in one call; releases before it tagged the
+    version afterwards, so a process killed in between left a version with no quantization or
+    checksums digest. ``register_run`` is among the tags it writes; a version without it that no
+    register run created (logged with ``registered_model_name``, or in the MLflow UI) is complete.
+    """
+    if (mv.tags or {}).get(tags.REGISTER_RUN) or not mv.run_id:
+        return True
+    try:
+        run = tracking.client().get_run(mv.run_id)
+    except MlflowException:
+        return True  # its run was deleted: nothing tells it apart from any other version
+    return run.data.tags.get(tags.RUN_KIND) != "register"
+
+
+def _complete(mv: ModelVersion) -> ModelVersion:
+    if not is_complete(mv):
+        raise ModelNotFoundError(
+            f"Version {mv.version} of {mv.name!r} is an unfinished registration (run {mv.run_id} was stopped "
+            "before it tagged the version): it has no quantization or checksums and is not used. Register the "
+            "checkpoint again; that removes the unfinished version."
+        )
+    return mv
 
 
 def holder(name: str, alias: str) -> Optional[ModelVersion]:

@@ -114,3 +114,43 @@ def _reset():
     if mlflow.active_run():
         mlflow.end_run()
     mlflow.set_tracking_uri(None)
+
+
+def kill_when_in_store(proc, database: Path, query: str, params: tuple = (), timeout_s: float = 300.0) -> bool:
+    """SIGKILL ``proc`` the moment ``query`` (a count over the sqlite store) finds a row.
+
+    Each look is made holding the database's write lock (BEGIN EXCLUSIVE), and the kill happens
+    before it is let go: the process cannot have written anything after the row the test saw, so
+    the kill lands exactly there. Returns False if the process ended first.
+    """
+    import signal
+    import sqlite3
+    import time
+
+    deadline = time.monotonic() + timeout_s  # a failure bound only
+    db = sqlite3.connect(database, timeout=60, isolation_level=None)
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            db.execute("BEGIN EXCLUSIVE")
+            try:
+                if db.execute(query, params).fetchone()[0]:
+                    proc.send_signal(signal.SIGKILL)
+                    proc.wait()
+                    return True
+            finally:
+                db.execute("ROLLBACK")
+            time.sleep(0.002)  # let the process reach the database between looks
+        return False
+    finally:
+        db.close()
+
+
+def dead_process_owner() -> str:
+    """An owner (``tracking.owner()`` format) of this host whose process has ended."""
+    import socket
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return f"{socket.gethostname()}:{proc.pid}:"

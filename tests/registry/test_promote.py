@@ -1,7 +1,15 @@
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
 import pytest
 from mlflow import MlflowClient
 
-from tests.registry.conftest import clip_rows, write_manifest
+from tests.registry.conftest import clip_rows, kill_when_in_store, write_manifest
+from whisper_registry import tags
 from whisper_registry.errors import (
     GateFailedError,
     GateSyntaxError,
@@ -13,7 +21,7 @@ from whisper_registry.errors import (
     WrongModelError,
 )
 from whisper_registry.evaluate import evaluate
-from whisper_registry.promote import Gate, audit_trail, parse_gate, promote, rollback
+from whisper_registry.promote import LOCK_STALE_S, Gate, alias_lock, audit_trail, parse_gate, promote, rollback
 
 
 def _holder(alias):
@@ -128,3 +136,63 @@ def test_rollback_refuses_when_the_alias_was_moved_outside(tiny_evaluated):
     MlflowClient().delete_registered_model_alias("tiny", "staging")
     with pytest.raises(NothingToRollBackError, match="moved outside"):
         rollback("tiny", "staging")
+
+
+def _locks() -> list[str]:
+    return [m.name for m in MlflowClient().search_registered_models() if ".lock" in m.name]
+
+
+def test_a_promotion_killed_holding_the_lock_does_not_hold_up_the_next_move(tiny_evaluated, tmp_path):
+    """SIGKILL ``whisper-registry promote`` while its lock exists: the next move on this host sees
+    the owner process is gone and takes the lock at once, long before the lock would be stale."""
+    exe = Path(sys.executable).parent / "whisper-registry"
+    proc = subprocess.Popen([str(exe), "promote", "tiny", "1", "--to", "staging", "--user", "killed"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    query = "SELECT count(*) FROM registered_models WHERE name = ?"
+    assert kill_when_in_store(proc, tmp_path / "mlflow.db", query, ("tiny.staging.lock",)), \
+        "the promotion ended before it took the lock"
+    assert _locks() == ["tiny.staging.lock"]  # left by the dead process
+
+    with alias_lock("tiny", "staging", wait_s=10):  # a tenth of LOCK_STALE_S: age cannot let it through
+        pass
+    result = promote("tiny", "2", "staging", user="next")
+    assert result.moved and _holder("staging") in ("2", 2)
+    assert _locks() == []
+
+
+def test_a_stale_lock_is_broken_once_and_the_lock_stays_exclusive(tiny_registered, tmp_path):
+    """Eight waiters find one stale lock at once: each judged it stale, yet only that lock is
+    broken, never a fresh one another waiter took since; one holder at a time throughout."""
+    lock = "tiny.staging.lock"
+    MlflowClient().create_registered_model(lock, tags={tags.LOCK_OWNER: "another-host:1:"})
+    with sqlite3.connect(tmp_path / "mlflow.db") as db:  # its owner's host cannot be asked: aged past stale
+        db.execute("UPDATE registered_models SET creation_time = creation_time - ? WHERE name = ?",
+                   (int((LOCK_STALE_S + 60) * 1000), lock))
+    waiters = 8
+    start = threading.Barrier(waiters)
+    guard = threading.Lock()
+    holders, most, entered, errors = 0, 0, 0, []
+
+    def wait_then_hold():
+        nonlocal holders, most, entered
+        start.wait()
+        try:
+            with alias_lock("tiny", "staging", wait_s=300):
+                with guard:
+                    holders += 1
+                    entered += 1
+                    most = max(most, holders)
+                time.sleep(0.2)  # long enough for a second holder to show, were there one
+                with guard:
+                    holders -= 1
+        except Exception as exc:  # noqa: BLE001 - asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=wait_then_hold) for _ in range(waiters)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=600)
+    assert not errors and entered == waiters
+    assert most == 1
+    assert _locks() == []  # the broken lock, every hold and every break marker are gone

@@ -8,12 +8,15 @@ from pathlib import Path
 import mlflow
 import pytest
 from mlflow import MlflowClient
+from mlflow.entities import LoggedModelStatus
 from mlflow_faster_whisper import checksums, flavor_config
 from mlflow_faster_whisper.errors import InvalidSourceError, UnsupportedQuantizationError
 
-from tests.registry.conftest import TINY_DECODING
-from whisper_registry import tags
-from whisper_registry.errors import RegistrationError
+from tests.registry.conftest import TINY_DECODING, dead_process_owner, kill_when_in_store
+from whisper_registry import tags, tracking, versions
+from whisper_registry.compare import summarize
+from whisper_registry.errors import ModelNotFoundError, RegistrationError
+from whisper_registry.promote import promote
 from whisper_registry.register import register
 
 
@@ -101,3 +104,89 @@ def test_a_registration_killed_mid_conversion_leaves_no_version_and_reruns(mlflo
     versions = client.search_model_versions("name='killed'")
     assert [str(v.version) for v in versions] == ["1"]
     assert client.get_registered_model("killed").aliases == {}
+
+
+def _register_command(source, name: str) -> list[str]:
+    exe = Path(sys.executable).parent / "whisper-registry"
+    return [str(exe), "register", str(source), "--name", name, "--quantization", "int8", "--no-progress"]
+
+
+def _register_runs(client) -> dict[str, str]:
+    runs = client.search_runs([os.environ["MLFLOW_EXPERIMENT_ID"]], filter_string=f"tags.`{tags.RUN_KIND}` = 'register'")
+    return {r.info.run_id: r.info.status for r in runs}
+
+
+def _assert_complete(mv) -> None:
+    for key in (tags.QUANTIZATION, tags.SIZE_BYTES, tags.CHECKSUMS_DIGEST, tags.REGISTER_RUN):
+        assert mv.tags.get(key), (mv.version, key, mv.tags)
+
+
+def test_a_registration_killed_as_its_version_appears_leaves_it_complete_and_the_next_ends_its_run(
+    mlflow_store, tiny_whisper_hf, tmp_path
+):
+    """SIGKILL the moment the version row exists: the version already has every tag, and the next
+    registration on this host ends the dead one's RUNNING run as KILLED."""
+    command = _register_command(tiny_whisper_hf, "killed")
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    database = tmp_path / "mlflow.db"
+    assert kill_when_in_store(proc, database, "SELECT count(*) FROM model_versions WHERE name = ?", ("killed",)), \
+        "the registration ended before its version appeared"
+    client = MlflowClient()
+    [mv] = client.search_model_versions("name='killed'")
+    _assert_complete(mv)
+    assert list(_register_runs(client).values()) == ["RUNNING"]  # killed mid-run
+
+    register(tiny_whisper_hf, "killed", ["int8"])
+    assert sorted(_register_runs(client).values()) == ["FINISHED", "KILLED"]
+    found = client.search_model_versions("name='killed'")
+    assert sorted(str(v.version) for v in found) == ["1", "2"]
+    for mv in found:
+        _assert_complete(mv)
+
+
+def test_a_registration_killed_while_it_logs_registers_nothing_and_the_next_ends_its_run(
+    mlflow_store, tiny_whisper_hf, tmp_path
+):
+    """SIGKILL once the logged model exists (converting, uploading): no version; the next
+    registration ends the dead run as KILLED and its half-logged model as FAILED."""
+    command = _register_command(tiny_whisper_hf, "killed")
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert kill_when_in_store(proc, tmp_path / "mlflow.db", "SELECT count(*) FROM logged_models"), \
+        "the registration ended before it logged a model"
+    client = MlflowClient()
+    assert client.search_model_versions("name='killed'") == []
+    [killed_run] = _register_runs(client)
+
+    register(tiny_whisper_hf, "killed", ["int8"])
+    assert _register_runs(client)[killed_run] == "KILLED"
+    assert "RUNNING" not in _register_runs(client).values()
+    half_logged = client.search_logged_models([os.environ["MLFLOW_EXPERIMENT_ID"]], filter_string=f"source_run_id = '{killed_run}'")
+    assert [m.status for m in half_logged] == [LoggedModelStatus.FAILED]
+    [mv] = client.search_model_versions("name='killed'")
+    _assert_complete(mv)
+
+
+def test_a_version_whose_registration_never_finished_is_refused_left_out_then_removed(
+    tiny_registered, tiny_whisper_hf
+):
+    """What a registration killed between creating a version and tagging it left (releases that
+    tagged afterwards): a bare version of a RUNNING register run whose process is gone."""
+    client = MlflowClient()
+    run = client.create_run(os.environ["MLFLOW_EXPERIMENT_ID"], tags={
+        tags.RUN_KIND: "register", tags.RUN_MODEL_NAME: "tiny", tracking.RUN_OWNER: dead_process_owner(),
+    })
+    bare = client.create_model_version("tiny", client.get_model_version("tiny", "1").source, run_id=run.info.run_id)
+
+    with pytest.raises(ModelNotFoundError, match="unfinished registration"):
+        versions.get("tiny", bare.version)
+    with pytest.raises(ModelNotFoundError, match="unfinished registration"):
+        promote("tiny", bare.version, "staging")
+    assert [s.version for s in summarize("tiny")] == ["1", "2"]
+
+    result = register(tiny_whisper_hf, "tiny", ["int8"], decoding=TINY_DECODING)
+    assert client.get_run(run.info.run_id).info.status == "KILLED"
+    left = client.search_model_versions("name='tiny'")
+    assert str(bare.version) not in {str(v.version) for v in left}
+    assert sorted(str(v.version) for v in left) == sorted(["1", "2", result.versions[0].version])
+    for mv in left:
+        _assert_complete(mv)
