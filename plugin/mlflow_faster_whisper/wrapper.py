@@ -6,7 +6,10 @@ serve``) are decoded through the flavor's engine, so they share forward passes.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
+import re
 from typing import Any, Optional
 
 import pandas as pd
@@ -71,7 +74,7 @@ class FasterWhisperPyfunc:
         def rows():
             for index, cell in enumerate(cells):
                 try:
-                    yield audio_from_cell(cell), options
+                    yield audio_from_cell(_base64_text_decoded(cell)), options
                 except AudioDecodeError as exc:
                     _logger.warning("Row %d: %s", index, exc.message)
                     yield exc
@@ -109,6 +112,24 @@ def _drop_none(params: Optional[dict[str, Any]]) -> dict[str, Any]:
     # MLflow fills absent params with the schema's defaults (the version's defaults); None there
     # means "not set", which must not override a non-None version default.
     return {k: v for k, v in (params or {}).items() if v is not None}
+
+
+# No audio container starts with 16 base64 characters: RIFF, fLaC, OggS, ID3 and MP4's size field
+# are followed or led by bytes outside that alphabet.
+_BASE64_HEAD = re.compile(rb"[A-Za-z0-9+/]{16}")
+
+
+def _base64_text_decoded(cell: Any) -> Any:
+    """A cell as ``audio_from_cell`` takes it. MLflow's scoring server hands the base64 string of
+    an ``inputs`` / ``instances`` payload over as that text's bytes (its schema enforcement encodes
+    a str for the binary column; ``dataframe_split`` and ``dataframe_records`` decode it): such
+    bytes are decoded back here."""
+    if isinstance(cell, (bytes, bytearray)) and _BASE64_HEAD.match(cell):
+        try:
+            return base64.b64decode(cell, validate=True)
+        except (binascii.Error, ValueError):
+            return cell
+    return cell
 
 
 def _audio_cells(data: Any) -> list:

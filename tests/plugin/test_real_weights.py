@@ -191,3 +191,15 @@ def test_mlflow_models_predict_cli(registry, speech_clips, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     predictions = json.loads(output.read_text())["predictions"]
     assert score([clip.text], [predictions[0]["text"]], "en")["wer"] == 0.0
+
+
+def test_mlflow_models_serve_answers_inputs_and_instances_payloads(served, speech_clips):
+    # MLflow hands the base64 strings of these payloads to predict as the text's bytes.
+    clip = next(c for c in speech_clips if c.name == "hello_world")
+    audio = base64.b64encode(clip.path.read_bytes()).decode()
+    for payload in ({"inputs": [audio]}, {"inputs": {"audio": [audio]}}, {"instances": [{"audio": audio}]}):
+        response = httpx.post(f"{served}/invocations", json={**payload, "params": {"language": "en"}}, timeout=120)
+        assert response.status_code == 200, response.text
+        (row,) = response.json()["predictions"]
+        assert row["error"] == "", (payload.keys(), row["error"])
+        assert score([clip.text], [row["text"]], "en")["wer"] == 0.0
