@@ -1,7 +1,8 @@
 """The BentoML service for ``faster_whisper`` models: ``bentoml serve whisper_bento:Transcriber``.
 
-The service module reads its configuration and resolves its model when imported, so this package
-imports it only when ``Transcriber`` is asked for (``whisper_bento.build`` does not).
+The service module runs the service's start-up when imported (``whisper_bento.startup.start``:
+configuration, model resolution, checks), so this package imports it only when ``Transcriber`` is
+asked for (``whisper_bento.build`` does not).
 """
 
 from __future__ import annotations

@@ -4,9 +4,10 @@ In development (``bentoml serve whisper_bento:Transcriber --arg model=models:/NA
 alias is resolved against the MLflow registry at start-up and that version is imported into the
 BentoML model store (once: the tag carries the version and a content digest). The ``bentoml
 serve`` process resolves it; its workers, which import this module again, take that resolution
-from the environment they inherit, so every worker serves the same version. ``bentoml build``
-runs the same code, so the bento records that model; serving the built bento reads the model from
-the bento's own record and never contacts the registry.
+from the environment they inherit, so every worker serves the same version; a worker that
+follows the alias asks the registry again, so one restarted after a move serves what it names
+then. ``bentoml build`` runs the same code, so the bento records that model; serving the built
+bento reads the model from the bento's own record and never contacts the registry.
 
 A registry that is an MLflow server (an ``http(s)://`` tracking or registry URI: what a service
 talks to in production) is asked over MLflow's REST API, and a version already in the BentoML
@@ -18,6 +19,7 @@ store, and to ask any other kind of registry (a sqlite file, Databricks).
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import os
@@ -27,6 +29,7 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -79,20 +82,31 @@ class ModelChoice:
     ref: bentoml.models.BentoModel
     source: str  # "registry" (resolved at start-up) or "bento" (recorded at build time)
     registry: Optional[RegistryVersion] = None
+    # A worker that found its alias moved since the serving process resolved it: that process's
+    # choice, served instead if the version the alias names now cannot be loaded.
+    fallback: Optional[ModelChoice] = None
 
 
-def bento_model_for(model_uri: str) -> ModelChoice:
+def bento_model_for(model_uri: str, *, follow: bool = False) -> ModelChoice:
     """The BentoML model the service declares for ``model_uri``.
 
     Inside a built bento: the model the bento was built with, with no registry lookup.
     Otherwise: the registry version the URI names now, imported into the BentoML model store if
     it is not there yet.
+
+    Args:
+        model_uri: what the service serves.
+        follow: the service follows the alias ``model_uri`` names. A worker then asks the
+            registry what the alias names now instead of taking the serving process's resolution,
+            which a worker restarted after the alias moved would otherwise serve until its first poll.
     """
     bento_dir = running_bento_dir()
     if bento_dir is not None:
         return ModelChoice(ref=_model_recorded_in_bento(bento_dir, model_uri), source="bento")
     inherited = _resolved_by_parent(model_uri)
     if inherited is not None:
+        if follow and alias_of(model_uri):
+            return _alias_now(model_uri, *inherited)
         tag, registered = inherited
     else:
         tag, registered = import_from_registry(model_uri)
@@ -102,11 +116,34 @@ def bento_model_for(model_uri: str) -> ModelChoice:
     return ModelChoice(ref=bentoml.models.BentoModel(tag), source="registry", registry=registered)
 
 
+def _alias_now(model_uri: str, tag: str, registered: Optional[RegistryVersion]) -> ModelChoice:
+    """In a worker: the version the alias ``model_uri`` names now, with the serving process's
+    resolution (``tag``, ``registered``) as its fallback; that resolution alone, with a warning,
+    if the registry cannot say or the new version cannot be imported."""
+    inherited = ModelChoice(ref=bentoml.models.BentoModel(tag), source="registry", registry=registered)
+    try:
+        now = registry_version(model_uri)
+        if now is None or registered is None or (now.name, now.version) == (registered.name, registered.version):
+            return inherited
+        _logger.info("%s names version %s now (the serving process resolved version %s): serving it", model_uri,
+                     now.version, registered.version)
+        # The version seen, not the alias again: one lookup, and no race with a later move.
+        tag_now, registered_now = import_from_registry(f"models:/{now.name}/{now.version}")
+    except Exception as exc:
+        _logger.warning("Could not serve what %s names now (%s: %s); serving %s, as the serving process resolved it "
+                        "at start-up, until the alias is checked again", model_uri, type(exc).__name__, exc, tag)
+        return inherited
+    return ModelChoice(ref=bentoml.models.BentoModel(tag_now), source="registry", registry=registered_now,
+                       fallback=inherited)
+
+
 def _resolved_by_parent(model_uri: str) -> Optional[tuple[str, Optional[RegistryVersion]]]:
     """The ``bentoml serve`` process's resolution of ``model_uri``, in one of its workers.
 
     Only a BentoML worker whose parent wrote the resolution takes it; any other process (the
-    serve process itself, a test, a build) resolves afresh, so an alias moved since is seen.
+    serve process itself, a test, a build) resolves afresh, so an alias moved since is seen. It
+    may be stale in a worker started later (BentoML restarts a worker that died): a worker that
+    follows the alias checks it (``bento_model_for``).
     """
     from bentoml._internal.context import server_context
 
@@ -133,8 +170,8 @@ def import_from_registry(model_uri: str) -> tuple[str, Optional[RegistryVersion]
         The BentoML tag, and the registry version when the URI is a registry URI.
 
     Raises:
-        RegistryError, mlflow.exceptions.MlflowException: the URI does not resolve (unknown name,
-            alias, run) or the registry cannot be reached.
+        RegistryError: the URI does not resolve (unknown name, alias, run; ``error_code`` is
+            MLflow's) or the registry cannot be reached.
         mlflow_faster_whisper.errors.FasterWhisperFlavorError: it is not a faster_whisper model.
     """
     registered = registry_version(model_uri)
@@ -144,6 +181,25 @@ def import_from_registry(model_uri: str) -> tuple[str, Optional[RegistryVersion]
         return stored, registered
     _use_default_tracking_store(model_uri)
     pinned_uri = f"models:/{registered.name}/{registered.version}" if registered else model_uri
+    with _mlflow_errors(pinned_uri):
+        return _copy_into_store(model_uri, pinned_uri, registered)
+
+
+@contextlib.contextmanager
+def _mlflow_errors(model_uri: str) -> Iterator[None]:
+    """MLflow's refusals while copying ``model_uri`` as RegistryError, one line, ``error_code`` kept."""
+    from mlflow.exceptions import MlflowException
+
+    from whisper_bento.auth import redact_uri
+
+    try:
+        yield
+    except MlflowException as exc:
+        detail = " ".join(exc.message.split())
+        raise RegistryError(f"MLflow could not read {redact_uri(model_uri)}: {detail}", exc.error_code) from None
+
+
+def _copy_into_store(model_uri: str, pinned_uri: str, registered: Optional[RegistryVersion]) -> tuple[str, Optional[RegistryVersion]]:
     conf = mlflow_faster_whisper.flavor_config(pinned_uri)
     digest = checksums.digest(conf[c.CHECKSUMS])
     if registered:
@@ -187,31 +243,74 @@ def registry_version(model_uri: str) -> Optional[RegistryVersion]:
     """The registry version a ``models:/`` URI names now (an alias resolved); None for other URIs.
 
     Raises:
-        RegistryError, mlflow.exceptions.MlflowException: unknown name, version or alias, or the
-            registry cannot be reached.
+        RegistryError: unknown name, version or alias (the message names the fix; ``error_code``
+            is MLflow's), no registry where the URI points, or the registry cannot be reached.
     """
     match = _REGISTRY_URI.match(model_uri)
     if match is None:  # runs:/, models:/m-<id>, a path: not a registry version
         return None
     server = _registry_server()
     if server is not None:
-        if match["alias"]:
-            found = _rest_get(server, "registered-models/alias", name=match["name"], alias=match["alias"])
-        else:
-            found = _rest_get(server, "model-versions/get", name=match["name"], version=match["version"])
+        try:
+            if match["alias"]:
+                found = _rest_get(server, "registered-models/alias", name=match["name"], alias=match["alias"])
+            else:
+                found = _rest_get(server, "model-versions/get", name=match["name"], version=match["version"])
+        except RegistryError as exc:
+            raise _lookup_failed(model_uri, match, str(exc), exc.error_code, server) from None
         mv = found["model_version"]
         return RegistryVersion(name=mv["name"], version=str(mv["version"]), aliases=tuple(mv.get("aliases") or ()),
                                run_id=mv.get("run_id") or None, source=mv.get("source"))
     _use_default_tracking_store(model_uri)
+    import mlflow
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
+    where = mlflow.get_registry_uri()
+    _require_sqlite_file(where)  # MLflow would create an empty database, then find nothing in it
     client = MlflowClient()
-    if match["alias"]:
-        mv = client.get_model_version_by_alias(match["name"], match["alias"])
-    else:
-        mv = client.get_model_version(match["name"], match["version"])
+    try:
+        if match["alias"]:
+            mv = client.get_model_version_by_alias(match["name"], match["alias"])
+        else:
+            mv = client.get_model_version(match["name"], match["version"])
+    except MlflowException as exc:
+        raise _lookup_failed(model_uri, match, exc.message, exc.error_code, where) from None
     return RegistryVersion(name=mv.name, version=str(mv.version), aliases=tuple(getattr(mv, "aliases", []) or []),
                            run_id=mv.run_id, source=mv.source)
+
+
+_MISSING = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND", "HTTP_404")
+
+
+def _lookup_failed(model_uri: str, match: re.Match, detail: str, code: str, where: str) -> RegistryError:
+    """The registry's refusal of ``model_uri`` as one line that names the fix (``code`` kept)."""
+    from whisper_bento.auth import redact_uri
+
+    detail = " ".join(detail.split()).rstrip(".")
+    if code not in _MISSING:
+        return RegistryError(detail, code)
+    if match["alias"]:
+        fix = f"promote a version of {match['name']!r} to {match['alias']!r} first, or serve another alias or version"
+    else:
+        fix = f"serve a version {match['name']!r} has, or an alias"
+    return RegistryError(f"{model_uri} names no model version in the registry at {redact_uri(where)} ({detail}): "
+                         f"{fix}; or set MLFLOW_TRACKING_URI to the registry that has it.", code)
+
+
+def _require_sqlite_file(uri: str) -> None:
+    """Refuse a ``sqlite:///`` registry whose database file does not exist (opening it creates one)."""
+    parsed = urllib.parse.urlparse(uri)
+    # sqlite:///relative/path and sqlite:////absolute/path: the path after the third slash.
+    database = urllib.parse.unquote(parsed.path)[1:]
+    if parsed.scheme != "sqlite" or not database or database == ":memory:" or Path(database).is_file():
+        return
+    raise RegistryError(
+        f"There is no registry at {uri}: {Path(database).resolve()} does not exist (nothing was created). Start "
+        "from the folder that holds the registry's database, or set MLFLOW_TRACKING_URI to it "
+        "(sqlite:////absolute/path/mlflow.db, or a tracking server's http(s):// URL).",
+        "RESOURCE_DOES_NOT_EXIST",
+    )
 
 
 def _registry_server() -> Optional[str]:

@@ -9,16 +9,18 @@ share its forward passes, 30 s window by 30 s window.
 from __future__ import annotations
 
 import asyncio
+import collections
 import gc
 import json
 import logging
-import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import bentoml
 from fastapi import FastAPI, Request
@@ -26,14 +28,14 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from whisper_bento import auth, forms, formats, model_ref, openapi, traffic
-from whisper_bento.config import ServiceConfig, bound_violation, refuse_dropped_arguments
+from whisper_bento import auth, connections, forms, formats, model_ref, openapi, startup
+from whisper_bento.config import bound_violation
 from whisper_bento.errors import ApiError, bad_request, invalid_value, too_large
 
 with bentoml.importing():
     import mlflow_faster_whisper
     from mlflow_faster_whisper import checksums, devices, transcription
-    from mlflow_faster_whisper.malloc import limit_retained_memory, release_free_memory
+    from mlflow_faster_whisper.malloc import release_free_memory
     from mlflow_faster_whisper import constants as c
     from mlflow_faster_whisper.decoding import DecodingOptions
     from mlflow_faster_whisper.errors import AudioDecodeError, AudioTooLongError, DecodingOptionsError, Overloaded
@@ -53,12 +55,9 @@ _logger = logging.getLogger(__name__)
 # batch sizes) are part of what an operator reads.
 logging.getLogger("whisper_bento").setLevel(logging.INFO)
 
-limit_retained_memory()  # a worker swaps models for as long as it runs: keep what it frees from staying mapped
-traffic.release_request_timers()  # and does not keep answered requests for request_timeout_s
-CONFIG = bentoml.use_arguments(ServiceConfig)
-if model_ref.running_bento_dir() is not None:  # `bentoml serve`'s command line has its --arg values (a worker's none)
-    refuse_dropped_arguments(CONFIG, sys.argv)
-MODEL = model_ref.bento_model_for(CONFIG.model)
+# The one start-up step (configuration, model, checks); an error it cannot heal ends the server
+# with one line that names the fix, in the `bentoml serve` process and in a worker alike.
+CONFIG, MODEL = startup.start()
 _BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 BATCH_SIZE = bentoml.metrics.Histogram(
     name="whisper_batch_size",
@@ -109,7 +108,9 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
     name="whisper",
     workers=1,
     resources={"cpu": "2", "memory": "2Gi"},
-    traffic={"timeout": CONFIG.request_timeout_s, "max_concurrency": 64},
+    # No BentoML max_concurrency: its limiter counts requests before the API key is checked and
+    # answers in its own shape; connections.ConcurrencyLimit does it after (MAX_CONCURRENCY).
+    traffic={"timeout": CONFIG.request_timeout_s},
 )
 @bentoml.asgi_app(app, path="/")
 class Transcriber:
@@ -118,9 +119,12 @@ class Transcriber:
     bento_model = MODEL.ref
 
     def __init__(self) -> None:
-        self.primary = _Slot("primary", _load(self.bento_model, MODEL.registry, CONFIG.model, MODEL.source),
-                             CONFIG.model, MODEL.source)
+        self.primary = _Slot("primary", _load_primary(self.bento_model), CONFIG.model, MODEL.source)
         self.runtime = devices.runtime_facts()
+        self.uploads = forms.Uploads(CONFIG.max_upload_bytes, CONFIG.upload_budget_bytes)
+        # A stream's thread is inside its segments while it waits for the model: one per stream the
+        # engines admit (the old and the new version's during a move), never anyio's shared pool.
+        self._stream_threads = ThreadPoolExecutor(max_workers=2 * CONFIG.max_requests, thread_name_prefix="whisper-stream")
         self.shadow = None
         if CONFIG.shadow:
             from whisper_bento.shadow import Shadow  # and the registry's scorer: only a shadowing service needs them
@@ -147,6 +151,26 @@ class Transcriber:
         engine = self.primary.served.engine
         return engine is not None and engine.busy()
 
+    async def __is_ready__(self) -> bool:
+        """BentoML's /readyz: 503 once the primary engine has admitted no request for
+        ``unready_after_full_s`` (it holds all it may), 200 again as soon as it admits one."""
+        return self.primary.admits(CONFIG.unready_after_full_s)
+
+    async def __metrics__(self, content: str) -> str:
+        """BentoML's /metrics, with gauges read as it is scraped: requests each engine holds, and
+        the versions in this worker's memory (a retired one leaves once it is unloaded)."""
+        slots = [self.primary] + ([self.shadow.slot] if self.shadow else [])
+        lines = ["# HELP whisper_requests_held Requests an engine holds now (decoding, or waiting for the model).",
+                 "# TYPE whisper_requests_held gauge"]
+        lines += [f'whisper_requests_held{{role="{slot.role}"}} {slot.held()}' for slot in slots]
+        lines += ["# HELP whisper_version_loaded Copies of a model version in this worker's memory.",
+                  "# TYPE whisper_version_loaded gauge"]
+        loaded = collections.Counter(_LOADED.values())
+        lines += [f'whisper_version_loaded{{name="{name}",version="{version}"}} {n}' for (name, version), n in sorted(loaded.items())]
+        lines += ["# HELP whisper_upload_bytes_in_flight Bytes held by uploads being read, or read and not yet decoded.",
+                  "# TYPE whisper_upload_bytes_in_flight gauge", f"whisper_upload_bytes_in_flight {self.uploads.in_flight}"]
+        return content.rstrip("\n") + "\n" + "\n".join(lines) + "\n"
+
     def _retarget(self, uri: str) -> _Served:
         """Serve what the registry URI ``uri`` names, and follow it from now on if it is an alias
         (the control route); the served version stays if it cannot be served."""
@@ -170,15 +194,15 @@ class Transcriber:
     @app.post("/transcribe", **openapi.transcription_route(native=True))
     async def transcribe(self, request: Request) -> Response:
         """Multipart ``file`` + optional decoding fields -> the full JSON result."""
-        return await self._serve(request, await forms.parse_native(request, CONFIG.max_upload_bytes), native=True)
+        return await self._serve(request, await forms.parse_native(request, self.uploads), native=True)
 
     @app.post("/v1/audio/transcriptions", **openapi.transcription_route(native=False))
     async def openai_transcriptions(self, request: Request) -> Response:
-        return await self._serve(request, await forms.parse_openai(request, CONFIG.max_upload_bytes, task="transcribe"))
+        return await self._serve(request, await forms.parse_openai(request, self.uploads, task="transcribe"))
 
     @app.post("/v1/audio/translations", **openapi.transcription_route(native=False, task="translate"))
     async def openai_translations(self, request: Request) -> Response:
-        return await self._serve(request, await forms.parse_openai(request, CONFIG.max_upload_bytes, task="translate"))
+        return await self._serve(request, await forms.parse_openai(request, self.uploads, task="translate"))
 
     @app.get("/v1/models", **openapi.read_route())
     async def openai_models(self) -> Response:
@@ -191,7 +215,9 @@ class Transcriber:
     @app.get("/info", **openapi.read_route())
     async def info(self) -> Response:
         served = self.served
-        return JSONResponse(
+        # No place on this machine (checkpoint, key files, libraries) and no process id: an API
+        # key holder learns what is served, not how to reach the host.
+        return JSONResponse(auth.hide_local_paths(
             {
                 "model": served.model_info,
                 "device": served.placement.device,
@@ -199,8 +225,9 @@ class Transcriber:
                 "requested_compute_type": served.placement.requested_compute_type,
                 "follow": self.primary.follow.report(),
                 "shadow": self.shadow.report() if self.shadow else None,
-                "config": {**CONFIG.model_dump(mode="json"), "model": auth.redact_uri(CONFIG.model)},
-                "worker_pid": os.getpid(),
+                # What an API key holder may see: whether each secret is configured, not where it is.
+                "config": {**CONFIG.model_dump(mode="json"), "model": auth.public_uri(CONFIG.model),
+                           **{name: getattr(CONFIG, name) is not None for name in ("api_key", "admin_key", "webhook_secret")}},
                 "decoding": {
                     "version_defaults": served.version_defaults.explicit(),
                     "service_defaults": CONFIG.decoding.explicit(),
@@ -211,7 +238,7 @@ class Transcriber:
                 # Serving needs neither torch, transformers nor (once resolved) MLflow; this shows it live.
                 "imports": {name: name in sys.modules for name in ("torch", "transformers", "mlflow")},
             }
-        )
+        ))
 
     @app.post("/webhooks/mlflow", include_in_schema=False)
     async def mlflow_webhook(self, request: Request) -> Response:
@@ -219,17 +246,20 @@ class Transcriber:
         instead of at the end of the poll interval. Only with ``webhook_secret`` configured."""
         if WEBHOOK_SECRETS is None:
             raise StarletteHTTPException(404, "Not Found")  # as if the route did not exist
-        body = await forms.read_body(request, WEBHOOK_MAX_BYTES, what="A webhook event")
-        problem = auth.mlflow_signature_problem(body, request.headers, WEBHOOK_SECRETS)
+        # The headers first: an unsigned, stale or replayed call is refused before its body is read.
+        problem = auth.delivery_problem(request.headers, WEBHOOK_DELIVERIES)
+        if problem is None:
+            body = await forms.read_body(request, WEBHOOK_MAX_BYTES, what="A webhook event")
+            problem = (auth.signature_problem(body, request.headers, WEBHOOK_SECRETS)
+                       or WEBHOOK_DELIVERIES.add(request.headers[auth.MLFLOW_DELIVERY]))
         if problem is not None:
             _logger.warning("Refused a webhook call: %s", problem)
-            raise ApiError(401, f"Webhook call refused: {problem}. Register the webhook in MLflow with the secret "
-                           "webhook_secret names.", code="invalid_signature")
+            raise ApiError(401, f"Webhook call refused: {problem}.", code="invalid_signature")
         try:
             event = json.loads(body)
             data = event.get("data") or {}
             entity, name, alias = event.get("entity"), data.get("name"), data.get("alias")
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):  # RecursionError: JSON nested too deep
             raise bad_request("A signed webhook body must be MLflow's JSON event.") from None
         slots = [self.primary] + ([self.shadow.slot] if self.shadow else [])
         woken = [slot for slot in slots if entity == "model_version_alias" and slot.follow.target == f"models:/{name}@{alias}"]
@@ -247,12 +277,12 @@ class Transcriber:
         a followed alias moves (no request dropped). Only with ``admin_key`` configured."""
         if ADMIN_KEYS is None:
             raise StarletteHTTPException(404, "Not Found")  # as if the route did not exist
-        if not auth.matches(request.headers.get(ADMIN_HEADER, "").encode(), ADMIN_KEYS):
+        if not auth.matches(auth.header_bytes(request.scope, ADMIN_HEADER.encode()), ADMIN_KEYS):
             raise ApiError(401, f"Missing or wrong control key: send the header '{ADMIN_HEADER}: <key>' with the "
                            "key admin_key names.", code="invalid_admin_key")
         try:
             body = await request.json()
-        except ValueError:
+        except (ValueError, RecursionError):
             body = None
         uri = body.get("model") if isinstance(body, dict) else None
         if not isinstance(uri, str) or not uri:
@@ -261,15 +291,18 @@ class Transcriber:
         return JSONResponse({"model": served.model_info, "follow": self.primary.follow.report()})
 
     async def _serve(self, request: Request, parsed: forms.ParsedRequest, *, native: bool = False) -> Response:
-        formats.check_format(parsed.response_format, native=native)
+        """Every transcription route's request, once parsed: it holds the version it started on
+        until it ends, and lets go of that (and of the engine) as soon as its client goes away."""
         served = self.primary.acquire()
-        streaming = False
+        handed = False  # to the stream, which releases the version once its engine work has ended
         try:
+            formats.check_format(parsed.response_format, native=native)
             options = self._resolve(served, parsed.overrides)
-            audio = await run_in_threadpool(_decode_audio, parsed.audio)
+            audio = await _unless_gone(request, run_in_threadpool(_decode_audio, parsed.audio), abandon=_nothing)
+            parsed.release_upload()
             if parsed.stream:
-                response = await self._stream(served, audio, options)
-                streaming = True  # the stream releases the version when it ends
+                handed = True
+                response = await self._stream(served, request, audio, options)
             else:
                 result, ticket = await self._decode(served, request, audio, options)
                 response = formats.render(parsed.response_format,
@@ -277,7 +310,8 @@ class Transcriber:
                 if self.shadow is not None:
                     self.shadow.offer(audio, parsed.overrides, result, ticket, served.model_info)
         finally:
-            if not streaming:
+            parsed.release_upload()
+            if not handed:
                 self.primary.release(served)
         response.headers[VERSION_HEADER] = str(served.model_info["version"])
         return response
@@ -307,20 +341,13 @@ class Transcriber:
             future = served.engine.submit(audio, options, ticket)
         except Overloaded as exc:
             raise _overloaded(exc) from None
-        submitted = asyncio.wrap_future(future)
-        gone = asyncio.ensure_future(_client_gone(request))
+        # Gone: the engine settles the future (Cancelled) and nobody reads it.
         try:
-            await asyncio.wait({submitted, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
-        if not submitted.done():
-            ticket.cancel()  # the engine settles the future (Cancelled); nobody reads it
-            submitted.add_done_callback(lambda f: f.exception())
-            raise ApiError(499, "The client closed the connection before the answer; the request was dropped.")
-        try:
-            result = submitted.result()
+            result = await _unless_gone(request, asyncio.wrap_future(future), abandon=ticket.cancel)
         except Overloaded as exc:
             raise _overloaded(exc) from None
+        except ApiError:
+            raise
         except Exception as exc:
             _logger.error("Decoding failed: %s: %s", type(exc).__name__, exc)
             raise ApiError(500, f"Decoding failed: {type(exc).__name__}: {exc}") from None
@@ -335,19 +362,29 @@ class Transcriber:
         )
         return result, ticket
 
-    async def _stream(self, served: _Served, audio: np.ndarray, options: DecodingOptions) -> Response:
+    async def _stream(self, served: _Served, request: Request, audio: np.ndarray, options: DecodingOptions) -> Response:
         """Server-sent events as segments are decoded (OpenAI's transcript.text.* events); the
-        windows go through the engine's shared passes like every other request's."""
-        try:
-            segments, info = await run_in_threadpool(served.engine.stream, audio, options)
-        except Overloaded as exc:
-            raise _overloaded(exc) from None
-        return StreamingResponse(self._events(served, segments, info, options), media_type="text/event-stream")
+        windows go through the engine's shared passes like every other request's. It owns the
+        request's hold on ``served`` from its first line (see ``_Stream``)."""
+        from mlflow_faster_whisper.engine import Ticket
 
-    def _events(self, served: _Served, segments: Iterator, info: Any, options: DecodingOptions) -> Iterator[str]:
+        stream = _Stream(self.primary, served, Ticket(), self._stream_threads)
+        try:
+            info = await _unless_gone(request, stream.run(stream.start, audio, options), abandon=stream.close)
+        except Overloaded as exc:
+            stream.close()
+            raise _overloaded(exc) from None
+        except BaseException:
+            stream.close()
+            raise
+        return _EventStream(stream, self._events(stream, request, info, options), media_type="text/event-stream")
+
+    async def _events(self, stream: _Stream, request: Request, info: Any, options: DecodingOptions) -> AsyncIterator[str]:
+        """The events, each segment taken on the stream's thread while the client is watched: a
+        client gone (before the first event or between two) ends the stream at once."""
         try:
             done = []
-            for segment in segments:
+            while (segment := await _unless_gone(request, stream.run(stream.next_segment), abandon=stream.close)) is not None:
                 done.append(segment)
                 yield _sse({"type": "transcript.text.delta", "delta": segment.text, "segment": segment.model_dump()})
             yield _sse(
@@ -357,24 +394,39 @@ class Transcriber:
                     "language": info.language,
                     "duration": float(info.duration),
                     "decoding": options.model_dump(mode="json"),
-                    "model": served.model_info,
+                    "model": stream.served.model_info,
                 }
             )
+        except ApiError as exc:  # the client has gone: nobody reads an event any more
+            _logger.info("Stream ended: %s", exc.message)
         except Exception as exc:  # the status line is sent already: report in the stream
             _logger.exception("Streaming transcription failed")
             yield _sse({"type": "error", **ApiError(500, f"{type(exc).__name__}: {exc}").body()})
         finally:
-            segments.close()
-            self.primary.release(served)
+            stream.close()
 
 
-# Loaded at import: a missing variable or file stops the start-up with the reason.
-ADMIN_KEYS = auth.load_keys(CONFIG.admin_key, "admin_key") if CONFIG.admin_key else None
+# A worker whose service cannot be created for a reason a restart cannot fix ends the server.
+Transcriber.add_asgi_middleware(startup.EndServerOnFailedStart)
+# Loaded at import: a missing variable or file stops the start-up with the reason. The control
+# key and a webhook secret are one key each, taken whole; API keys are a list.
+ADMIN_KEYS = auth.load_keys(CONFIG.admin_key, "admin_key", whole=True) if CONFIG.admin_key else None
 ADMIN_HEADER = "x-whisper-admin-key"
-WEBHOOK_SECRETS = auth.load_keys(CONFIG.webhook_secret, "webhook_secret") if CONFIG.webhook_secret else None
+WEBHOOK_SECRETS = auth.load_keys(CONFIG.webhook_secret, "webhook_secret", whole=True) if CONFIG.webhook_secret else None
 WEBHOOK_MAX_BYTES = 64 * 1024
+WEBHOOK_DELIVERIES = auth.SeenDeliveries()  # refuses a signed delivery sent again
+# What a client connection may hold (whisper_bento.connections). Middleware runs in the order
+# added, after BentoML's own: body deadline, then the API key, then the count of requests in flight.
+MAX_CONCURRENCY = 64  # requests in flight per worker; the next gets 503
+WEBHOOK_CONCURRENCY = 4  # the webhook needs no API key: its own small pool, so it never takes a keyed request's place
+WEBHOOK_BODY_TIMEOUT_S = 10.0  # an MLflow event is a few hundred bytes
+connections.limit_request_heads(CONFIG.header_timeout_s)
+Transcriber.add_asgi_middleware(connections.BodyDeadline, seconds=CONFIG.body_timeout_s,
+                                tighter={auth.WEBHOOK_PATH: WEBHOOK_BODY_TIMEOUT_S})
 if CONFIG.api_key:
     Transcriber.add_asgi_middleware(auth.ApiKeyMiddleware, keys=auth.load_keys(CONFIG.api_key))
+Transcriber.add_asgi_middleware(connections.ConcurrencyLimit, limit=MAX_CONCURRENCY,
+                                pools={auth.WEBHOOK_PATH: WEBHOOK_CONCURRENCY}, exempt=auth.PROBES | {"/metrics"})
 
 
 @dataclass(eq=False)
@@ -390,6 +442,11 @@ class _Served:
     model_info: dict[str, Any]
     load_seconds: float
     users: int = 0
+
+
+# Every model this worker holds in memory -> (name, version): a retired version leaves it once its
+# memory can go back (/metrics' whisper_version_loaded).
+_LOADED: weakref.WeakKeyDictionary[Any, tuple[str, str]] = weakref.WeakKeyDictionary()
 
 
 def _load(stored: bentoml.Model, registry: model_ref.RegistryVersion | None, uri: str, source: str,
@@ -424,9 +481,25 @@ def _load(stored: bentoml.Model, registry: model_ref.RegistryVersion | None, uri
     )
     served = _Served(whisper, engine, placement, version_defaults, defaults, _model_info(stored, conf, placement, registry, uri, source),
                      round(time.perf_counter() - started, 3))
+    _LOADED[whisper] = (str(served.model_info["name"]), str(served.model_info["version"]))
     _logger.info("Serving %s (%s) on %s/%s, loaded in %.2fs", served.model_info["name"], served.model_info["version"],
                  placement.device, placement.compute_type, served.load_seconds)
     return served
+
+
+def _load_primary(stored: bentoml.Model) -> _Served:
+    """The version the service starts on; in a worker whose alias had moved since the serving
+    process resolved it and whose new version cannot be loaded, that process's version."""
+    try:
+        return _load(stored, MODEL.registry, CONFIG.model, MODEL.source)
+    except Exception as exc:
+        fallback = MODEL.fallback
+        if fallback is None:
+            raise
+        _logger.warning("%s version %s could not be loaded (%s: %s); serving version %s, as the serving process "
+                        "resolved it at start-up", CONFIG.model, MODEL.registry.version if MODEL.registry else "?",
+                        type(exc).__name__, exc, fallback.registry.version if fallback.registry else fallback.ref.tag)
+        return _load(bentoml.models.get(fallback.ref.tag), fallback.registry, CONFIG.model, fallback.source)
 
 
 def _smoke_decode(served: _Served) -> None:
@@ -453,6 +526,80 @@ def _retire(served: _Served) -> None:
     threading.Thread(target=retire, name="whisper-retire", daemon=True).start()
 
 
+class _Stream:
+    """A streaming request's hold on its version and on the engine, let go of once, however the
+    stream ends: answered, failed, or its client gone (while queued for the model, before the
+    first event, between two).
+
+    One stream thread at a time is inside its segments. Closing cancels the engine ticket (its
+    waiting windows leave the queue, its next model call fails), then, once no thread is inside
+    (a running generator cannot be closed), closes the segments and releases the version.
+    """
+
+    def __init__(self, slot: _Slot, served: _Served, ticket: Ticket, threads: ThreadPoolExecutor) -> None:
+        self.slot, self.served, self.ticket = slot, served, ticket
+        self._threads = threads
+        self._segments: Iterator[Any] | None = None
+        self._inside: Future | None = None  # the last work handed to a stream thread
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def start(self, audio: np.ndarray, options: DecodingOptions) -> Any:
+        """(On a stream thread.) Admit the request to the engine; faster-whisper's info."""
+        self._segments, info = self.served.engine.stream(audio, options, self.ticket)
+        return info
+
+    def next_segment(self) -> Any:
+        """(On a stream thread.) The next segment, or None after the last."""
+        return next(self._segments, None)
+
+    def run(self, work: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """``work(*args)`` on a stream thread; awaiting it can be given up at any time."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the stream is closed")
+            self._inside = self._threads.submit(work, *args)
+            return asyncio.wrap_future(self._inside)
+
+    def close(self) -> None:
+        """Let go, from any thread, any number of times: now, or when the thread inside returns."""
+        self.ticket.cancel()
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            inside = self._inside
+        if inside is None:
+            self._release()
+        else:
+            inside.add_done_callback(lambda _: self._release())
+
+    def _release(self) -> None:
+        try:
+            if self._segments is not None:
+                self._segments.close()  # the engine's hold on the request
+        finally:
+            self.slot.release(self.served)
+
+    def __del__(self) -> None:  # a response never sent (its request cancelled in between)
+        self.close()
+
+
+class _EventStream(StreamingResponse):
+    """A ``_Stream``'s events; the stream is let go of when the response ends, however it ends:
+    Starlette neither closes nor resumes an events iterator whose client went or whose send failed."""
+
+    def __init__(self, stream: _Stream, events: AsyncIterator[str], **options: Any) -> None:
+        super().__init__(events, **options)
+        self._stream = stream
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._stream.close()
+
+
 class _Slot:
     """A served version that may move: the primary, or the shadow candidate.
 
@@ -472,6 +619,7 @@ class _Slot:
         self._lock = threading.Lock()  # self.served and its users
         self._moving = threading.Lock()  # one move at a time: the follower's or the control route's
         self._follower: threading.Thread | None = None
+        self._full_since: float | None = None  # when admits() first saw the engine full, since
         self._start_follower()
 
     def acquire(self) -> _Served:
@@ -486,6 +634,23 @@ class _Slot:
             retired = served is not self.served and served.users == 0
         if retired:
             _retire(served)
+
+    def held(self) -> int:
+        """Requests the served version's engine holds now."""
+        engine = self.served.engine
+        return engine.held if engine is not None else 0
+
+    def admits(self, full_for_s: float) -> bool:
+        """False once the engine has held every request it may (``max_requests``) for ``full_for_s``,
+        as the calls to this see it (the readiness probe's, each few seconds)."""
+        engine = self.served.engine
+        if engine is None or engine.held < engine.max_requests:
+            self._full_since = None
+            return True
+        now = time.monotonic()
+        if self._full_since is None:
+            self._full_since = now
+        return now - self._full_since < full_for_s
 
     def _start_follower(self) -> None:
         if self.follow.target is not None and self._follower is None:
@@ -508,7 +673,7 @@ class _Slot:
                 continue
             follow.last_check = time.time()
             served = self.served.model_info
-            if (holder is None or holder.version == follow.failed_version or follow.target != target
+            if (holder is None or (holder.name, holder.version) == follow.failed or follow.target != target
                     or (holder.name, holder.version) == (served["name"], served["version"])):
                 continue  # nothing to do: no lock taken, nothing recomputed, on the common poll
             try:
@@ -542,14 +707,14 @@ class _Slot:
         except Exception as exc:
             if new is not None:  # loaded, but its smoke decode failed
                 _retire(new)
-            self.follow.failed_version = holder.version
+            self.follow.failed = (holder.name, holder.version)
             self.follow.note_error(f"version {holder.version} was not served: {type(exc).__name__}: {exc}")
             SWAPS.labels(role=self.role, outcome="failed").inc()
             raise
         with self._lock:
             self.served = new
             idle = old.users == 0
-        self.follow.failed_version, self.follow.last_error = None, None
+        self.follow.failed, self.follow.last_error = None, None
         self.follow.swaps += 1
         SWAPS.labels(role=self.role, outcome="ok").inc()
         _logger.info("Now serving %s version %s as %s (was %s; loaded in %.2fs)", new.model_info["name"],
@@ -569,7 +734,9 @@ class _Follow:
         self.why = ""
         self.last_check: float | None = None
         self.last_error: str | None = None
-        self.failed_version: str | None = None
+        # (name, version) that failed: not retried until the alias moves again. The name too: a control
+        # call's version 1 of another model must not stop this alias's version 1.
+        self.failed: tuple[str, str] | None = None
         self.swaps = 0
         self.webhook_events = 0  # signed events on the followed alias
 
@@ -584,8 +751,8 @@ class _Follow:
         elif alias:
             self.why = "pinned: follow_interval_s=0"
         else:
-            self.why = f"pinned: {auth.redact_uri(model_uri)} names one version"
-        self.failed_version = None
+            self.why = f"pinned: {auth.public_uri(model_uri)} names one version"
+        self.failed = None
 
     def note_error(self, message: str) -> None:
         self.last_error = message
@@ -594,7 +761,8 @@ class _Follow:
     def report(self) -> dict[str, Any]:
         return {"following": self.target is not None, "alias": self.target, "interval_s": self.interval_s,
                 "why": self.why, "last_check": self.last_check, "swaps": self.swaps,
-                "failed_version": self.failed_version, "last_error": self.last_error,
+                "failed_version": self.failed[1] if self.failed else None,
+                "failed_model": self.failed[0] if self.failed else None, "last_error": self.last_error,
                 "webhook": CONFIG.webhook_secret is not None, "webhook_events": self.webhook_events}
 
 
@@ -631,6 +799,36 @@ async def _client_gone(request: Request, every_s: float = 0.2) -> None:
         await asyncio.sleep(every_s)
 
 
+T = TypeVar("T")
+
+
+async def _unless_gone(request: Request, work: Awaitable[T], *, abandon: Callable[[], None]) -> T:
+    """``work``'s result, unless its client closes the connection first (499) or this request is
+    cancelled (BentoML's timeout): then ``abandon()`` lets go of what the work holds, and the
+    work's result, whenever it comes, is dropped."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_client_gone(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.add_done_callback(_drop_result)
+            abandon()
+    if not task.done():
+        raise ApiError(499, "The client closed the connection before the answer; the request was dropped.")
+    return task.result()
+
+
+def _drop_result(work: asyncio.Future) -> None:
+    if not work.cancelled():
+        work.exception()  # read: an abandoned work's error is nobody's to log
+
+
+def _nothing() -> None:
+    """Abandoning the work lets go of nothing (it holds neither a version nor the engine)."""
+
+
 def _sse(event: dict[str, Any]) -> str:
     return f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
 
@@ -643,7 +841,7 @@ def _model_info(stored: bentoml.Model, conf: dict[str, Any], placement: devices.
         "version": registry.version if registry else meta.get(model_ref.META_VERSION),
         "aliases": list(registry.aliases) if registry else meta.get(model_ref.META_ALIASES, []),
         "run_id": registry.run_id if registry else meta.get(model_ref.META_RUN_ID),
-        "uri": auth.redact_uri(uri),
+        "uri": auth.public_uri(uri),  # every response carries it: no local path
         "source": source,
         "bento_model": str(stored.tag),
         "quantization": conf.get(c.QUANTIZATION),
@@ -652,5 +850,5 @@ def _model_info(stored: bentoml.Model, conf: dict[str, Any], placement: devices.
         "size_bytes": conf.get(c.SIZE_BYTES),
         "sha256": checksums.digest(conf.get(c.CHECKSUMS, {})),
         "checksums": conf.get(c.CHECKSUMS, {}),
-        "lineage": conf.get(c.SOURCE),
+        "lineage": auth.hide_local_paths(conf.get(c.SOURCE)),
     }
