@@ -17,6 +17,8 @@ from urllib.parse import urlparse
 
 import httpx
 
+from tests.fixtures.processes import bentoml_worker_pid
+
 
 @dataclass
 class Load:
@@ -75,10 +77,8 @@ def request_loop(url: str, clip: bytes | list[bytes], *, clients: int, seconds: 
 
 
 def worker_pid(url: str, headers: Optional[dict] = None) -> Optional[int]:
-    try:
-        return httpx.get(url + "/info", headers=headers or {}, timeout=5).json()["worker_pid"]
-    except (httpx.HTTPError, ValueError, KeyError):
-        return None
+    """The service's worker, from the process tree (``/info`` does not show its pid)."""
+    return bentoml_worker_pid(url)
 
 
 def kill_worker_under_load(url: str, clip: bytes, *, clients: int, seconds: float, kill_after_s: float,

@@ -1,9 +1,11 @@
 """API keys: ``--arg api_key=env:VARIABLE`` (or ``file:PATH``) locks every route but the probes.
 
-The configuration names where the keys are, never the keys themselves, so ``/info`` and the log
-can show the configuration as it is. Requests carry ``Authorization: Bearer KEY`` (what the
-``openai`` SDK sends for ``api_key=``). The middleware wraps BentoML's whole app, so ``/metrics``
-and ``/docs.json`` are locked too; ``/livez`` and ``/readyz`` stay open for orchestrators' probes.
+The configuration names where the keys are, never the keys themselves; ``/info`` shows only
+whether each is configured. Requests carry ``Authorization: Bearer KEY`` (what the ``openai``
+SDK sends for ``api_key=``). The middleware wraps BentoML's whole app, so ``/metrics`` and
+``/docs.json`` are locked too; ``/livez`` and ``/readyz`` stay open for orchestrators' probes,
+and the MLflow webhook, which MLflow signs instead (``delivery_problem``, ``signature_problem``).
+Keys are compared as the raw bytes of the header against their UTF-8 encoding.
 """
 
 from __future__ import annotations
@@ -14,21 +16,34 @@ import hmac
 import os
 import re
 import time
+from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from whisper_bento.errors import ApiError
 
-# The probes, and the MLflow webhook, which MLflow signs instead (mlflow_signature_problem).
-OPEN_PATHS = frozenset({"/livez", "/readyz", "/webhooks/mlflow"})
-# MLflow's webhook headers (mlflow.webhooks.constants) and how old a delivery may be.
+PROBES = frozenset({"/livez", "/readyz"})
+WEBHOOK_PATH = "/webhooks/mlflow"
+OPEN_PATHS = PROBES | {WEBHOOK_PATH}
+# MLflow's webhook headers (mlflow.webhooks.constants), how old a delivery may be, and how far in
+# the future its timestamp may be (clock skew between MLflow's host and this one).
 MLFLOW_SIGNATURE, MLFLOW_TIMESTAMP, MLFLOW_DELIVERY = "x-mlflow-signature", "x-mlflow-timestamp", "x-mlflow-delivery-id"
 WEBHOOK_TOLERANCE_S = 300.0
+WEBHOOK_SKEW_S = 30.0
+_DELIVERY_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")  # MLflow sends a UUID
 REFERENCE = re.compile(r"^(env|file):(.+)$")
 
 
-def load_keys(reference: str, setting: str = "api_key") -> tuple[bytes, ...]:
-    """The keys ``reference`` (the value of ``setting``) points at: comma-, space- or newline-separated.
+def load_keys(reference: str, setting: str = "api_key", *, whole: bool = False) -> tuple[bytes, ...]:
+    """The keys ``reference`` (the value of ``setting``) points at.
+
+    Args:
+        reference: ``env:VARIABLE`` or ``file:PATH``.
+        setting: the configuration field, named in errors.
+        whole: one key, taken whole (spaces and commas are part of it; a file's one trailing
+            newline is not): a webhook secret or the control key. Otherwise API keys,
+            comma-, space- or newline-separated.
 
     Raises:
         ValueError: the variable or file is missing or holds no key (the service does not start).
@@ -46,10 +61,18 @@ def load_keys(reference: str, setting: str = "api_key") -> tuple[bytes, ...]:
             text = Path(where).read_text()
         except OSError as exc:
             raise ValueError(f"{setting} names the file {where}, which cannot be read ({exc.strerror}).") from None
-    keys = tuple(k.encode() for k in re.split(r"[\s,]+", text) if k)
-    if not keys:
-        raise ValueError(f"{setting}: {kind} {where} holds no key; put one or more keys there.")
+        if whole:  # editors end a file with a newline; it is not part of the secret
+            text = text.removesuffix("\n").removesuffix("\r")
+    keys = (text.encode(),) if whole else tuple(k.encode() for k in re.split(r"[\s,]+", text) if k)
+    if not any(keys):
+        raise ValueError(f"{setting}: {kind} {where} holds no key; put {'the key' if whole else 'one or more keys'} there.")
     return keys
+
+
+def header_bytes(scope: dict[str, Any], name: bytes) -> bytes:
+    """The raw value of header ``name`` (lower case) as sent: no text decoding, so a key that is
+    not ASCII compares as the UTF-8 bytes a client sends."""
+    return next((value for key, value in scope["headers"] if key == name), b"")
 
 
 class ApiKeyMiddleware:
@@ -69,13 +92,10 @@ class ApiKeyMiddleware:
             "(the openai client's api_key=).",
             code="invalid_api_key",
         )
-        response = error.response()
-        response.headers["WWW-Authenticate"] = "Bearer"
-        await response(scope, receive, send)
+        await error.response(headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
 
     def _authorized(self, scope) -> bool:
-        header = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
-        scheme, _, token = header.partition(b" ")
+        scheme, _, token = header_bytes(scope, b"authorization").partition(b" ")
         if scheme.lower() != b"bearer":
             return False
         return matches(token.strip(), self.keys)
@@ -87,30 +107,75 @@ def matches(token: bytes, keys: tuple[bytes, ...]) -> bool:
     return sum(hmac.compare_digest(token, key) for key in keys) > 0
 
 
-def mlflow_signature_problem(body: bytes, headers, secrets: tuple[bytes, ...], now: float | None = None) -> str | None:
-    """Why a webhook delivery is not MLflow's, signed with one of ``secrets``; None when it is.
-
-    MLflow signs ``"{delivery id}.{timestamp}.{body}"`` with HMAC-SHA256 and sends
-    ``X-MLflow-Signature: v1,<base64>``; a delivery more than ``WEBHOOK_TOLERANCE_S`` from now is
-    refused as a replay.
-    """
+def delivery_problem(headers, seen: SeenDeliveries, now: float | None = None) -> str | None:
+    """Why a webhook delivery is refused from its headers alone, before its body is read; None
+    when it may be MLflow's: signed, timestamped within ``WEBHOOK_TOLERANCE_S`` in the past (and
+    ``WEBHOOK_SKEW_S`` in the future), with a delivery id not seen in that time."""
     signature, timestamp, delivery = (headers.get(h) for h in (MLFLOW_SIGNATURE, MLFLOW_TIMESTAMP, MLFLOW_DELIVERY))
     if not (signature and timestamp and delivery):
-        return "it is not signed (X-MLflow-Signature, X-MLflow-Timestamp and X-MLflow-Delivery-Id are needed)"
-    try:
-        age = abs((time.time() if now is None else now) - int(timestamp))
-    except ValueError:
+        return ("it is not signed (X-MLflow-Signature, X-MLflow-Timestamp and X-MLflow-Delivery-Id are needed): "
+                "register the webhook in MLflow with the secret webhook_secret names")
+    if not signature.startswith("v1,"):
+        return f"signature version {signature.partition(',')[0][:20]!r} is not v1"
+    if not timestamp.isdigit() or len(timestamp) > 12:
         return f"X-MLflow-Timestamp {timestamp[:40]!r} is not a Unix time"
+    if _DELIVERY_ID.match(delivery) is None:
+        return "X-MLflow-Delivery-Id is not an id (letters, digits, '-', at most 128)"
+    age = (time.time() if now is None else now) - int(timestamp)
     if age > WEBHOOK_TOLERANCE_S:
-        return f"it was signed {age:.0f} s from now, more than {WEBHOOK_TOLERANCE_S:.0f} s (a replay, or the clocks differ)"
-    version, _, given = signature.partition(",")
-    if version != "v1":
-        return f"signature version {version[:20]!r} is not v1"
+        return f"it was signed {age:.0f} s ago, more than {WEBHOOK_TOLERANCE_S:.0f} s (a replay, or the clocks differ)"
+    if -age > WEBHOOK_SKEW_S:
+        return f"it is dated {-age:.0f} s in the future, more than {WEBHOOK_SKEW_S:.0f} s (the clocks differ)"
+    if seen.has(delivery, now):
+        return f"delivery {delivery} was received already (a replay)"
+    return None
+
+
+def signature_problem(body: bytes, headers, secrets: tuple[bytes, ...]) -> str | None:
+    """Why ``body`` is not signed with one of ``secrets`` as MLflow signs: HMAC-SHA256 of
+    ``"{delivery id}.{timestamp}.{body}"``, sent as ``X-MLflow-Signature: v1,<base64>``; None
+    when it is. Call after ``delivery_problem`` found none."""
+    delivery, timestamp = headers.get(MLFLOW_DELIVERY), headers.get(MLFLOW_TIMESTAMP)
+    given = headers.get(MLFLOW_SIGNATURE, "").partition(",")[2]
     content = f"{delivery}.{timestamp}.".encode() + body
     expected = tuple(base64.b64encode(hmac.new(s, content, hashlib.sha256).digest()) for s in secrets)
     if not matches(given.encode(), expected):
-        return "the signature does not match the webhook secret"
+        return "the signature does not match the webhook secret: register the webhook in MLflow with the secret webhook_secret names"
     return None
+
+
+class SeenDeliveries:
+    """The ids of accepted webhook deliveries, each kept as long as its signature would be
+    accepted again, and at most ``max_ids`` of them: memory stays bounded whatever is sent."""
+
+    def __init__(self, keep_s: float = WEBHOOK_TOLERANCE_S + WEBHOOK_SKEW_S, max_ids: int = 10_000) -> None:
+        self.keep_s = keep_s
+        self.max_ids = max_ids
+        self._ids: OrderedDict[str, float] = OrderedDict()  # id -> when it expires, oldest first
+
+    def _expire(self, now: float) -> None:
+        while self._ids and next(iter(self._ids.values())) <= now:
+            self._ids.popitem(last=False)
+
+    def has(self, delivery: str, now: float | None = None) -> bool:
+        self._expire(time.time() if now is None else now)
+        return delivery in self._ids
+
+    def add(self, delivery: str, now: float | None = None) -> str | None:
+        """Remember an accepted delivery; why it cannot be accepted (seen already, or too many
+        deliveries in the tolerance window), or None."""
+        now = time.time() if now is None else now
+        self._expire(now)
+        if delivery in self._ids:
+            return f"delivery {delivery} was received already (a replay)"
+        if len(self._ids) >= self.max_ids:
+            return f"more than {self.max_ids} deliveries in {self.keep_s:.0f} s"
+        self._ids[delivery] = now + self.keep_s
+        return None
+
+
+LOCAL_PATH = "(a local path)"
+_LOCAL = re.compile(r"^(/|~|file:|[A-Za-z]:[\\/]|\.{1,2}[\\/])")  # absolute, home, file:, Windows, relative
 
 
 def redact_uri(uri: str | None) -> str | None:
@@ -122,3 +187,23 @@ def redact_uri(uri: str | None) -> str | None:
         return uri
     netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+def public_uri(uri: str | None) -> str | None:
+    """What a client may see of a model URI: no password, and no path on this machine (the
+    operator's log keeps the path: ``redact_uri``)."""
+    if uri and (urlsplit(uri).scheme in ("", "file") or _LOCAL.match(uri)):
+        return LOCAL_PATH
+    return redact_uri(uri)
+
+
+def hide_local_paths(value: Any) -> Any:
+    """``value`` (JSON-like) with every string that names a place on this machine (an absolute,
+    home or file: path) replaced by ``LOCAL_PATH``: what a client may see of lineage and runtime."""
+    if isinstance(value, dict):
+        return {k: hide_local_paths(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [hide_local_paths(v) for v in value]
+    if isinstance(value, str) and _LOCAL.match(value):
+        return LOCAL_PATH
+    return value

@@ -64,6 +64,14 @@ class ServiceConfig(BaseModel):
         "on CPU takes seconds per pass, so keep it large.",
     )
     request_timeout_s: int = Field(600, ge=1, description="BentoML traffic timeout per request.")
+    header_timeout_s: float = Field(
+        20.0, gt=0, description="A connection that sends no complete request head (request line and headers) this "
+        "long after it opened or after its last answer is closed: idle and half-sent connections hold nothing.",
+    )
+    body_timeout_s: float = Field(
+        120.0, gt=0, description="A request's whole body must arrive within this of its head, or it gets 408 and its "
+        "connection is closed; raise it for large uploads over slow links (the webhook's is at most 10 s).",
+    )
     follow_interval_s: float = Field(
         30.0,
         ge=0,
@@ -102,6 +110,32 @@ class ServiceConfig(BaseModel):
         description="Where the API keys are, env:VARIABLE or file:PATH (comma/space/newline-separated); "
         "set, every route but /livez and /readyz needs 'Authorization: Bearer KEY'.",
     )
+    max_inflight_upload_bytes: Optional[int] = Field(
+        None,
+        gt=0,
+        description="Bytes that all uploads in flight may hold together (a body is counted from its Content-Length, "
+        "or as it arrives when chunked, until its audio is decoded); an upload beyond it gets 503 before its body "
+        "is read, so many large uploads at once cannot fill the worker's memory and disk. Default: 4 x "
+        "max_upload_bytes; at least max_upload_bytes.",
+    )
+    unready_after_full_s: float = Field(
+        30.0,
+        gt=0,
+        description="/readyz answers 503 once the engine has held max_requests requests (it admits no more) for "
+        "this long, and 200 again once it admits work; a load balancer then sends new work elsewhere.",
+    )
+
+    @property
+    def upload_budget_bytes(self) -> int:
+        """max_inflight_upload_bytes, or its default."""
+        return self.max_inflight_upload_bytes or 4 * self.max_upload_bytes
+
+    @model_validator(mode="after")
+    def _budget_holds_one_upload(self) -> ServiceConfig:
+        if self.upload_budget_bytes < self.max_upload_bytes:
+            raise ValueError(f"max_inflight_upload_bytes={self.max_inflight_upload_bytes} is below max_upload_bytes="
+                             f"{self.max_upload_bytes}: no upload of the largest size would ever be read. Raise it.")
+        return self
 
     @model_validator(mode="before")
     @classmethod

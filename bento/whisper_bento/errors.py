@@ -1,19 +1,21 @@
 """HTTP errors in the OpenAI shape: ``{"error": {"message", "type", "param", "code"}}``.
 
 Every bad input ends here as a 4xx JSON body that names the problem; the worker keeps serving.
+Every refusal for capacity is a 503 in this shape with ``Retry-After`` (``overloaded``).
 """
 
 from __future__ import annotations
 
-from typing import Optional
-
 from starlette.responses import JSONResponse
+
+# Seconds a refused client waits before trying again: a decode frees capacity within about that.
+RETRY_AFTER_S = 1
 
 
 class ApiError(Exception):
     """A request the service refuses; ``status`` is the HTTP status code."""
 
-    def __init__(self, status: int, message: str, *, param: Optional[str] = None, code: Optional[str] = None):
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
@@ -27,18 +29,25 @@ class ApiError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+    def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
+        """The JSON response; a 503 (overloaded, or not ready yet) says when to retry."""
+        extra = {"Retry-After": str(RETRY_AFTER_S)} if self.status == 503 else {}
+        return JSONResponse(self.body(), status_code=self.status, headers={**extra, **(headers or {})})
 
 
-def bad_request(message: str, param: Optional[str] = None, code: str = "invalid_request") -> ApiError:
+def bad_request(message: str, param: str | None = None, code: str = "invalid_request") -> ApiError:
     return ApiError(400, message, param=param, code=code)
 
 
-def invalid_value(message: str, param: Optional[str] = None, code: str = "invalid_value") -> ApiError:
+def invalid_value(message: str, param: str | None = None, code: str = "invalid_value") -> ApiError:
     """422: a field the service understands, with a value it will not use (bounds included)."""
     return ApiError(422, message, param=param, code=code)
 
 
 def too_large(message: str, param: str = "file", code: str = "too_large") -> ApiError:
     return ApiError(413, message, param=param, code=code)
+
+
+def overloaded(message: str) -> ApiError:
+    """503: the service holds as many requests as it takes; the response carries ``Retry-After``."""
+    return ApiError(503, message, code="overloaded")

@@ -39,15 +39,21 @@ _WHY = {
     400: "The audio or the form is malformed (the message names it).",
     401: "An API key is configured and the request has none or a wrong one.",
     404: "No such path (a path parameter that is not valid UTF-8, say).",
+    408: "The request body did not arrive within body_timeout_s of its head; the connection is closed.",
     413: "The upload or the audio is longer than this service accepts.",
     422: "A field has a value this service will not use (its name is in error.param).",
-    503: "The service is overloaded or still loading; retry later.",
+    503: "The service holds as many requests as it takes (or is still loading): retry after Retry-After seconds. "
+    "The one status of every refusal for capacity.",
 }
 _FILE = {"type": "string", "format": "binary", "description": "The audio: wav, flac, mp3, ogg, ..."}
 
 
+_RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}}
+
+
 def _errors(*statuses: int) -> dict[int, dict[str, Any]]:
-    return {status: {**_ERROR, "description": _WHY[status]} for status in statuses}
+    return {status: {**_ERROR, "description": _WHY[status], **({"headers": _RETRY_AFTER} if status == 503 else {})}
+            for status in statuses}
 
 
 def _form(properties: dict[str, Any]) -> dict[str, Any]:
@@ -77,11 +83,11 @@ def transcription_route(native: bool, task: str = "transcribe") -> dict[str, Any
             "stream": {"type": "boolean"},
         }
     return {
-        "responses": {200: {"description": "The transcription (JSON, text, srt, vtt, or server-sent events)."}, **_errors(400, 401, 413, 422, 503)},
+        "responses": {200: {"description": "The transcription (JSON, text, srt, vtt, or server-sent events)."}, **_errors(400, 401, 408, 413, 422, 503)},
         "openapi_extra": _form(properties),
     }
 
 
 def read_route(*statuses: int) -> dict[str, Any]:
-    """``responses`` for a GET route: 401, and ``statuses``."""
-    return {"responses": _errors(401, *statuses)}
+    """``responses`` for a GET route: 401, 503 (over capacity), and ``statuses``."""
+    return {"responses": _errors(401, *statuses, 503)}

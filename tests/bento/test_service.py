@@ -18,6 +18,7 @@ import pytest
 
 from tests.bento.conftest import MODEL_NAME, passes_observed, bentoml_serve, make_registry, server_env
 from tests.fixtures import audio as wav
+from tests.fixtures.processes import bentoml_worker_pid
 from whisper_registry.normalize import normalizer_for
 
 pytestmark = [pytest.mark.server, pytest.mark.real_weights]
@@ -97,7 +98,7 @@ def test_serve_process_maps_no_decoding_stack(server, http):
             paths = {line.split()[-1] for line in maps if "/site-packages/" in line}
         return {name for name in ("ctranslate2", "av") if any(f"/site-packages/{name}/" in p for p in paths)}
 
-    worker = http.get("/info").json()["worker_pid"]
+    worker = bentoml_worker_pid(server.url)
     assert worker != server.process.process.pid
     assert native_libraries(worker) == {"ctranslate2", "av"}
     assert native_libraries(server.process.process.pid) == set()

@@ -111,16 +111,73 @@ def test_unknown_format_is_422_listing_the_formats():
 def test_mlflow_webhook_signature_is_verified_as_mlflow_signs_it():
     from mlflow.webhooks.delivery import _generate_hmac_signature  # MLflow's own signer
 
-    from whisper_bento.auth import mlflow_signature_problem
+    from whisper_bento.auth import SeenDeliveries, delivery_problem, signature_problem
 
     body, delivery, now = b'{"entity": "model_version_alias"}', "d-1", 1_800_000_000
-    headers = {"x-mlflow-signature": _generate_hmac_signature("key", delivery, str(now), body.decode()),
+    secret = "a secret, with a comma and spaces"
+    headers = {"x-mlflow-signature": _generate_hmac_signature(secret, delivery, str(now), body.decode()),
                "x-mlflow-timestamp": str(now), "x-mlflow-delivery-id": delivery}
-    assert mlflow_signature_problem(body, headers, (b"old", b"key"), now=now + 10) is None  # rotation: any secret
-    assert "does not match" in mlflow_signature_problem(body, headers, (b"other",), now=now)
-    assert "does not match" in mlflow_signature_problem(body + b" ", headers, (b"key",), now=now)  # body changed
-    assert "more than 300 s" in mlflow_signature_problem(body, headers, (b"key",), now=now + 301)  # replayed
-    assert "not signed" in mlflow_signature_problem(body, {}, (b"key",), now=now)
+    seen = SeenDeliveries()
+    assert delivery_problem(headers, seen, now=now + 10) is None
+    assert signature_problem(body, headers, (b"old", secret.encode())) is None  # rotation: any secret
+    assert "does not match" in signature_problem(body, headers, (b"other",))
+    assert "does not match" in signature_problem(body, headers, (b"with",))  # a fragment of the secret
+    assert "does not match" in signature_problem(body + b" ", headers, (secret.encode(),))  # body changed
+    assert "more than 300 s" in delivery_problem(headers, seen, now=now + 301)  # stale
+    assert "in the future" in delivery_problem(headers, seen, now=now - 31)  # dated ahead beyond the clock skew
+    assert delivery_problem(headers, seen, now=now - 29) is None
+    assert "not signed" in delivery_problem({}, seen, now=now)
+    assert "not v1" in delivery_problem({**headers, "x-mlflow-signature": "v2,abc"}, seen, now=now)
+    assert "not a Unix time" in delivery_problem({**headers, "x-mlflow-timestamp": "1e9"}, seen, now=now)
+    assert "not an id" in delivery_problem({**headers, "x-mlflow-delivery-id": "x" * 129}, seen, now=now)
+    assert seen.add(delivery, now=now) is None
+    assert "received already" in delivery_problem(headers, seen, now=now + 1)  # a replay, refused before its body
+    assert "received already" in seen.add(delivery, now=now + 1)  # and after it, if two raced
+
+
+def test_delivery_ids_are_kept_while_they_could_be_replayed_and_no_more():
+    from whisper_bento.auth import SeenDeliveries
+
+    seen = SeenDeliveries(keep_s=10, max_ids=3)
+    for index in range(3):
+        assert seen.add(f"d{index}", now=100 + index) is None
+    assert "more than 3 deliveries" in seen.add("d3", now=105)  # bounded: refused, none forgotten early
+    assert seen.has("d0", now=109.5) and not seen.has("d0", now=110)  # expired once it could not be replayed
+    assert seen.add("d3", now=110) is None and len(seen._ids) == 3
+
+
+def test_a_webhook_secret_and_the_control_key_are_taken_whole(tmp_path, monkeypatch):
+    from whisper_bento.auth import load_keys
+
+    monkeypatch.setenv("SECRET", " two words,and a comma ")
+    monkeypatch.setenv("KEYS", "k1, k2\nk3")
+    assert load_keys("env:SECRET", "webhook_secret", whole=True) == (b" two words,and a comma ",)
+    assert load_keys("env:KEYS") == (b"k1", b"k2", b"k3")  # API keys stay a list
+    (tmp_path / "secret").write_text("clé secrète, entière\n")  # an editor's final newline is not part of it
+    assert load_keys(f"file:{tmp_path / 'secret'}", "admin_key", whole=True) == ("clé secrète, entière".encode(),)
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ValueError, match="holds no key"):
+        load_keys(f"file:{tmp_path / 'empty'}", "admin_key", whole=True)
+
+
+def test_keys_compare_as_the_bytes_sent():
+    from whisper_bento.auth import header_bytes, matches
+
+    sent = "clé-ü".encode()  # what a client puts on the wire for a key that is not ASCII
+    scope = {"headers": [(b"x-whisper-admin-key", sent), (b"authorization", b"Bearer k")]}
+    assert matches(header_bytes(scope, b"x-whisper-admin-key"), ("clé-ü".encode(),))
+    assert header_bytes(scope, b"x-missing") == b""
+
+
+def test_what_clients_see_of_places_on_this_machine():
+    from whisper_bento.auth import LOCAL_PATH, hide_local_paths, public_uri
+
+    assert public_uri("models:/whisper@production") == "models:/whisper@production"
+    assert public_uri("https://user:pw@host/models") == "https://user:***@host/models"
+    for path in ("/srv/models/ct2", "file:///srv/ct2", "./ct2", "~/ct2", "C:\\models\\ct2"):
+        assert public_uri(path) == LOCAL_PATH, path
+    lineage = {"kind": "transformers", "path": "/home/me/ckpt", "base_model": "openai/whisper-base", "adapter": None}
+    assert hide_local_paths(lineage) == {**lineage, "path": LOCAL_PATH}  # a hub id is not a place here
 
 
 @pytest.mark.parametrize(
