@@ -12,19 +12,84 @@ Two request shapes share one resolution path:
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.datastructures import FormData, UploadFile
 from starlette.requests import Request
+from starlette.types import Message, Receive
 
 from mlflow_faster_whisper.decoding import coerce_text_value
-from whisper_bento.errors import bad_request, invalid_value, too_large
+from whisper_bento.errors import ApiError, bad_request, invalid_value, too_large
 
 FILE_FIELDS = ("file", "audio")
 _MULTIPART_SLACK = 64 * 1024  # boundaries and small fields around the file
 _OPENAI_IGNORED = ("model", "chunking_strategy", "include[]", "include")
 _TRUE = ("1", "true", "yes", "on")
+
+
+class Uploads:
+    """The bounds on request bodies: one upload's size, and the bytes all uploads in flight hold
+    together. One worker's event loop does all the counting, so it takes no lock."""
+
+    def __init__(self, max_upload_bytes: int, budget_bytes: int) -> None:
+        self.max_upload_bytes = max_upload_bytes
+        self.budget_bytes = budget_bytes
+        self.in_flight = 0  # bytes held by bodies being read, or read and not yet decoded
+
+    def start(self) -> Upload:
+        """One request's share, empty until its body is declared or arrives."""
+        return Upload(self)
+
+
+class Upload:
+    """One request's share of the uploads' budget: its declared Content-Length, or (chunked) the
+    bytes arrived so far. Released once, when its audio is decoded or the request fails."""
+
+    def __init__(self, uploads: Uploads) -> None:
+        self._uploads = uploads
+        self.held = 0
+        self.received = 0
+
+    @property
+    def limit(self) -> int:
+        return self._uploads.max_upload_bytes + _MULTIPART_SLACK
+
+    def hold(self, size: int) -> None:
+        """Hold ``size`` bytes in all: 413 past one upload's limit, 503 past the budget.
+
+        An upload is refused for the budget only while others hold bytes: one alone is always read.
+        """
+        uploads = self._uploads
+        if size > self.limit:
+            raise too_large(f"The upload is more than {self.limit} bytes; this service accepts files of at most "
+                            f"{uploads.max_upload_bytes} bytes: send a smaller or more compressed recording.")
+        if size <= self.held:
+            return
+        others = uploads.in_flight - self.held
+        if others and others + size > uploads.budget_bytes:
+            raise ApiError(503, f"The service is reading other uploads ({others} of the {uploads.budget_bytes} bytes "
+                           "it holds for uploads in flight); retry later.", param="file", code="uploads_full")
+        uploads.in_flight += size - self.held
+        self.held = size
+
+    def metered(self, receive: Receive) -> Receive:
+        """``receive`` that counts the body as it arrives, and stops reading at the first byte too many."""
+
+        async def counted() -> Message:
+            message = await receive()
+            if message["type"] == "http.request":
+                self.received += len(message.get("body", b""))
+                self.hold(self.received)
+            return message
+
+        return counted
+
+    def release(self) -> None:
+        self._uploads.in_flight -= self.held
+        self.held = 0
 
 
 @dataclass
@@ -36,13 +101,22 @@ class ParsedRequest:
     response_format: str = "json"  # /transcribe: "native" (the full JSON) unless the request says
     stream: bool = False
     word_granularity: bool = False
+    upload: Upload | None = None  # its share of the uploads' budget, held until release_upload
+
+    def release_upload(self) -> None:
+        """Drop the uploaded bytes (once decoded) and give their share of the budget back."""
+        self.audio = b""
+        if self.upload is not None:
+            self.upload.release()
 
 
-async def read_form(request: Request, max_upload_bytes: int) -> FormData:
-    """Parse a multipart/urlencoded body, refusing oversized uploads before reading them."""
+async def read_form(request: Request, upload: Upload) -> FormData:
+    """Parse a multipart/urlencoded body within ``upload``'s bounds: a declared size beyond them is
+    refused before a byte is read, a chunked body as soon as its bytes pass them."""
     length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > max_upload_bytes + _MULTIPART_SLACK:
-        raise too_large(f"The upload is {int(length)} bytes; this service accepts at most {max_upload_bytes}.")
+    declared = int(length) if length is not None and length.isdigit() else None
+    if declared is not None and declared > upload.limit:
+        upload.hold(declared)  # 413
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
         raise bad_request(
@@ -50,10 +124,29 @@ async def read_form(request: Request, max_upload_bytes: int) -> FormData:
             f"(got content-type {content_type or 'none'!r}).",
             param="file",
         )
+    if declared is not None:
+        upload.hold(declared)
     try:
-        return await request.form()
+        return await Request(request.scope, upload.metered(request.receive)).form()
+    except ApiError:
+        raise
     except Exception as exc:  # python-multipart raises several types for malformed bodies
         raise bad_request(f"The multipart body could not be parsed: {exc}.", param="file") from None
+
+
+@contextlib.asynccontextmanager
+async def _uploaded(request: Request, uploads: Uploads) -> AsyncIterator[tuple[FormData, bytes, Upload]]:
+    """The form, its file's bytes and their share of the budget (let go here if parsing fails)."""
+    upload = uploads.start()
+    try:
+        form = await read_form(request, upload)
+        try:  # the form's files are spooled to disk: closed at once, not when collected
+            yield form, await audio_bytes(form, uploads.max_upload_bytes), upload
+        finally:
+            await form.close()
+    except BaseException:
+        upload.release()
+        raise
 
 
 async def read_body(request: Request, max_bytes: int, what: str = "The body") -> bytes:
@@ -79,26 +172,31 @@ async def audio_bytes(form: FormData, max_upload_bytes: int) -> bytes:
     return data
 
 
-async def parse_native(request: Request, max_upload_bytes: int) -> ParsedRequest:
+async def parse_native(request: Request, uploads: Uploads) -> ParsedRequest:
     """``POST /transcribe``: a file plus decoding option fields."""
-    form = await read_form(request, max_upload_bytes)
-    parsed = ParsedRequest(audio=await audio_bytes(form, max_upload_bytes), response_format="native")
-    for name, value in form.multi_items():
-        if name in FILE_FIELDS:
-            continue
-        if name == "stream":
-            parsed.stream = _flag(value)
-        elif name == "response_format":
-            parsed.response_format = str(value)
-        else:
-            parsed.overrides[name] = coerce_text_value(name, _text(name, value))
+    async with _uploaded(request, uploads) as (form, audio, upload):
+        parsed = ParsedRequest(audio=audio, response_format="native", upload=upload)
+        for name, value in form.multi_items():
+            if name in FILE_FIELDS:
+                continue
+            if name == "stream":
+                parsed.stream = _flag(value)
+            elif name == "response_format":
+                parsed.response_format = str(value)
+            else:
+                parsed.overrides[name] = coerce_text_value(name, _text(name, value))
     return parsed
 
 
-async def parse_openai(request: Request, max_upload_bytes: int, *, task: str) -> ParsedRequest:
+async def parse_openai(request: Request, uploads: Uploads, *, task: str) -> ParsedRequest:
     """``POST /v1/audio/{transcriptions,translations}``: OpenAI's fields."""
-    form = await read_form(request, max_upload_bytes)
-    parsed = ParsedRequest(audio=await audio_bytes(form, max_upload_bytes), overrides={"task": task})
+    async with _uploaded(request, uploads) as (form, audio, upload):
+        parsed = ParsedRequest(audio=audio, overrides={"task": task}, upload=upload)
+        _openai_fields(parsed, form, task)
+    return parsed
+
+
+def _openai_fields(parsed: ParsedRequest, form: FormData, task: str) -> None:
     for name, value in form.multi_items():
         if name in FILE_FIELDS or name in _OPENAI_IGNORED:
             continue
@@ -127,7 +225,6 @@ async def parse_openai(request: Request, max_upload_bytes: int, *, task: str) ->
             )
     if parsed.word_granularity:
         parsed.overrides["word_timestamps"] = True
-    return parsed
 
 
 def _text(name: str, value: Any) -> str:
