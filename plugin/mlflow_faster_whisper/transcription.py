@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Optional
 
 from pydantic import BaseModel
@@ -115,7 +117,7 @@ def stream_segments(model, audio: np.ndarray, options: DecodingOptions, *, batch
         segments, info = BatchedInferencePipeline(model).transcribe(audio, batch_size=batch_size, **kwargs)
     else:
         segments, info = model.transcribe(audio, **kwargs)
-    return (to_segment(s) for s in segments), info
+    return within_audio((to_segment(s) for s in segments), info.duration), info
 
 
 def transcribe(model, audio: np.ndarray, options: DecodingOptions, *, batch_size: int = BatchPolicy.batch_size) -> Transcription:
@@ -181,6 +183,26 @@ class _UnpaddedEncoder:
 def join_text(segments: list[Segment]) -> str:
     """Whisper segment texts carry their own leading space (none for CJK): join, then strip."""
     return "".join(s.text for s in segments).strip()
+
+
+def within_audio(segments: Iterable[Segment], duration: float) -> Iterator[Segment]:
+    """The segments that lie in the audio: one starting at or after ``duration`` is dropped, and the
+    ends of the others (their words' too) are cut to it.
+
+    Whisper's timestamps are predicted tokens: where the last window holds little audio, greedy
+    decoding can go on repeating earlier text past the end of the file (seen on MKL builds of
+    CTranslate2). Every front-end reads segments from here, so none returns such a segment.
+    """
+    end = math.floor(duration * 1000) / 1000  # segment times have 3 decimals; never past the audio
+    for segment in segments:
+        if segment.start >= end:
+            continue
+        if segment.end > end or any(w.end > end or w.start > end for w in segment.words or ()):
+            words = None if segment.words is None else [
+                w.model_copy(update={"start": min(w.start, end), "end": min(w.end, end)}) for w in segment.words
+            ]
+            segment = segment.model_copy(update={"end": min(segment.end, end), "words": words})
+        yield segment
 
 
 def to_segment(s) -> Segment:
