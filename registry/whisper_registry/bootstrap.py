@@ -158,4 +158,4 @@ def bound_check(interval: Interval, limit: float, *, upper: bool, what: str) -> 
     if needed is None:
         return False, f"{figure}: {'above' if upper else 'below'} {limit:g}"
     return False, (f"{figure}: too few utterances to tell, the interval is wider than the margin to {limit:g}; "
-                   f"about {needed - interval.n} more utterances (some {needed} in all, in the same mix) would")
+                   f"about {needed - interval.n} more utterances in the same mix ({needed} in all) would tell")

@@ -26,7 +26,15 @@ from mlflow_faster_whisper.engine import Engine
 from mlflow_faster_whisper.transcription import check_options
 from tqdm.auto import tqdm
 
-from whisper_registry import metrics, normalize, report_html, tags, tracking, versions
+from whisper_registry import (
+    bootstrap,
+    metrics,
+    normalize,
+    report_html,
+    tags,
+    tracking,
+    versions,
+)
 from whisper_registry.datasets import BadRow, EvaluationDataset, load_dataset
 from whisper_registry.errors import BadRowsError, DatasetError
 
@@ -237,6 +245,34 @@ def utterance_counts(run_id: str) -> Optional[dict[str, list]]:
     if not all(c in columns for c in ("audio", *COUNT_COLUMNS)):
         return None
     return {c: [row[columns.index(c)] for row in table["data"]] for c in ("audio", "language", *COUNT_COLUMNS)}
+
+
+def paired_difference(metric: str, run_id: str, baseline_run_id: str) -> Optional[bootstrap.Interval]:
+    """``metric`` (``wer`` or ``cer``) of one evaluation run minus that of another on the same
+    utterances, with a paired bootstrap interval: the same draws of utterances for both.
+
+    Returns:
+        The interval, or None when either run logged no per-utterance counts.
+
+    Raises:
+        ValueError: the runs did not score the same utterances in the same order.
+    """
+    mine, theirs = utterance_counts(run_id), utterance_counts(baseline_run_id)
+    if mine is None or theirs is None:
+        return None
+    if mine["audio"] != theirs["audio"]:
+        raise ValueError(f"Runs {run_id} and {baseline_run_id} did not score the same utterances in the same order.")
+    if metric == "wer":  # over the utterances of languages written with spaces, as the rate itself is
+        keep = [i for i, lang in enumerate(mine["language"]) if not normalize.is_character_language(lang)]
+        errors, units = "word_errors", "words"
+    else:
+        keep, errors, units = list(range(len(mine["audio"]))), "char_errors", "chars"
+    if not keep:
+        return None
+    def pick(counts: dict[str, list], column: str) -> list:
+        return [counts[column][i] for i in keep]
+
+    return bootstrap.paired_difference_interval(pick(mine, errors), pick(mine, units), pick(theirs, errors), pick(theirs, units))
 
 
 def _number_rules(languages) -> str:

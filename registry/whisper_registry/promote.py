@@ -414,7 +414,7 @@ def _check_regression(name: str, candidate_tags: dict[str, str], holder, alias: 
     if diff is None:
         return GateResult(gate, None, False, f"no per-utterance counts in the evaluations of this version and version "
                           f"{holder.version}: evaluate both again on the same dataset to compare them utterance by utterance")
-    what = f"{headline} {float(mine):.4g} vs {float(mine) - diff.value:.4g} of version {holder.version}: regression"
+    what = f"regression ({headline} of this version minus that of version {holder.version})"
     passed, detail = bootstrap.bound_check(diff, limit, upper=True, what=what)
     return GateResult(gate, diff.value, passed, detail, diff.high)
 
