@@ -191,8 +191,20 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         "gpu": _gpu(),
+        **_ct2_gemm(),
     }
     return info
+
+
+def _ct2_gemm() -> dict[str, Any]:
+    """Whether CTranslate2 multiplies with Intel MKL here: its CPU figures (and greedy texts) differ
+    between MKL and the oneDNN/ruy paths. Unless CT2_USE_MKL says otherwise, CTranslate2's
+    x86-64 wheels use MKL on GenuineIntel CPUs only (src/cpu/backend.cc, mayiuse_mkl)."""
+    vendor = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("vendor_id")), platform.processor())
+    forced = os.environ.get("CT2_USE_MKL") or None
+    mkl = forced.strip().lower() in ("1", "true", "on", "yes") if forced else vendor == "GenuineIntel"
+    return {"cpu_vendor": vendor, "ct2_use_mkl_env": forced, "ct2_mkl": mkl}
 
 
 def _gpu() -> Optional[str]:

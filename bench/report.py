@@ -200,11 +200,18 @@ def _machine(runs: dict[str, Any]) -> str:
         rows.append([
             run_id, f"`{meta['command']}`",
             f"{m['cpu_model']}, {m['affinity_cores']} cores ({', '.join(m['simd']) or 'no AVX2'}), {m['ram_gb']} GiB RAM, "
-            f"GPU: {m['gpu'] or 'none'}; load avg at start {m['load_average_at_start'][0]}",
+            f"GPU: {m['gpu'] or 'none'}; CTranslate2 CPU path: {_gemm_path(m)}; load avg at start {m['load_average_at_start'][0]}",
             ", ".join(f"{k} {v[k]}" for k in ("ctranslate2", "faster-whisper", "mlflow", "bentoml", "torch", "transformers")),
             f"{v.get('git_commit')}{' (dirty)' if v.get('git_dirty') else ''}, Python {m['python']}",
         ])
     return table(["run", "command", "machine", "versions", "commit"], rows)
+
+
+def _gemm_path(m: dict[str, Any]) -> str:
+    if "ct2_mkl" not in m:
+        return "not recorded"
+    why = f"CT2_USE_MKL={m['ct2_use_mkl_env']}" if m.get("ct2_use_mkl_env") else m.get("cpu_vendor") or "?"
+    return f"{'MKL' if m['ct2_mkl'] else 'oneDNN/ruy (not MKL)'} ({why})"
 
 
 def console_summary(run: dict[str, Any]) -> str:
