@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mlflow_faster_whisper.decoding import DecodingOptions
-from whisper_bento import formats
+from whisper_bento import formats, page
 
 _ERROR = {
     "description": "",
@@ -69,8 +68,8 @@ def transcription_route(native: bool, task: str = "transcribe") -> dict[str, Any
     """``responses`` and ``openapi_extra`` for a transcription route (native, or OpenAI's ``task``)."""
     if native:
         properties = {"file": _FILE, "stream": {"type": "boolean"}, "response_format": {"type": "string", "enum": formats.names(native=True)}}
-        # Every decoding option, as the text a form carries (forms.coerce_text_value parses it).
-        properties.update({name: {"type": "string", "description": f.description or ""} for name, f in DecodingOptions.model_fields.items()})
+        # Every decoding option, typed and bounded as DecodingOptions declares it (forms parses the text).
+        properties.update(page.decoding_fields())
     else:
         properties = {
             "file": _FILE,

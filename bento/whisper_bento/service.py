@@ -28,7 +28,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from whisper_bento import auth, connections, forms, formats, model_ref, openapi, startup
+from whisper_bento import auth, connections, forms, formats, model_ref, openapi, page, startup
 from whisper_bento.config import bound_violation
 from whisper_bento.errors import ApiError, bad_request, invalid_value, too_large
 
@@ -83,7 +83,8 @@ QUEUE_WAIT = bentoml.metrics.Histogram(
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
 )
 
-app = FastAPI(title="whisper", docs_url=None, redoc_url=None, openapi_url=None)
+app = FastAPI(title=page.TITLE, version=page.package_version(), docs_url=None, redoc_url=None, openapi_url=None)
+page.install(app)  # the service's OpenAPI document, which BentoML's page at GET / renders
 
 
 @app.exception_handler(ApiError)
@@ -408,6 +409,7 @@ class Transcriber:
 
 # A worker whose service cannot be created for a reason a restart cannot fix ends the server.
 Transcriber.add_asgi_middleware(startup.EndServerOnFailedStart)
+Transcriber.add_asgi_middleware(page.JsonRoutingErrors)  # BentoML's own 404/405 in the one error shape
 # Loaded at import: a missing variable or file stops the start-up with the reason. The control
 # key and a webhook secret are one key each, taken whole; API keys are a list.
 ADMIN_KEYS = auth.load_keys(CONFIG.admin_key, "admin_key", whole=True) if CONFIG.admin_key else None
