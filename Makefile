@@ -16,7 +16,7 @@ export DO_NOT_TRACK := true
 # mlflow models serve (--env-manager local) and bentoml serve find their tools on PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install test test-fast demo demo-promote demo-finetune bench fixtures postgres java clean
+.PHONY: install test test-fast demo demo-promote demo-finetune bench fixtures postgres java chromium clean
 
 install: $(STAMP)
 
@@ -38,7 +38,10 @@ postgres:
 java:
 	bash .ci/java.sh
 
-test: install postgres java
+chromium:
+	bash .ci/chromium.sh
+
+test: install postgres java chromium
 	$(PY) -m pytest -q
 
 test-fast: install

@@ -1,7 +1,9 @@
 """All versions of a registered model side by side: size, error, speed, aliases; and a plot.
 
 Reads only version tags (what register and evaluate wrote), so it is cheap and shows exactly what
-the MLflow UI shows. The plot puts size on x, the headline error rate on y, and speed (RTF) as the
+the MLflow UI shows. Each error rate comes with its bootstrap interval (``cer_ci``, ``wer_ci``) and
+each evaluated version with a link to its page of worst utterances (``report``). The plot puts
+size on x, the headline error rate on y with its interval as an error bar, and speed (RTF) as the
 marker colour; it is written locally and logged as an artifact of a "compare" run.
 """
 
@@ -14,11 +16,12 @@ from typing import Optional
 
 import mlflow
 
-from whisper_registry import tags, tracking, versions
+from whisper_registry import metrics, tags, tracking, versions
 
 _logger = logging.getLogger(__name__)
 
-COLUMNS = ("version", "quantization", "size_mb", "cer", "wer", "rtf", "latency_p95_s", "dataset", "aliases")
+COLUMNS = ("version", "quantization", "size_mb", "cer", "cer_ci", "wer", "wer_ci", "rtf", "latency_p95_s", "dataset", "aliases",
+           "report")
 
 
 @dataclass(frozen=True)
@@ -33,10 +36,19 @@ class VersionSummary:
     headline: Optional[str]
     dataset: Optional[str]  # digest of the evaluation dataset
     aliases: tuple[str, ...]
+    # The bootstrap intervals of the error rates ((low, high), None for an older evaluation), and
+    # the URI of the evaluation's page of its worst utterances.
+    cer_ci: Optional[tuple[float, float]] = None
+    wer_ci: Optional[tuple[float, float]] = None
+    report: Optional[str] = None
 
     @property
     def error(self) -> Optional[float]:
         return getattr(self, self.headline) if self.headline in ("cer", "wer") else None
+
+    @property
+    def error_ci(self) -> Optional[tuple[float, float]]:
+        return getattr(self, f"{self.headline}_ci") if self.headline in ("cer", "wer") else None
 
 
 @dataclass(frozen=True)
@@ -54,11 +66,14 @@ class Comparison:
                 "quantization": v.quantization or "-",
                 "size_mb": _fmt(v.size_mb, ".1f"),
                 "cer": _fmt(v.cer, ".4f"),
+                "cer_ci": _fmt_ci(v.cer_ci),
                 "wer": _fmt(v.wer, ".4f"),
+                "wer_ci": _fmt_ci(v.wer_ci),
                 "rtf": _fmt(v.rtf, ".3f"),
                 "latency_p95_s": _fmt(v.latency_p95_s, ".3f"),
                 "dataset": (v.dataset or "-")[:12],
                 "aliases": ",".join(v.aliases) or "-",
+                "report": v.report or "-",
             }
             for v in self.versions
         ]
@@ -127,6 +142,9 @@ def _summary(mv, aliases: tuple[str, ...]) -> VersionSummary:
         headline=t.get(tags.EVAL_HEADLINE),
         dataset=t.get(tags.EVAL_DATASET),
         aliases=aliases,
+        cer_ci=_ci(t, "cer"),
+        wer_ci=_ci(t, "wer"),
+        report=t.get(tags.EVAL_REPORT),
     )
 
 
@@ -140,13 +158,18 @@ def _plot(name: str, evaluated: list[VersionSummary], path: Path) -> None:
     datasets = {s.dataset for s in evaluated}
     fig, ax = plt.subplots(figsize=(7, 4.5))
     rtfs = [s.rtf if s.rtf is not None else float("nan") for s in evaluated]
+    bars = [s for s in evaluated if s.error_ci is not None]
+    if bars:  # the 95 % bootstrap interval of each version's error rate
+        ax.errorbar([s.size_mb for s in bars], [s.error for s in bars],
+                    yerr=[[s.error - s.error_ci[0] for s in bars], [s.error_ci[1] - s.error for s in bars]],
+                    fmt="none", ecolor="gray", elinewidth=1.5, capsize=5, zorder=1)
     points = ax.scatter([s.size_mb for s in evaluated], [s.error for s in evaluated], c=rtfs, cmap="viridis_r", s=120, edgecolors="black")
     fig.colorbar(points, ax=ax, label="real-time factor (lower is faster)")
     for s in evaluated:
         label = f"v{s.version} {s.quantization or ''}" + (f" @{','.join(s.aliases)}" if s.aliases else "")
         ax.annotate(label, (s.size_mb, s.error), textcoords="offset points", xytext=(6, 6), fontsize=8)
     ax.set_xlabel("model size (MB)")
-    ax.set_ylabel(f"error rate ({'/'.join(sorted(h for h in headlines if h))})")
+    ax.set_ylabel(f"error rate ({'/'.join(sorted(h for h in headlines if h))})" + (", 95% interval" if bars else ""))
     title = f"{name}: size vs error vs speed"
     if len(datasets) > 1:
         title += " (versions evaluated on different datasets)"
@@ -164,6 +187,16 @@ def _num(value: Optional[str]) -> Optional[float]:
         return None if value in (None, "") else float(value)
     except ValueError:
         return None
+
+
+def _ci(version_tags: dict[str, str], metric: str) -> Optional[tuple[float, float]]:
+    low = _num(version_tags.get(f"{tags.EVAL_PREFIX}{metric}{metrics.CI_LOW}"))
+    high = _num(version_tags.get(f"{tags.EVAL_PREFIX}{metric}{metrics.CI_HIGH}"))
+    return None if low is None or high is None else (low, high)
+
+
+def _fmt_ci(interval: Optional[tuple[float, float]]) -> str:
+    return "-" if interval is None else f"{interval[0]:.4f}-{interval[1]:.4f}"
 
 
 def _fmt(value: Optional[float], spec: str) -> str:
