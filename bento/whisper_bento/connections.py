@@ -123,16 +123,14 @@ class BodyDeadline:
             await send(message)
 
         async def guarded_receive():
-            if state["body_done"] or state["answered"]:
+            if state["body_done"] or state["started"]:  # an answer under way needs no more of the body
                 return await receive()
             try:
                 message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0))
             except asyncio.TimeoutError:
                 error = body_timeout(seconds)
-                if not state["started"]:
-                    state["started"] = True
-                    await error.response(headers={"Connection": "close"})(scope, receive, send)
-                state["answered"] = True
+                state["started"] = state["answered"] = True
+                await error.response(headers={"Connection": "close"})(scope, receive, send)
                 _logger.info("%s %s -> 408: its body did not arrive within %g s", scope["method"], scope["path"], seconds)
                 raise error from None
             if message["type"] != "http.request" or not message.get("more_body", False):
