@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import signal
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -30,104 +30,14 @@ from mlflow_faster_whisper import sources
 
 from whisper_registry import metrics, tags, tracking, training
 from whisper_registry.errors import FinetuneError, TrainingInterrupted
-from whisper_registry.finetune_data import (
-    PreparedData,
-    check_language,
-    check_task,
-    prepare,
-    transcribe_greedy,
-)
+from whisper_registry.finetune_data import PreparedData, check_language, prepare, transcribe_greedy
+from whisper_registry.training import DEVICES as DEVICES  # re-exported: the CLI's --device choices
+from whisper_registry.training import FinetuneOptions
 
 _logger = logging.getLogger(__name__)
 
 ADAPTER_ARTIFACT = "adapter"
 PREDICTIONS_TABLE = "finetune/predictions.json"
-DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
-DEVICES = ("auto", "cpu", "cuda")
-
-
-@dataclass(frozen=True)
-class FinetuneOptions:
-    """What to train and how. Accepted as this object or a dict of its fields."""
-
-    language: Optional[str] = None
-    """Language of the label prefix for rows that name none (rows naming another are refused)."""
-    task: str = "transcribe"
-    """Task token of the label prefix: transcribe or translate."""
-    lora_r: int = 32
-    """LoRA rank."""
-    lora_alpha: int = 64
-    """LoRA scaling numerator (the update is scaled by alpha / r)."""
-    lora_dropout: float = 0.05
-    """Dropout on the LoRA input during training."""
-    target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
-    """Linear layers that get adapters, by name (as PEFT matches them: a name or a dotted suffix)."""
-    max_steps: Optional[int] = None
-    """Optimizer steps to train; when set it overrides ``epochs``."""
-    epochs: float = 3.0
-    """Passes over the training set (when ``max_steps`` is not set)."""
-    learning_rate: float = 1e-3
-    """Peak learning rate (linear decay, after ``warmup_steps``)."""
-    batch_size: int = 8
-    """Utterances per device batch (also for evaluation)."""
-    gradient_accumulation: int = 1
-    """Batches accumulated into one optimizer step."""
-    warmup_steps: int = 0
-    """Linear warm-up steps."""
-    save_steps: int = 100
-    """Checkpoint every this many steps (and at the end)."""
-    eval_steps: Optional[int] = None
-    """Eval loss every this many steps when there is an evaluation set (default: ``save_steps``)."""
-    save_total_limit: int = 2
-    """Checkpoints kept in the output directory."""
-    max_new_tokens: int = 225
-    """Longest transcript generated when scoring before and after."""
-    seed: int = 0
-    """Seed of the adapter initialisation, data order and dropout."""
-    device: str = "auto"
-    """auto (a GPU when present), cpu or cuda."""
-
-    @classmethod
-    def parse(cls, value: FinetuneOptions | dict[str, Any] | None) -> FinetuneOptions:
-        """Options from an object, a dict or None (defaults), validated once.
-
-        Raises:
-            FinetuneError: an unknown field or an out-of-range value.
-        """
-        if isinstance(value, cls):
-            options = value
-        else:
-            given = dict(value or {})
-            unknown = sorted(set(given) - {f.name for f in fields(cls)})
-            if unknown:
-                raise FinetuneError(f"Unknown fine-tune option(s) {', '.join(unknown)}: valid ones are {', '.join(f.name for f in fields(cls))}.")
-            if isinstance(given.get("target_modules"), str):
-                given["target_modules"] = given["target_modules"].split(",")
-            if given.get("target_modules") is not None:
-                given["target_modules"] = tuple(m.strip() for m in given["target_modules"] if m.strip())
-            options = cls(**given)
-        options._validate()
-        return options
-
-    def _validate(self) -> None:
-        positive = {"lora_r": self.lora_r, "lora_alpha": self.lora_alpha, "batch_size": self.batch_size,
-                    "gradient_accumulation": self.gradient_accumulation, "save_steps": self.save_steps,
-                    "save_total_limit": self.save_total_limit, "max_new_tokens": self.max_new_tokens,
-                    "learning_rate": self.learning_rate, "epochs": self.epochs}
-        if self.max_steps is not None:
-            positive["max_steps"] = self.max_steps
-        if self.eval_steps is not None:
-            positive["eval_steps"] = self.eval_steps
-        bad = [f"{k}={v}" for k, v in positive.items() if not v > 0]
-        if bad:
-            raise FinetuneError(f"Fine-tune options must be positive: {', '.join(bad)}.")
-        if not 0 <= self.lora_dropout < 1 or self.warmup_steps < 0:
-            raise FinetuneError("lora_dropout must be in [0, 1) and warmup_steps >= 0.")
-        if not self.target_modules:
-            raise FinetuneError("No target modules: name the linear layers to adapt, e.g. q_proj,v_proj.")
-        if self.device not in DEVICES:
-            raise FinetuneError(f"Unknown device {self.device!r}: use one of {', '.join(DEVICES)}.")
-        check_task(self.task)
 
 
 @dataclass
