@@ -151,10 +151,15 @@ def _check_device(config: ServiceConfig) -> None:
     from mlflow_faster_whisper import devices
     from mlflow_faster_whisper.errors import DeviceError
 
+    from whisper_bento import model_ref
+
     try:
         devices.place(config.load.device, config.load.compute_type)
     except DeviceError as exc:
-        raise StartupError(str(exc)) from None
+        # A built bento keeps the device it was built with: the fix is another host, or another bento.
+        built = (" This bento was built for device=cuda: serve it on a GPU host, or build one with device=cpu."
+                 if model_ref.running_bento_dir() is not None else "")
+        raise StartupError(f"{exc}{built}") from None
 
 
 def configuration_problem(exc: BaseException) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.bento.conftest import MODEL_NAME, make_registry, server_env
+from tests.bento.conftest import MODEL_NAME, REPO, make_registry, server_env
 from tests.fixtures.processes import free_port
 
 pytestmark = [pytest.mark.server, pytest.mark.real_weights]
@@ -31,11 +31,11 @@ def registry(tmp_path_factory, whisper_tiny_en_ct2):
     return make_registry(tmp_path_factory.mktemp("startup") / "registry", whisper_tiny_en_ct2)
 
 
-def _serve_until_exit(args: dict[str, str], env: dict[str, str], cwd: Path, bound_s: float) -> tuple[int, str]:
-    """``bentoml serve whisper_bento:Transcriber --arg ...`` from ``cwd``: its exit code and log,
-    once it has exited; a server still running after ``bound_s`` fails the test."""
-    command = [sys.executable, "-m", "bentoml", "serve", "whisper_bento:Transcriber", "--host", "127.0.0.1",
-               "--port", str(free_port())]
+def _serve_until_exit(args: dict[str, str], env: dict[str, str], cwd: Path, bound_s: float,
+                      target: str = "whisper_bento:Transcriber") -> tuple[int, str]:
+    """``bentoml serve target --arg ...`` from ``cwd``: its exit code and log, once it has exited;
+    a server still running after ``bound_s`` fails the test."""
+    command = [sys.executable, "-m", "bentoml", "serve", target, "--host", "127.0.0.1", "--port", str(free_port())]
     for key, value in args.items():
         command += ["--arg", f"{key}={value}"]
     log = cwd.parent / f"{cwd.name}.log"
@@ -80,6 +80,27 @@ def test_device_cuda_without_a_gpu_ends_the_start(registry, workdir, tmp_path):
     assert code == EXIT_CODE, log[-3000:]
     message = _one_error_line(log)
     assert "no CUDA GPU is visible" in message and "device='cpu'" in message
+    assert list(workdir.iterdir()) == []
+
+
+def test_built_cuda_bento_on_a_host_without_gpu_ends_the_start(registry, workdir, tmp_path):
+    import ctranslate2
+
+    if ctranslate2.get_cuda_device_count():
+        pytest.skip("a CUDA GPU is visible here")
+    home = tmp_path / "bentoml"
+    build = subprocess.run(
+        [sys.executable, "-m", "whisper_bento.build", "--arg", f"model=models:/{MODEL_NAME}@production", "--arg",
+         "device=cuda", "--version", "cuda1"],
+        cwd=REPO, env=server_env(home, registry.uri), capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert build.returncode == 0, build.stderr[-3000:]
+    # Served from the bento's own record: no registry needed, none reachable.
+    code, log = _serve_until_exit({}, server_env(home, f"http://127.0.0.1:{free_port()}"), workdir,
+                                  SERVE_PROCESS_BOUND_S, target="whisper:cuda1")
+    assert code == EXIT_CODE, log[-3000:]
+    message = _one_error_line(log)
+    assert "no CUDA GPU is visible" in message and "build one with device=cpu" in message
     assert list(workdir.iterdir()) == []
 
 
