@@ -12,6 +12,7 @@ import logging
 import random
 import threading
 import time
+from array import array
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -23,9 +24,11 @@ from mlflow_faster_whisper.engine import Ticket
 from mlflow_faster_whisper.errors import Cancelled, Overloaded
 from mlflow_faster_whisper.transcription import Transcription
 from whisper_registry import tags as registry_tags
-from whisper_registry.metrics import score_utterance
+from whisper_registry.bootstrap import rate_interval
+from whisper_registry.metrics import CI_HIGH, CI_LOW, score_utterance
 
 _logger = logging.getLogger(__name__)
+_COUNTS = ("agreed", "word_errors", "words", "char_errors", "chars")
 
 
 class Shadow:
@@ -37,7 +40,8 @@ class Shadow:
     dropped and counted. The figures compare the candidate with production on the same requests
     (same request options over each version's own defaults): agreement (the same normalised
     text), WER and CER of the candidate against production's text, and the ratio of their time in
-    forward passes. They are written to the candidate's model version as ``shadow.*`` tags every
+    forward passes; agreement, WER and CER each with a bootstrap interval over requests
+    (``shadow.agreement_ci_low``...). They are written to the candidate's model version as ``shadow.*`` tags every
     ``report_every`` requests and at shutdown; no audio or text is stored. A move of either
     version starts new figures.
     """
@@ -126,6 +130,9 @@ class Figures:
         self.word_errors = self.words = self.char_errors = self.chars = 0
         self.candidate_s = self.production_s = 0.0
         self._write_lock = threading.Lock()
+        # Per-request counts, for the intervals: compact (a few bytes per request), computed at each write.
+        self._counts = {k: array("I") for k in _COUNTS}
+        self.intervals: dict[str, float] = {}
 
     def add(self, scored, seconds: tuple[float, float], dropped: bool, failed: bool) -> None:
         self.unwritten += 1
@@ -140,6 +147,22 @@ class Figures:
             self.chars += scored.chars
             self.candidate_s += seconds[0]
             self.production_s += seconds[1]
+            for key, value in zip(_COUNTS, (scored.hypothesis == scored.reference, scored.word_errors, scored.words,
+                                            scored.char_errors, scored.chars)):
+                self._counts[key].append(int(value))
+
+    def _intervals(self) -> dict[str, float]:
+        """Bootstrap intervals of agreement, WER and CER over the requests so far (off the request path)."""
+        n = min(len(c) for c in self._counts.values())  # add() may be appending meanwhile
+        counts = {k: np.frombuffer(c, dtype=f"u{c.itemsize}")[:n].copy() if n else np.zeros(0) for k, c in self._counts.items()}
+        out = {}
+        for name, errors, lengths in (("agreement", counts["agreed"], np.ones(n)),
+                                      ("wer", counts["word_errors"], counts["words"]),
+                                      ("cer", counts["char_errors"], counts["chars"])):
+            interval = rate_interval(errors, lengths)
+            if interval is not None:
+                out[name + CI_LOW], out[name + CI_HIGH] = round(interval.low, 4), round(interval.high, 4)
+        return out
 
     def tags(self) -> dict[str, Any]:
         def ratio(a: float, b: float) -> float | None:
@@ -149,11 +172,13 @@ class Figures:
             "requests": self.requests, "dropped": self.dropped, "failed": self.failed,
             "agreement": ratio(self.agreed, self.requests), "wer": ratio(self.word_errors, self.words),
             "cer": ratio(self.char_errors, self.chars), "latency_ratio": ratio(self.candidate_s, self.production_s),
+            **self.intervals,
         }
 
     def write(self) -> None:
         """The figures as ``shadow.*`` tags of the candidate version (never raises: the service goes on)."""
         name, version, production = self.pair
+        self.intervals = self._intervals()
         values = {f"{registry_tags.SHADOW_PREFIX}{k}": v for k, v in self.tags().items() if v is not None}
         values[registry_tags.SHADOW_PRODUCTION_VERSION] = production
         values[registry_tags.SHADOW_TIME] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

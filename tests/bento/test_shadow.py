@@ -69,14 +69,20 @@ def test_shadow_figures_on_the_candidate_match_both_versions_answers(tmp_path, w
     assert float(tags["shadow.agreement"]) == pytest.approx(agreement, abs=1e-4)
     assert float(tags["shadow.wer"]) == pytest.approx(wer, abs=1e-4) and float(tags["shadow.cer"]) == pytest.approx(cer, abs=1e-4)
     assert float(tags["shadow.latency_ratio"]) > 0
+    # Each rate with its bootstrap interval over the requests.
+    for rate in ("agreement", "wer", "cer"):
+        assert float(tags[f"shadow.{rate}_ci_low"]) <= float(tags[f"shadow.{rate}"]) <= float(tags[f"shadow.{rate}_ci_high"])
     # Figures only: no audio, no transcript.
+    intervals = [f"{rate}_ci_{end}" for rate in ("agreement", "wer", "cer") for end in ("low", "high")]
     assert set(tags) == {f"shadow.{k}" for k in ("requests", "dropped", "failed", "agreement", "wer", "cer",
-                                                 "latency_ratio", "production_version", "time")}
+                                                 "latency_ratio", "production_version", "time", *intervals)}
 
     # The figures gate a promotion.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", registry.uri)
     assert main(["promote", NAME, "2", "--to", "production", "--gate", f"shadow.agreement>={agreement + 0.01}"]) == 1
     assert str(client.get_registered_model(NAME).aliases["production"]) == "1"
-    assert main(["promote", NAME, "2", "--to", "production", "--gate", f"shadow.agreement>={agreement - 0.01}"]) == 0
+    low = float(tags["shadow.agreement_ci_low"])  # six requests: the lower bound is read, not the point
+    assert main(["promote", NAME, "2", "--to", "production", "--gate", f"shadow.agreement.lower>={low + 0.001}"]) == 1
+    assert main(["promote", NAME, "2", "--to", "production", "--gate", f"shadow.agreement.lower>={low - 0.001}"]) == 0
     assert str(client.get_registered_model(NAME).aliases["production"]) == "2"
     print(f"shadow figures: {figures}; production {production}; candidate {expected}")
