@@ -267,7 +267,6 @@ def registry_version(model_uri: str) -> Optional[RegistryVersion]:
     from mlflow.exceptions import MlflowException
 
     where = mlflow.get_registry_uri()
-    _require_sqlite_file(where)  # MLflow would create an empty database, then find nothing in it
     client = MlflowClient()
     try:
         if match["alias"]:
@@ -371,15 +370,22 @@ def _stored_tag(registered: RegistryVersion) -> Optional[str]:
 
 
 def _use_default_tracking_store(model_uri: str) -> None:
-    """``models:/`` URIs need a registry: the registry's embedded default when none is set."""
-    if not model_uri.startswith("models:/") or os.environ.get("MLFLOW_TRACKING_URI"):
+    """``models:/`` and ``runs:/`` URIs need a tracking store: the registry's embedded default when
+    none is set. A sqlite store must exist already.
+
+    Raises:
+        RegistryError: the store is a sqlite file that does not exist (nothing is created).
+    """
+    if not model_uri.startswith(("models:/", "runs:/")):
         return
     import mlflow
 
     from whisper_registry.tracking import default_tracking_uri  # the one definition of the default
 
-    if not mlflow.is_tracking_uri_set():
+    if not os.environ.get("MLFLOW_TRACKING_URI") and not mlflow.is_tracking_uri_set():
         mlflow.set_tracking_uri(default_tracking_uri())
+    # MLflow would create an empty database there, then find nothing in it.
+    _require_sqlite_file(mlflow.get_registry_uri() if model_uri.startswith("models:/") else mlflow.get_tracking_uri())
 
 
 def _model_recorded_in_bento(bento_dir: Path, model_uri: str) -> bentoml.models.BentoModel:
