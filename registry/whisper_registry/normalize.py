@@ -113,7 +113,13 @@ def normalize_chinese(text: str) -> str:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # cn2an warns about each numeral it cannot read, and leaves it
         text = cn2an.transform(text, "cn2an")
+    # A run cn2an cannot read as one number (the counting "一二三四五六七八九十") is read numeral by numeral.
+    text = _CHINESE_NUMERAL_RUN.sub(lambda m: "".join(_CHINESE_NUMERALS[ch] for ch in m[0]), text)
     return normalize_characters(text)
+
+
+_CHINESE_NUMERALS = {**{ch: str(i) for i, ch in enumerate("零一二三四五六七八九")}, "〇": "0", "两": "2", "十": "10"}
+_CHINESE_NUMERAL_RUN = re.compile(f"[{''.join(_CHINESE_NUMERALS)}]{{2,}}")
 
 
 # ---------------------------------------------------------------------------------------- English
