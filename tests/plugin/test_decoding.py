@@ -77,3 +77,11 @@ def test_text_values_keep_strings_for_text_fields_and_read_the_rest_as_json():
     assert coerce_text_value("word_timestamps", "true") is True
     assert coerce_text_value("vad_parameters", '{"threshold": 0.3}') == {"threshold": 0.3}
     assert coerce_text_value("temperature", "hot") == "hot"  # validation rejects it, naming the field
+
+
+@pytest.mark.parametrize("value", ["hot", "true", '[0, "warm"]', '{"t": 0}'])
+def test_a_temperature_that_is_no_number_is_told_what_a_temperature_is(value):
+    with pytest.raises(DecodingOptionsError, match=r"temperature is the sampling temperature: a number from 0") as refused:
+        DecodingOptions.parse(parse_cli_assignments([f"temperature={value}"]))
+    assert "valid tuple" not in str(refused.value)
+    assert DecodingOptions.parse(parse_cli_assignments(["temperature=[0, 0.2]"])).temperature == (0.0, 0.2)
