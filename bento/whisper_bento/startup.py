@@ -206,18 +206,18 @@ def cannot_heal(exc: Optional[BaseException]) -> Optional[StartupError]:
     """``exc`` as a StartupError when restarting the worker cannot fix it, else None.
 
     A worker's start fails this way when its model cannot be served here: the artifact was
-    modified (checksums), the device cannot run it, or its options are invalid.
+    modified (checksums), the device cannot run it, its options are invalid, or the registry
+    answered that a model it names (the shadow candidate) does not exist.
     """
-    from mlflow_faster_whisper.errors import (
-        AudioDecodeError,
-        FasterWhisperFlavorError,
-        first_line,
-    )
+    from mlflow_faster_whisper.errors import AudioDecodeError, FasterWhisperFlavorError, first_line
+    from whisper_bento.model_ref import RegistryError
 
     if isinstance(exc, StartupError):
         return exc
     if isinstance(exc, FasterWhisperFlavorError) and not isinstance(exc, AudioDecodeError):
         return StartupError(first_line(exc))
+    if isinstance(exc, RegistryError) and exc.error_code not in _TRANSIENT:
+        return StartupError(str(exc))
     return None
 
 
