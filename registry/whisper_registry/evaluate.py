@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import time
 import warnings
 from collections.abc import Mapping
@@ -236,11 +237,12 @@ def utterance_counts(run_id: str) -> Optional[dict[str, list]]:
     """
     from mlflow.exceptions import MlflowException
 
-    try:
-        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=UTTERANCES_TABLE)
-    except (MlflowException, OSError):
-        return None
-    table = json.loads(Path(path).read_text(encoding="utf-8"))
+    with tempfile.TemporaryDirectory(prefix="whisper-registry-") as tmp:
+        try:
+            path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=UTTERANCES_TABLE, dst_path=tmp)
+        except (MlflowException, OSError):
+            return None
+        table = json.loads(Path(path).read_text(encoding="utf-8"))
     columns = table.get("columns", [])
     if not all(c in columns for c in ("audio", *COUNT_COLUMNS)):
         return None

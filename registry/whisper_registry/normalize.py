@@ -23,7 +23,6 @@ import re
 import unicodedata
 import warnings
 from collections.abc import Callable
-from typing import Optional
 
 # Languages written without spaces between words: scored by characters (CER is the headline).
 CHARACTER_LANGUAGES = frozenset({"zh", "yue", "ja", "th", "lo", "my", "km", "bo"})

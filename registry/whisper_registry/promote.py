@@ -405,7 +405,8 @@ def _check_regression(name: str, candidate_tags: dict[str, str], holder, alias: 
             f"evaluate models:/{name}/{holder.version} on the same dataset",
         )
     # The same utterances drawn for both versions: the regression's interval, not two point figures.
-    from whisper_registry.evaluate import paired_difference  # it reads MLflow artifacts: only when asked
+    # Imported here: evaluate brings the decoding engine, which only this gate needs.
+    from whisper_registry.evaluate import paired_difference
 
     try:
         diff = paired_difference(headline, candidate_tags[tags.EVAL_RUN_ID], theirs)

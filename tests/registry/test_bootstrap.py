@@ -6,12 +6,7 @@ import re
 import numpy as np
 import pytest
 
-from whisper_registry.bootstrap import (
-    bound_check,
-    paired_difference_interval,
-    rate_interval,
-    utterances_needed,
-)
+from whisper_registry.bootstrap import bound_check, paired_difference_interval, rate_interval, utterances_needed
 
 
 def _population(rng, size, error_rate, spread=20.0):
