@@ -1,4 +1,5 @@
-"""Evaluate a registered version on a dataset: error rates, speed, a per-utterance table.
+"""Evaluate a registered version on a dataset: error rates with their intervals, speed, a
+per-utterance table and a page of the worst utterances.
 
 The evaluation is an MLflow run linked to the version: its metrics are logged against the
 version's logged model (``model_id``) and the dataset, its tags name the version, and the
@@ -98,7 +99,10 @@ def evaluate(
 
     Returns:
         The metrics (wer, cer, rtf, latency_p50_s, latency_p95_s, load_time_s, n_utterances,
-        n_skipped, and per-language error rates), the run id and the per-utterance rows.
+        n_skipped, and per-language error rates, each error rate with its bootstrap interval as
+        ``<rate>_ci_low``/``<rate>_ci_high``), the run id and the per-utterance rows (with the
+        error counts a paired comparison needs). The run also logs ``REPORT_PAGE``, the worst
+        utterances aligned word by word.
 
     Raises:
         ModelNotFoundError: the URI names no registered version.
