@@ -16,7 +16,12 @@ from urllib.parse import urlparse
 import numpy as np
 import pytest
 
-from tests.bento.conftest import bentoml_serve, make_registry, server_env
+from tests.bento.conftest import (
+    bentoml_serve,
+    make_registry,
+    passes_observed,
+    server_env,
+)
 from tests.fixtures import audio
 
 pytestmark = [pytest.mark.server, pytest.mark.real_weights]
@@ -34,7 +39,8 @@ def server(tmp_path_factory, whisper_tiny_en_ct2):
     registry = make_registry(root / "registry", whisper_tiny_en_ct2, name=NAME)
     args = {"model": f"models:/{NAME}@production", "compute_type": "int8", "follow_interval_s": "0",
             "max_requests": str(MAX_REQUESTS), "max_upload_bytes": str(MAX_UPLOAD),
-            "max_inflight_upload_bytes": str(BUDGET), "unready_after_full_s": "1"}
+            "max_inflight_upload_bytes": str(BUDGET), "unready_after_full_s": "1",
+            "batch_size": "1"}  # one window a forward pass: passes count windows
     with bentoml_serve("whisper_bento:Transcriber", args, server_env(root / "bentoml", registry.uri), root / "serve.log") as server:
         yield server
 
@@ -98,16 +104,51 @@ def _until(check: Callable[[], bool], what: str, timeout_s: float = 120) -> None
         time.sleep(0.2)
 
 
-def test_a_full_engine_is_unready_and_streams_whose_clients_leave_free_it(server, six_minutes, hello):
+def _start_streams(url: str, body: bytes) -> list[socket.socket]:
+    """MAX_REQUESTS streams, each sent whole and answered with its head (200, events to come)."""
+    streams = []
+    for _ in range(MAX_REQUESTS):
+        sock = _connect(url, len(body))
+        sock.sendall(body)
+        streams.append(sock)
+    for sock in streams:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += sock.recv(1)  # byte by byte: nothing of the events is read
+        assert head.startswith(b"HTTP/1.1 200"), head
+    return streams
+
+
+def _generated(http) -> float:
+    return passes_observed(http.get("/metrics").text, "generate")[1]
+
+
+def test_streams_whose_clients_leave_before_the_first_event_stop_at_once(server, six_minutes, hello):
     body = _multipart(six_minutes, stream="true", temperature="0")
     with server.client() as http:
+        _until(lambda: _metric(http, "whisper_requests_held", "primary") == 0, "the engine is idle")
+        streams = _start_streams(server.url, body)
+        _until(lambda: _metric(http, "whisper_requests_held", "primary") == MAX_REQUESTS, "the engine holds every stream")
+        before = _generated(http)
+        for sock in streams:  # no event read: each stream still needs its first window decoded
+            sock.close()
+        _until(lambda: _metric(http, "whisper_requests_held", "primary") == 0, "the engine lets go of every stream")
+        # Each stream let go at its next model call: at most the pass in flight when the clients
+        # left ran (and one that started as they did); decoding on to each stream's first segment
+        # would take a generate pass per stream.
+        assert _generated(http) - before <= 2, (before, _generated(http))
         assert http.get("/readyz").status_code == 200
-        assert _metric(http, "whisper_requests_held", "primary") == 0
-        streams = []
-        for _ in range(MAX_REQUESTS):
-            sock = _connect(server.url, len(body))
-            sock.sendall(body)
-            streams.append(sock)
+        after = http.post("/transcribe", files={"file": ("a.wav", hello, "audio/wav")}, data={"temperature": "0"})
+        assert after.status_code == 200 and after.json()["text"].strip() == "Hello world."
+    assert "Traceback" not in server.log_text()
+
+
+def test_a_full_engine_is_unready_until_its_clients_leave(server, six_minutes, hello):
+    body = _multipart(six_minutes, stream="true", temperature="0")
+    with server.client() as http:
+        _until(lambda: _metric(http, "whisper_requests_held", "primary") == 0, "the engine is idle")
+        assert http.get("/readyz").status_code == 200
+        streams = _start_streams(server.url, body)
         _until(lambda: _metric(http, "whisper_requests_held", "primary") == MAX_REQUESTS, "the engine holds every stream")
         # Admitting no request for longer than unready_after_full_s: not ready.
         _until(lambda: http.get("/readyz").status_code == 503, "/readyz answers 503 while the engine is full")
@@ -120,11 +161,8 @@ def test_a_full_engine_is_unready_and_streams_whose_clients_leave_free_it(server
             first += streams[0].recv(65536)
         for sock in streams:
             sock.close()
-        # Every slot comes back long before six minutes of speech could have been decoded.
         _until(lambda: _metric(http, "whisper_requests_held", "primary") == 0, "the engine lets go of every stream")
         _until(lambda: http.get("/readyz").status_code == 200, "/readyz answers 200 again")
-        after = http.post("/transcribe", files={"file": ("a.wav", hello, "audio/wav")}, data={"temperature": "0"})
-        assert after.status_code == 200 and after.json()["text"].strip() == "Hello world."
     assert "Traceback" not in server.log_text()
 
 
