@@ -77,8 +77,13 @@ def request_loop(url: str, clip: bytes | list[bytes], *, clients: int, seconds: 
 
 
 def worker_pid(url: str, headers: Optional[dict] = None) -> Optional[int]:
-    """The service's worker, from the process tree (``/info`` does not show its pid)."""
-    return bentoml_worker_pid(url)
+    """The service's worker once it answers ``/info`` (None until then), found in the process tree:
+    ``/info`` does not show its pid."""
+    try:
+        answers = httpx.get(url + "/info", headers=headers or {}, timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return None
+    return bentoml_worker_pid(url) if answers else None
 
 
 def kill_worker_under_load(url: str, clip: bytes, *, clients: int, seconds: float, kill_after_s: float,
