@@ -50,7 +50,7 @@ def limit_request_heads(timeout_s: float) -> list[str]:
     return applied
 
 
-def _wrap(protocol: type) -> None:
+def _wrap(protocol: Any) -> None:
     made, complete, lost = protocol.connection_made, protocol.on_response_complete, protocol.connection_lost
 
     def connection_made(self, transport) -> None:
@@ -156,8 +156,9 @@ class ConcurrencyLimit:
 
     def __init__(self, app, limit: int, pools: Mapping[str, int] | None = None, exempt: Collection[str] = ()) -> None:
         self.app = app
-        self.limits = {None: limit, **dict(pools or {})}
-        self.in_flight = dict.fromkeys(self.limits, 0)
+        self.limits: dict[str | None, int] = {None: limit}  # None: every other path
+        self.limits.update(pools or {})
+        self.in_flight: dict[str | None, int] = dict.fromkeys(self.limits, 0)
         self.exempt = frozenset(exempt)
 
     async def __call__(self, scope, receive, send) -> None:
