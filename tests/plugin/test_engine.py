@@ -123,16 +123,21 @@ def test_a_short_request_beside_a_long_file_waits_only_for_the_pass_in_flight(ti
             time.sleep(0.005)
         return [i for i, p in enumerate(passes) if ticket in p]
 
-    engine = Engine(tiny_en, batch_size=8, on_pass=lambda stats: passes.append(stats.tickets))
+    # A pass waits for every request between two calls (gather_s is a failure bound here): on a
+    # loaded host a short request's first call is never late for a pass because its features took long.
+    engine = Engine(tiny_en, batch_size=8, gather_s=60.0, on_pass=lambda stats: passes.append(stats.tickets))
     try:
-        engine.transcribe(short, GREEDY)
-        time.sleep(0.5)  # its last pass reported
-        own = len(passes)
+        first = Ticket()
+        engine.submit(short, GREEDY, first).result(timeout=600)
         long_future = engine.submit(long_audio, GREEDY)
+        own = None
         for _ in range(2):  # sent at two points of the file's decoding
             seen = len(passes)
-            while len(passes) < seen + 1:
+            deadline = time.monotonic() + 600
+            while len(passes) < seen + 1 and time.monotonic() < deadline:
                 time.sleep(0.005)
+            if own is None:  # passes are reported in order: all of the first request's came before the file's
+                own = len([p for p in passes if first in p])
             assert not long_future.done()
             ticket = Ticket()
             sent_at = len(passes)
