@@ -18,6 +18,7 @@ import pytest
 import mlflow_faster_whisper as mfw
 from whisper_registry.batch import list_inputs
 from whisper_registry.errors import RegistryError
+from whisper_registry.normalize import normalizer_for
 
 
 NAME = "tiny-en"
@@ -129,7 +130,7 @@ def test_the_command_resumes_after_being_killed_without_duplicating_or_losing_ro
     first = _transcribe(registered, audio_dir, output, "--chunk-size", "4")
     deadline = time.monotonic() + 240
     while len(_parts(output)) < 2 and first.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
+        time.sleep(0.01)  # 20 more files would have to be decoded between two looks to miss the middle
     first.send_signal(signal.SIGKILL)
     first.wait()
     written = pd.read_parquet(output)
@@ -143,8 +144,9 @@ def test_the_command_resumes_after_being_killed_without_duplicating_or_losing_ro
     rows = pd.read_parquet(output)
     assert sorted(rows["path"]) == list_inputs(audio_dir)  # every file exactly once
     assert (rows["model_version"] == "1").all() and (rows["error"] != "").sum() == 1
-    assert rows.set_index("path").loc[str(audio_dir / "en" / "quick_brown_fox.wav"), "text"] == \
-        "The quick brown fox jumps over the lazy dog."
+    # Its own text, compared as words: case and punctuation are up to the CPU's kernels.
+    fox = rows.set_index("path").loc[str(audio_dir / "en" / "quick_brown_fox.wav"), "text"]
+    assert normalizer_for("en")(fox) == normalizer_for("en")("The quick brown fox jumps over the lazy dog.")
 
     run = mlflow.search_runs(filter_string="tags.`whisper_registry.kind` = 'transcribe'", output_format="list")[0]
     assert run.data.params["model_uri"] == f"models:/{NAME}/1"
