@@ -204,7 +204,7 @@ def clean_up(name: str, experiment_id: str) -> list[str]:
     client = tracking.client()
     removed = []
     for mv in found:
-        if versions.is_complete(mv):
+        if versions.is_complete(mv) or not mv.run_id:  # an unfinished one names its run
             continue
         if client.get_run(mv.run_id).info.status == "RUNNING":
             continue  # still being tagged by a live registration
