@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 fixtures: install
-	$(PY) -m tests.fixtures
+	$(PY) -m devkit
 
 postgres:
 	bash .ci/postgres.sh

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from tests.fixtures.offline import OFFLINE
+from devkit.offline import OFFLINE
 
 REPO = Path(__file__).resolve().parents[1]
 WORK = REPO / ".bench"  # scratch: tracking store, artifacts, BentoML home, server logs (gitignored)

@@ -190,11 +190,11 @@ def _load(model_dir: str, clip: str) -> dict:
 
 
 def _random(shape: str, dest: str) -> dict:
-    """A random-weight checkpoint shaped like ``shape`` (tests.fixtures.tiny's builder, real tokenizer)."""
+    """A random-weight checkpoint shaped like ``shape`` (devkit.tiny's builder, real tokenizer)."""
     from pathlib import Path
 
     from bench.sections.scaling import SHAPES
-    from tests.fixtures import tiny
+    from devkit import tiny
 
     tiny.save_whisper(*tiny.tiny_whisper_objects(SHAPES[shape]), Path(dest))
     return {}
@@ -220,7 +220,7 @@ def _rebuild(ct2_dir: str, dest: str) -> dict:
     """Rebuild a transformers checkpoint from a CTranslate2 dir (here, so the harness stays small)."""
     from pathlib import Path
 
-    from tests.fixtures import real
+    from devkit import real
 
     real.rebuild_hf_checkpoint(Path(ct2_dir), Path(dest))
     return {}

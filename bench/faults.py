@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 
 import httpx
 
-from tests.fixtures.processes import bentoml_worker_pid
+from devkit.processes import bentoml_worker_pid
 
 
 @dataclass

@@ -3,7 +3,7 @@ then the decoding engine under 1, 8 and 32 concurrent clients against raw sequen
 one-call limit (issue 11's GPU figures).
 
 Self-contained: it needs the flavor (``plugin/``), the registry's text normalizer, the checkout's
-stdlib-only server helpers (``tests/fixtures/processes.py``, ``bench/server.py``), ctranslate2,
+stdlib-only server helpers (``devkit/processes.py``, ``bench/server.py``), ctranslate2,
 faster-whisper, PyAV, pydantic, numpy and PyYAML (and, for the HTTP part, BentoML), and nothing
 from MLflow or a package index, so it runs on a GPU machine that reaches no registry
 (``bench/gpu_kit.py`` packs what it needs). Each compute type runs in a child
@@ -268,7 +268,7 @@ class BentoFront:
         import threading
         import urllib.request
 
-        from tests.fixtures.processes import ServerProcess, free_port
+        from devkit.processes import ServerProcess, free_port
 
         self.url = f"http://127.0.0.1:{free_port()}"
         # A built bento serves with the configuration it was built with (device, compute type, batch_size).

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32, help="the bentos' batch_size")
     args = parser.parse_args(argv)
 
-    from tests.fixtures import real
+    from devkit import real
 
     shutil.rmtree(KIT, ignore_errors=True)
     with tempfile.TemporaryDirectory() as tmp:

@@ -29,7 +29,7 @@ SAMPLE_RATE = 16000
 
 def checkpoint(model: str) -> Path:
     """The float32 transformers checkpoint of ``model`` (rebuilt from the CTranslate2 release)."""
-    from tests.fixtures import real
+    from devkit import real
 
     if model == "base":
         return real.whisper_base_hf()
@@ -148,14 +148,14 @@ class Audio:
 
     @property
     def seconds(self) -> float:
-        from tests.fixtures.audio import read_wav
+        from devkit.audio import read_wav
 
         samples, rate = read_wav(self.path)
         return len(samples) / rate
 
 
 def clips(languages: Optional[list[str]] = None) -> list[Audio]:
-    from tests.fixtures import real
+    from devkit import real
 
     return [Audio(f"{c.language}/{c.name}", c.path, c.language, c.text) for c in real.speech_clips(languages)]
 
@@ -170,8 +170,8 @@ def clip(name: str) -> Audio:
 
 def long_audio(seconds: Optional[float]) -> Audio:
     """The >= 2 min English file of interleaved real clips, or its first ``seconds`` (cut in a gap)."""
-    from tests.fixtures import real
-    from tests.fixtures.audio import read_wav, write_wav
+    from devkit import real
+    from devkit.audio import read_wav, write_wav
 
     path = real.long_speech(min_seconds=120)
     segments = json.loads(path.with_suffix(".json").read_text())

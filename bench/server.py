@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from bench.common import REPO, WORK, process_tree_rss
-from tests.fixtures.processes import ServerProcess, ServerStartError, free_port, venv_path_env
+from devkit.processes import ServerProcess, ServerStartError, free_port, venv_path_env
 
 READY_TIMEOUT_S = 180.0
 

@@ -44,7 +44,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     fresh_embedded_workdir(workdir)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
-    from tests.fixtures import real
+    from devkit import real
     from whisper_registry.cli import main as cli
     from whisper_registry.evaluate import evaluate
     from whisper_registry.finetune import finetune

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from demo.serve import REPO, _prepare, _step
-from tests.fixtures.processes import ServerProcess, ServerStartError, free_port, venv_path_env
+from devkit.processes import ServerProcess, ServerStartError, free_port, venv_path_env
 
 MODEL_NAME = "whisper-base"
 
@@ -33,7 +33,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import httpx
     from mlflow import MlflowClient
 
-    from tests.fixtures import real
+    from devkit import real
     from whisper_registry.promote import promote, rollback
     from whisper_registry.register import register
 

@@ -21,8 +21,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Optional
 
-from tests.fixtures.offline import go_offline
-from tests.fixtures.processes import ServerProcess, ServerStartError, free_port, venv_path_env
+from devkit.offline import go_offline
+from devkit.processes import ServerProcess, ServerStartError, free_port, venv_path_env
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_NAME = "whisper-base"
@@ -37,7 +37,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     workdir = args.workdir.resolve()
     _prepare(workdir)
 
-    from tests.fixtures import real
+    from devkit import real
     from whisper_registry.compare import compare
     from whisper_registry.evaluate import evaluate
     from whisper_registry.promote import promote

@@ -1,13 +1,13 @@
 """Test-wide settings: no model hub, no telemetry, a private MLflow store per test."""
 
-from tests.fixtures.offline import go_offline
+from devkit.offline import go_offline
 
 go_offline()  # before anything imports transformers, huggingface_hub, mlflow or bentoml
 
 import mlflow  # noqa: E402
 import pytest  # noqa: E402
 
-pytest_plugins = ["tests.fixtures.pytest_plugin"]
+pytest_plugins = ["devkit.pytest_plugin"]
 
 
 @pytest.fixture

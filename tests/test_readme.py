@@ -22,8 +22,8 @@ from typing import Optional
 import pytest
 from mlflow import MlflowClient
 
-from tests.fixtures.offline import OFFLINE
-from tests.fixtures.processes import ServerProcess, free_port, venv_path_env
+from devkit.offline import OFFLINE
+from devkit.processes import ServerProcess, free_port, venv_path_env
 from whisper_registry.metrics import score
 
 REPO = Path(__file__).resolve().parents[1]

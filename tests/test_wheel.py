@@ -23,8 +23,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.fixtures.offline import OFFLINE
-from tests.fixtures.processes import ServerProcess, free_port
+from devkit.offline import OFFLINE
+from devkit.processes import ServerProcess, free_port
 from whisper_bento.build import build_wheel
 
 pytestmark = [pytest.mark.server, pytest.mark.real_weights]

@@ -38,7 +38,7 @@ SHORT_REQUESTS = 32
 def run(settings) -> dict[str, Any]:
     from faster_whisper import BatchedInferencePipeline, WhisperModel
 
-    from tests.fixtures.audio import read_wav
+    from devkit.audio import read_wav
 
     skip = service_code_present()
     if skip:

@@ -31,7 +31,7 @@ def run(settings) -> dict[str, Any]:
     if skip:
         return {"skipped": skip}
     full = settings.mode == "full"
-    from tests.fixtures import real
+    from devkit import real
 
     clips = {c.name: c.path.read_bytes() for c in real.speech_clips(["en"])}
     short = clips["quick_brown_fox"]

@@ -36,7 +36,7 @@ def run(settings) -> dict[str, Any]:
 
     from mlflow_faster_whisper import transcription
     from mlflow_faster_whisper.decoding import DecodingOptions
-    from tests.fixtures.audio import read_wav
+    from devkit.audio import read_wav
     from whisper_registry.metrics import score
 
     logged = models.ensure_logged(MODEL, COMPUTE_TYPE)

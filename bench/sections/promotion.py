@@ -25,7 +25,7 @@ from typing import Any
 
 from bench.common import WORK, log, ratio, summary
 from bench.server import BentoServer, ServiceUnavailable, service_code_present
-from tests.fixtures.processes import mlflow_server
+from devkit.processes import mlflow_server
 
 NAME = "bench-promotion"
 CLIP = "quick_brown_fox"
@@ -43,7 +43,7 @@ def run(settings) -> dict[str, Any]:
     root = WORK / "promotion"
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
-    from tests.fixtures import real
+    from devkit import real
 
     audio = (next(c for c in real.speech_clips(["en"]) if c.name == CLIP)).path.read_bytes()
     results: dict[str, Any] = {"model": "tiny_en", "compute_type": "int8", "clip": f"en/{CLIP}", "clients": CLIENTS,

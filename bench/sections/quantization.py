@@ -112,7 +112,7 @@ def _deltas(rows: dict[str, Any]) -> None:
 def stored_bytes_by_dtype(model_bin) -> dict[str, Any]:
     """Bytes of model.bin per stored dtype, and the largest tensors kept in float: what stops a
     quantized artifact from being exactly 1/4 (int8) or 1/2 (float16) of the float32 one."""
-    from tests.fixtures.ct2_format import read_model_bin
+    from devkit.ct2_format import read_model_bin
 
     model = read_model_bin(model_bin)
     by_dtype: dict[str, int] = {}

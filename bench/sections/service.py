@@ -26,7 +26,7 @@ from typing import Any
 from bench import models
 from bench.common import REPO, TRACKING_DB, WORK, decoding_for, log, ratio, summary
 from bench.server import BentoServer, ServiceUnavailable, service_args, service_code_present, transcribe_http
-from tests.fixtures.processes import mlflow_server
+from devkit.processes import mlflow_server
 
 BENTO_VERSION = "bench"
 UNREACHABLE_REGISTRY = "http://127.0.0.1:9"  # a built bento must start without its registry

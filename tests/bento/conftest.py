@@ -20,8 +20,8 @@ import pytest
 from mlflow import MlflowClient
 
 import mlflow_faster_whisper
-from tests.fixtures.offline import OFFLINE
-from tests.fixtures.processes import ServerProcess, free_port, venv_path_env
+from devkit.offline import OFFLINE
+from devkit.processes import ServerProcess, free_port, venv_path_env
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL_NAME = "whisper-base"

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from tests.bento.conftest import MODEL_NAME, REPO, bentoml_serve, make_registry, server_env
-from tests.fixtures.processes import ServerStartError
+from devkit.processes import ServerStartError
 
 pytestmark = [pytest.mark.server, pytest.mark.real_weights]
 

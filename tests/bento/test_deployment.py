@@ -15,10 +15,11 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from whisper_registry.normalize import normalizer_for
 
 import mlflow_faster_whisper as mfw
 from tests.bento.conftest import RequestLoop, make_registry, server_env
-from tests.fixtures.processes import free_port
+from devkit.processes import free_port
 
 pytestmark = [pytest.mark.real_weights, pytest.mark.server]
 
@@ -90,8 +91,14 @@ def test_deployments_cli_create_predict_update_delete(tmp_path, whisper_tiny_en_
         predicted = cli("predict", "--name", "asr", "--input-path", str(request))
         assert predicted.returncode == 0, predicted.stderr[-3000:]
         rows = json.loads(predicted.stdout.strip().splitlines()[-1])["predictions"]
-        assert rows[0]["text"] == expected["text"] and rows[0]["error"] == "" and rows[0]["language"] == "en"
-        assert [s["start"] for s in rows[0]["segments"]] == [s["start"] for s in expected["segments"]]
+        # The served process and this one decode with their own thread counts, so their kernels may
+        # round differently: the same words, and segment starts within a few timestamp tokens.
+        normalize = normalizer_for("en")
+        assert normalize(rows[0]["text"]) == normalize(expected["text"]), (rows[0]["text"], expected["text"])
+        assert rows[0]["error"] == "" and rows[0]["language"] == "en"
+        starts = [s["start"] for s in rows[0]["segments"]]
+        assert len(starts) == len(expected["segments"]), (rows[0]["segments"], expected["segments"])
+        assert all(abs(a - s["start"]) <= 0.2 for a, s in zip(starts, expected["segments"])), (starts, expected["segments"])
         assert rows[1]["text"] == "" and "decode" in rows[1]["error"]
 
         # Errors name the fix and leave nothing behind.

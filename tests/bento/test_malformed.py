@@ -25,8 +25,8 @@ from hypothesis import strategies as st
 from mlflow_faster_whisper.decoding import DecodingOptions
 
 from tests.bento.conftest import bentoml_serve, make_registry, server_env
-from tests.fixtures import audio as wav
-from tests.fixtures.processes import bentoml_worker_pid
+from devkit import audio as wav
+from devkit.processes import bentoml_worker_pid
 
 pytestmark = [pytest.mark.server, pytest.mark.real_weights]
 

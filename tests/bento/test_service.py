@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from tests.bento.conftest import MODEL_NAME, passes_observed, bentoml_serve, make_registry, server_env
-from tests.fixtures import audio as wav
-from tests.fixtures.processes import bentoml_worker_pid
+from devkit import audio as wav
+from devkit.processes import bentoml_worker_pid
 from whisper_registry.normalize import normalizer_for
 
 pytestmark = [pytest.mark.server, pytest.mark.real_weights]

@@ -22,7 +22,7 @@ from tests.bento.conftest import (
     passes_observed,
     server_env,
 )
-from tests.fixtures import audio
+from devkit import audio
 
 pytestmark = [pytest.mark.server, pytest.mark.real_weights]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.bento.conftest import MODEL_NAME, REPO, make_registry, server_env
-from tests.fixtures.processes import free_port
+from devkit.processes import free_port
 
 pytestmark = [pytest.mark.server, pytest.mark.real_weights]
 

@@ -20,7 +20,7 @@ import mlflow_faster_whisper as mfw
 from whisper_bento import model_ref
 
 from tests.bento.conftest import RequestLoop, bentoml_serve, server_env
-from tests.fixtures.processes import mlflow_server
+from devkit.processes import mlflow_server
 
 pytestmark = [pytest.mark.real_weights, pytest.mark.server]
 

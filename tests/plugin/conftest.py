@@ -42,14 +42,14 @@ def tiny_variant(tiny_whisper_hf, tmp_path):
 @pytest.fixture(scope="session")
 def tiny_whisper_objects(tiny_whisper_hf):
     """(WhisperForConditionalGeneration, WhisperProcessor) in memory."""
-    from tests.fixtures.tiny import tiny_whisper_objects
+    from devkit.tiny import tiny_whisper_objects
 
     return tiny_whisper_objects()
 
 
 @pytest.fixture(scope="session")
 def non_whisper_checkpoint():
-    from tests.fixtures.tiny import non_whisper_checkpoint
+    from devkit.tiny import non_whisper_checkpoint
 
     return non_whisper_checkpoint()
 

@@ -5,7 +5,7 @@ import pytest
 
 from mlflow_faster_whisper.audio import audio_from_cell, decode_audio
 from mlflow_faster_whisper.errors import AudioDecodeError, AudioTooLongError
-from tests.fixtures import audio as wav
+from devkit import audio as wav
 
 
 def test_wav_bytes_and_base64_decode_to_16k_samples(wav_bytes):

@@ -14,7 +14,7 @@ from mlflow_faster_whisper.audio import decode_audio
 from mlflow_faster_whisper.decoding import DecodingOptions
 from mlflow_faster_whisper.errors import AudioDecodeError, DecodingOptionsError
 from mlflow_faster_whisper.transcription import check_options, transcribe
-from tests.fixtures import audio as wav
+from devkit import audio as wav
 
 # Values that passed the old validation and then crashed faster-whisper or CTranslate2 (a 500 in
 # the service, or a dead worker for the token id).

@@ -13,7 +13,7 @@ import mlflow
 import pytest
 
 import mlflow_faster_whisper as mfw
-from tests.fixtures.processes import ServerProcess, free_port, venv_path_env
+from devkit.processes import ServerProcess, free_port, venv_path_env
 from whisper_registry.metrics import score
 
 pytestmark = pytest.mark.real_weights

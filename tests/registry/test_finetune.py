@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 
 import mlflow_faster_whisper as mfw
 
-from tests.fixtures import audio
+from devkit import audio
 from tests.registry.conftest import clip_rows, write_manifest
 from whisper_registry import metrics, tags
 from whisper_registry.cli import main

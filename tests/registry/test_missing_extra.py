@@ -8,7 +8,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from tests.fixtures.processes import venv_path_env
+from devkit.processes import venv_path_env
 
 # A finder first on sys.meta_path that reports the modules absent, exactly as a missing install does.
 _BLOCK = textwrap.dedent("""

@@ -13,7 +13,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from tests.fixtures import processes
+from devkit import processes
 
 from tests.registry.conftest import TINY_DECODING
 from whisper_registry.cli import main
