@@ -18,7 +18,8 @@ from mlflow_faster_whisper import constants as c
 from mlflow_faster_whisper.audio import audio_from_cell
 from mlflow_faster_whisper.decoding import DecodingOptions
 from mlflow_faster_whisper.errors import AudioDecodeError, FasterWhisperFlavorError
-from mlflow_faster_whisper.transcription import Transcription, check_options
+from mlflow_faster_whisper.loaded import LoadedVersion
+from mlflow_faster_whisper.transcription import Transcription
 
 _logger = logging.getLogger(__name__)
 
@@ -27,19 +28,21 @@ class FasterWhisperPyfunc:
     """``predict`` transcribes each row; a bad row gets an ``error`` instead of failing the batch."""
 
     def __init__(self, model, defaults: DecodingOptions, *, batch_size: Optional[int] = None):  # None: the engine's
-        self.model = model
-        self.defaults = defaults
+        self.version = LoadedVersion(model, defaults, batch_size=batch_size)
         self.batch_size = batch_size
-        self._engine = None
+
+    @property
+    def model(self):
+        return self.version.model
+
+    @property
+    def defaults(self) -> DecodingOptions:
+        return self.version.defaults
 
     @property
     def engine(self):
         """The decoding engine of this model, started on first use."""
-        if self._engine is None:
-            from mlflow_faster_whisper.engine import Engine
-
-            self._engine = Engine(self.model, batch_size=self.batch_size)
-        return self._engine
+        return self.version.engine
 
     def get_raw_model(self):
         """The ``faster_whisper.WhisperModel`` (MLflow's accessor for the underlying model)."""
@@ -65,8 +68,7 @@ class FasterWhisperPyfunc:
                 ``mlflow models serve``).
         """
         try:
-            options = DecodingOptions.layered(self.defaults, _drop_none(params))
-            check_options(self.model, options)
+            options = self.version.resolve(_drop_none(params))
             cells = _audio_cells(data)
         except FasterWhisperFlavorError as exc:
             raise exc.to_mlflow() from exc

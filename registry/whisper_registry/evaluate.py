@@ -24,8 +24,7 @@ import mlflow_faster_whisper as mfw
 from mlflow_faster_whisper import constants as c
 from mlflow_faster_whisper.decoding import DecodingOptions
 from mlflow_faster_whisper.devices import LoadOptions
-from mlflow_faster_whisper.engine import Engine
-from mlflow_faster_whisper.transcription import check_options
+from mlflow_faster_whisper.loaded import LoadedVersion
 from tqdm.auto import tqdm
 
 from whisper_registry import (
@@ -129,7 +128,8 @@ def evaluate(
     load = LoadOptions.parse(load)
     model = mfw.load_model(version_uri, **load.model_dump())
     load_time = time.perf_counter() - started
-    check_options(model, DecodingOptions.layered(stored, overrides))  # before a run is started for it
+    loaded = LoadedVersion(model, stored, batch_size=concurrency, max_requests=concurrency)
+    loaded.resolve(overrides)  # checked before a run is started for it
     with mlflow.start_run(experiment_id=setup.experiment_id, run_name=f"evaluate {name} v{version}") as run:
         mlflow.set_tags({
             tags.RUN_KIND: "evaluate",
@@ -150,7 +150,7 @@ def evaluate(
             "headline": headline,
         })
         started = time.perf_counter()
-        scored, table = _transcribe_all(model, data, stored, overrides, progress, concurrency)
+        scored, table = _transcribe_all(loaded, data, overrides, progress, concurrency)
         wall = time.perf_counter() - started if concurrency > 1 else None
         measured = metrics.Measurements(scored, load_time_s=load_time, n_skipped=len(data.bad_rows), wall_s=wall)
         results = metrics.compute_all(measured)
@@ -170,15 +170,15 @@ def evaluate(
     return EvaluationResult(name, version, run_id, data.digest, headline, results, table, list(data.bad_rows))
 
 
-def _transcribe_all(model, data: EvaluationDataset, stored: dict, overrides: dict, progress: bool, concurrency: int):
+def _transcribe_all(loaded: LoadedVersion, data: EvaluationDataset, overrides: dict, progress: bool, concurrency: int):
     """Every row through the engine, ``concurrency`` at a time; scored rows in dataset order."""
 
     def requests():
         for row in data.rows:
             language_layer = {"language": row.language} if row.language and "language" not in overrides else {}
-            yield row.samples(), DecodingOptions.layered(stored, language_layer, overrides)
+            yield row.samples(), loaded.resolve(language_layer, overrides)
 
-    engine = Engine(model, batch_size=concurrency, max_requests=concurrency)
+    engine = loaded.engine
     scored, table = [], []
     try:
         outcomes = engine.transcribe_many(requests(), window=concurrency)
