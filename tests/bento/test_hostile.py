@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from whisper_registry.normalize import normalizer_for
 
 from tests.bento.conftest import bentoml_serve, make_registry, server_env
 
@@ -102,9 +103,10 @@ class Answer:
 
 
 def _hold(url: str, heads: list[bytes], *, trickle: bool, during: Callable[[], Any] | None = None) -> tuple[list[Answer], Any]:
-    """Open one connection per head, send it, then (``trickle``) one body byte per connection every
-    half second, until the server has closed them all (or ``BOUND_S``); ``during()`` runs once every
-    head is sent. What each connection got, and what ``during`` returned."""
+    """Open one connection per head, send it, then (``trickle``) one body byte on each and nothing
+    more: the body has begun and can never be complete, so the body deadline, not how the sends are
+    paced, decides its end. Wait until the server has closed them all (or ``BOUND_S``); ``during()``
+    runs once every head is sent. What each connection got, and what ``during`` returned."""
     host, port = urlsplit(url).hostname, urlsplit(url).port
     answers = [Answer() for _ in heads]
     selector = selectors.DefaultSelector()
@@ -115,11 +117,16 @@ def _hold(url: str, heads: list[bytes], *, trickle: bool, during: Callable[[], A
         sock.setblocking(False)
         selector.register(sock, selectors.EVENT_READ, index)
         socks.append(sock)
+    for sock in socks if trickle else ():
+        try:
+            sock.send(b" ")
+        except OSError:
+            pass  # closed already: what it got is read below
     outcome: list[Any] = []
     runner = threading.Thread(target=lambda: outcome.append(during()), daemon=True) if during else None
     if runner:
         runner.start()
-    started = last_byte = time.monotonic()
+    started = time.monotonic()
     try:
         while time.monotonic() - started < BOUND_S and not all(a.closed for a in answers):
             for key, _ in selector.select(timeout=0.1):
@@ -134,14 +141,6 @@ def _hold(url: str, heads: list[bytes], *, trickle: bool, during: Callable[[], A
                 if not data:
                     answer.closed = True
                     selector.unregister(key.fileobj)
-            if trickle and time.monotonic() - last_byte >= 0.5:
-                last_byte = time.monotonic()
-                for sock, answer in zip(socks, answers):
-                    if not answer.closed:
-                        try:
-                            sock.send(b" ")
-                        except OSError:
-                            pass
         if runner:
             runner.join(timeout=BOUND_S)
     finally:
@@ -177,7 +176,9 @@ def test_slow_bodies_without_a_key_never_take_a_keyed_request_s_place(server, he
     # Signed as far as the headers tell: the body must be read to check them.
     slow = [_head(url, "/webhooks/mlflow", _looks_signed(), 2100) for _ in range(MAX_CONCURRENCY + 6)]
     answers, keyed = _hold(url, slow, trickle=True, during=lambda: _transcribe(url, hello))
-    assert keyed.status_code == 200 and keyed.json()["text"].strip() == "Hello world.", keyed.text[:300]
+    # Words, not the text as written: case and punctuation may differ with the CPU's kernels.
+    normalize = normalizer_for("en")
+    assert keyed.status_code == 200 and normalize(keyed.json()["text"]) == "hello world", keyed.text[:300]
     assert all(a.closed for a in answers), [a.raw[:100] for a in answers if not a.closed][:3]
     statuses = sorted(a.status for a in answers)
     assert set(statuses) <= {408, 503}, statuses  # refused (its own small pool is full) or cut at the deadline
