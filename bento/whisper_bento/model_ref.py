@@ -12,7 +12,7 @@ bento reads the model from the bento's own record and never contacts the registr
 A registry that is an MLflow server (an ``http(s)://`` tracking or registry URI: what a service
 talks to in production) is asked over MLflow's REST API, and a version already in the BentoML
 store is found by its registry identity: starting on an alias, and polling it, then import no
-MLflow (2.4 s and ~100 MiB here). MLflow itself is imported only to copy a new version into the
+MLflow (its import cost: BENCHMARKS.md, section 5). MLflow itself is imported only to copy a new version into the
 store, and to ask any other kind of registry (a sqlite file, Databricks).
 """
 
@@ -38,13 +38,13 @@ import bentoml
 from bentoml.exceptions import NotFound
 
 import mlflow_faster_whisper
-from mlflow_faster_whisper import checksums
+from mlflow_faster_whisper import checksums, uris
 from mlflow_faster_whisper import constants as c
+from mlflow_faster_whisper.uris import RegistryUri, parse_registry_uri, sqlite_database
 
 _logger = logging.getLogger(__name__)
 
 MLFLOW_MODEL_FOLDER = "mlflow_model"  # where bentoml.mlflow.import_model puts the MLflow model
-_REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))$")
 # Bento model metadata keys.
 META_URI = "model_uri"
 META_NAME = "registered_model_name"
@@ -128,7 +128,7 @@ def _alias_now(model_uri: str, tag: str, registered: Optional[RegistryVersion]) 
         _logger.info("%s names version %s now (the serving process resolved version %s): serving it", model_uri,
                      now.version, registered.version)
         # The version seen, not the alias again: one lookup, and no race with a later move.
-        tag_now, registered_now = import_from_registry(f"models:/{now.name}/{now.version}")
+        tag_now, registered_now = import_from_registry(uris.version_uri(now.name, now.version))
     except Exception as exc:
         _logger.warning("Could not serve what %s names now (%s: %s); serving %s, as the serving process resolved it "
                         "at start-up, until the alias is checked again", model_uri, type(exc).__name__, exc, tag)
@@ -180,7 +180,7 @@ def import_from_registry(model_uri: str) -> tuple[str, Optional[RegistryVersion]
         _logger.info("Model %s (%s) is already in the BentoML model store", stored, model_uri)
         return stored, registered
     _use_default_tracking_store(model_uri)
-    pinned_uri = f"models:/{registered.name}/{registered.version}" if registered else model_uri
+    pinned_uri = uris.version_uri(registered.name, registered.version) if registered else model_uri
     with _mlflow_errors(pinned_uri):
         return _copy_into_store(model_uri, pinned_uri, registered)
 
@@ -235,8 +235,8 @@ def _copy_into_store(model_uri: str, pinned_uri: str, registered: Optional[Regis
 
 def alias_of(model_uri: str) -> Optional[tuple[str, str]]:
     """(name, alias) of a ``models:/NAME@ALIAS`` URI, else None."""
-    match = _REGISTRY_URI.match(model_uri)
-    return (match["name"], match["alias"]) if match and match["alias"] else None
+    match = parse_registry_uri(model_uri)
+    return (match.name, match.alias) if match and match.alias else None
 
 
 def registry_version(model_uri: str) -> Optional[RegistryVersion]:
@@ -246,16 +246,16 @@ def registry_version(model_uri: str) -> Optional[RegistryVersion]:
         RegistryError: unknown name, version or alias (the message names the fix; ``error_code``
             is MLflow's), no registry where the URI points, or the registry cannot be reached.
     """
-    match = _REGISTRY_URI.match(model_uri)
+    match = parse_registry_uri(model_uri)
     if match is None:  # runs:/, models:/m-<id>, a path: not a registry version
         return None
     server = _registry_server()
     if server is not None:
         try:
-            if match["alias"]:
-                found = _rest_get(server, "registered-models/alias", name=match["name"], alias=match["alias"])
+            if match.alias:
+                found = _rest_get(server, "registered-models/alias", name=match.name, alias=match.alias)
             else:
-                found = _rest_get(server, "model-versions/get", name=match["name"], version=match["version"])
+                found = _rest_get(server, "model-versions/get", name=match.name, version=match.version)
         except RegistryError as exc:
             raise _lookup_failed(model_uri, match, str(exc), exc.error_code, server) from None
         mv = found["model_version"]
@@ -269,10 +269,10 @@ def registry_version(model_uri: str) -> Optional[RegistryVersion]:
     where = mlflow.get_registry_uri()
     client = MlflowClient()
     try:
-        if match["alias"]:
-            mv = client.get_model_version_by_alias(match["name"], match["alias"])
+        if match.alias:
+            mv = client.get_model_version_by_alias(match.name, match.alias)
         else:
-            mv = client.get_model_version(match["name"], match["version"])
+            mv = client.get_model_version(match.name, match.version)
     except MlflowException as exc:
         raise _lookup_failed(model_uri, match, exc.message, exc.error_code, where) from None
     return RegistryVersion(name=mv.name, version=str(mv.version), aliases=tuple(getattr(mv, "aliases", []) or []),
@@ -282,27 +282,25 @@ def registry_version(model_uri: str) -> Optional[RegistryVersion]:
 _MISSING = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND", "HTTP_404")
 
 
-def _lookup_failed(model_uri: str, match: re.Match, detail: str, code: str, where: str) -> RegistryError:
+def _lookup_failed(model_uri: str, match: RegistryUri, detail: str, code: str, where: str) -> RegistryError:
     """The registry's refusal of ``model_uri`` as one line that names the fix (``code`` kept)."""
     from whisper_bento.auth import redact_uri
 
     detail = " ".join(detail.split()).rstrip(".")
     if code not in _MISSING:
         return RegistryError(detail, code)
-    if match["alias"]:
-        fix = f"promote a version of {match['name']!r} to {match['alias']!r} first, or serve another alias or version"
+    if match.alias:
+        fix = f"promote a version of {match.name!r} to {match.alias!r} first, or serve another alias or version"
     else:
-        fix = f"serve a version {match['name']!r} has, or an alias"
+        fix = f"serve a version {match.name!r} has, or an alias"
     return RegistryError(f"{model_uri} names no model version in the registry at {redact_uri(where)} ({detail}): "
                          f"{fix}; or set MLFLOW_TRACKING_URI to the registry that has it.", code)
 
 
 def _require_sqlite_file(uri: str) -> None:
     """Refuse a ``sqlite:///`` registry whose database file does not exist (opening it creates one)."""
-    parsed = urllib.parse.urlparse(uri)
-    # sqlite:///relative/path and sqlite:////absolute/path: the path after the third slash.
-    database = urllib.parse.unquote(parsed.path)[1:]
-    if parsed.scheme != "sqlite" or not database or database == ":memory:" or Path(database).is_file():
+    database = sqlite_database(uri)
+    if database is None or Path(database).is_file():
         return
     raise RegistryError(
         f"There is no registry at {uri}: {Path(database).resolve()} does not exist (nothing was created). Start "
@@ -395,8 +393,8 @@ def _model_recorded_in_bento(bento_dir: Path, model_uri: str) -> bentoml.models.
     tags = sorted({m["tag"] for m in _model_entries(info)})
     if not tags:
         raise RuntimeError(f"The bento at {bento_dir} records no model; rebuild it with bentoml build.")
-    match = _REGISTRY_URI.match(model_uri)
-    wanted = _slug(match["name"]) if match else "whisper"
+    match = parse_registry_uri(model_uri)
+    wanted = _slug(match.name) if match else "whisper"
     chosen = [t for t in tags if t.split(":")[0] == wanted] or tags
     if len(chosen) > 1:
         raise RuntimeError(f"The bento at {bento_dir} records several models ({', '.join(chosen)}) for {model_uri}.")

@@ -1,7 +1,7 @@
 """Errors of the flavor; each message names the fix.
 
 They are plain exceptions, so that loading and serving a model imports no MLflow (its import
-alone costs a serving process about 2 s and 150 MB). Where MLflow is the caller, the pyfunc's
+cost: BENCHMARKS.md, section 5). Where MLflow is the caller, the pyfunc's
 ``predict``, they are re-raised as ``MlflowException`` with the same message and ``error_code``,
 which MLflow's scoring server turns into HTTP 400.
 """

@@ -14,10 +14,10 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
-from urllib.parse import unquote, urlparse
 
 import mlflow
 from mlflow import MlflowClient
+from mlflow_faster_whisper.uris import sqlite_database
 
 from whisper_registry import tags
 
@@ -44,15 +44,8 @@ def default_tracking_uri(cwd: Optional[Path] = None) -> str:
 
 def artifact_root_for(uri: str) -> Optional[str]:
     """Where a local store keeps artifacts: ``mlartifacts`` beside a sqlite database; None otherwise."""
-    parsed = urlparse(uri)
-    if parsed.scheme != "sqlite":
-        return None
-    database = unquote(parsed.path)
-    if uri.startswith("sqlite:////"):
-        database = "/" + database.lstrip("/")  # sqlite:////abs/path
-    elif database.startswith("/"):
-        database = database[1:]  # sqlite:///relative/path
-    if not database or database == ":memory:":
+    database = sqlite_database(uri)
+    if database is None:
         return None
     return (Path(database).resolve().parent / DEFAULT_ARTIFACTS).as_uri()
 

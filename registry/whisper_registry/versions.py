@@ -7,12 +7,11 @@ from typing import Optional
 
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
+from mlflow_faster_whisper.uris import parse_registry_uri
 
 from whisper_registry import tags, tracking
 from whisper_registry.errors import ModelNotFoundError, WrongModelError
 
-_VERSION_URI = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>\d+)$")
-_ALIAS_URI = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[\w-]+)$")
 
 
 def from_uri(model_uri: str) -> ModelVersion:
@@ -21,10 +20,11 @@ def from_uri(model_uri: str) -> ModelVersion:
     Raises:
         ModelNotFoundError: another kind of URI, or a name/version/alias that does not exist.
     """
-    if m := _VERSION_URI.match(model_uri):
-        return get(m["name"], m["version"])
-    if m := _ALIAS_URI.match(model_uri):
-        return by_alias(m["name"], m["alias"])
+    parsed = parse_registry_uri(model_uri)
+    if parsed is not None and parsed.version is not None:
+        return get(parsed.name, parsed.version)
+    if parsed is not None and parsed.alias is not None:
+        return by_alias(parsed.name, parsed.alias)
     raise ModelNotFoundError(
         f"{model_uri!r} is not a registered version: use models:/<name>/<version> or models:/<name>@<alias>."
     )
@@ -39,15 +39,15 @@ def get(name: str, version: str | int) -> ModelVersion:
     """
     version = str(version).strip()
     if version.startswith("models:/"):
-        m = _VERSION_URI.match(version)
-        if not m:
+        m = parse_registry_uri(version)
+        if m is None or m.version is None:
             raise ModelNotFoundError(f"{version!r} is not a version URI: use a version number or models:/{name}/<version>.")
-        if m["name"] != name:
+        if m.name != name:
             raise WrongModelError(
-                f"{version} is a version of {m['name']!r}, not {name!r}: name the model {m['name']!r}, "
+                f"{version} is a version of {m.name!r}, not {name!r}: name the model {m.name!r}, "
                 f"or register that checkpoint under {name!r} first."
             )
-        version = m["version"]
+        version = m.version
     if not version.isdigit():
         raise ModelNotFoundError(f"{version!r} is not a version number: use e.g. 1, or models:/{name}/1.")
     _require_model(name)
