@@ -9,8 +9,7 @@ other forms (``models:/NAME/latest``, a stage, ``models:/m-<id>``) name no regis
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 from urllib.parse import unquote, urlparse
 
 MODELS_SCHEME = "models:/"
@@ -18,10 +17,8 @@ MODELS_SCHEME = "models:/"
 ADMIN_HEADER = "x-whisper-admin-key"
 
 
-@dataclass(frozen=True)
-class RegistryUri:
+class RegistryUri(NamedTuple):
     """A parsed ``models:/NAME/VERSION`` (``version`` set) or ``models:/NAME@ALIAS`` (``alias`` set)."""
-
     name: str
     version: Optional[str] = None
     alias: Optional[str] = None
