@@ -15,6 +15,7 @@ import pytest
 import mlflow_faster_whisper as mfw
 from devkit.processes import ServerProcess, free_port, venv_path_env
 from whisper_registry.metrics import score
+from whisper_registry.normalize import normalizer_for
 
 pytestmark = pytest.mark.real_weights
 NAME = "whisper-base"
@@ -45,6 +46,14 @@ def registry(tmp_path_factory, whisper_base_hf):
         os.environ["MLFLOW_TRACKING_URI"] = previous
 
 
+def _a_word_per_clip(references: list[str]) -> float:
+    """A WER bound of one word per clip. Whisper base reads these clean clips word for word, but
+    kernels that round differently (MKL on Intel, another thread count) may flip one word's form;
+    these tests check the path to the model, and a broken path misses far more than that."""
+    normalize = normalizer_for("en")
+    return len(references) / sum(len(normalize(r).split()) for r in references)
+
+
 def _transcribe(model_uri, clips):
     model = mlflow.pyfunc.load_model(model_uri)
     texts = {}
@@ -63,9 +72,9 @@ def test_production_alias_transcribes_real_speech_and_int8_tracks_float32(regist
     en32, zh32 = score(*float32["en"], "en"), score(*float32["zh"], "zh")
     print(f"\nint8: en WER {en8['wer']:.3f}, zh CER {zh8['cer']:.3f}; float32: en WER {en32['wer']:.3f}, zh CER {zh32['cer']:.3f}")
     print("int8 zh:", int8["zh"][1], "float32 zh:", float32["zh"][1])
-    assert en8["wer"] == 0.0, int8["en"]
+    assert en8["wer"] <= _a_word_per_clip(int8["en"][0]), int8["en"]
     assert zh8["cer"] <= 0.35, int8["zh"]  # Whisper base's Mandarin on these clips (FIXTURES.md: 0.26)
-    assert abs(en8["wer"] - en32["wer"]) <= 0.01
+    assert abs(en8["wer"] - en32["wer"]) <= _a_word_per_clip(int8["en"][0]) / len(int8["en"][0]) + 1e-9  # one word
     assert abs(zh8["cer"] - zh32["cer"]) <= 0.01 + 1 / 30  # one point, or one character of ~30
 
 
@@ -112,7 +121,9 @@ def test_a_local_model_directory_loads_and_transcribes_without_importing_mlflow(
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy(), timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.splitlines()[0].lower() == "text hello world."
+    label, _, text = out.stdout.splitlines()[0].partition(" ")
+    # Words, not the text as written: case and punctuation may differ with the CPU's kernels.
+    assert label == "TEXT" and normalizer_for("en")(text) == normalizer_for("en")(clip.text), out.stdout
     assert "IMPORTED []" in out.stdout
 
 
@@ -154,7 +165,7 @@ def test_served_model_reports_a_bad_row_and_keeps_serving(served, speech_clips):
     assert response.status_code == 200, response.text
     bad_row, good_row = response.json()["predictions"]
     assert "Could not decode the audio" in bad_row["error"]
-    assert score([clip.text], [good_row["text"]], "en")["wer"] == 0.0
+    assert score([clip.text], [good_row["text"]], "en")["wer"] <= _a_word_per_clip([clip.text]), good_row
 
     wrong_type = httpx.post(
         f"{served}/invocations",
@@ -190,7 +201,7 @@ def test_mlflow_models_predict_cli(registry, speech_clips, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     predictions = json.loads(output.read_text())["predictions"]
-    assert score([clip.text], [predictions[0]["text"]], "en")["wer"] == 0.0
+    assert score([clip.text], [predictions[0]["text"]], "en")["wer"] <= _a_word_per_clip([clip.text]), predictions
 
 
 def test_mlflow_models_serve_answers_inputs_and_instances_payloads(served, speech_clips):
@@ -202,4 +213,4 @@ def test_mlflow_models_serve_answers_inputs_and_instances_payloads(served, speec
         assert response.status_code == 200, response.text
         (row,) = response.json()["predictions"]
         assert row["error"] == "", (payload.keys(), row["error"])
-        assert score([clip.text], [row["text"]], "en")["wer"] == 0.0
+        assert score([clip.text], [row["text"]], "en")["wer"] <= _a_word_per_clip([clip.text]), row
