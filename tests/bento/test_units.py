@@ -198,11 +198,11 @@ def test_deployment_predict_reads_what_mlflow_models_predict_takes(payload, para
 
     import pandas as pd
 
-    from whisper_bento.deployment import _audio_and_params
+    from whisper_bento.deployment_payload import audio_and_params
 
     expected = (["QUFB", "QkJC"], {"language": "en"} if params else {})
-    assert _audio_and_params(payload) == expected
-    assert _audio_and_params(pd.read_json(io.StringIO(json.dumps(payload)))) == expected
+    assert audio_and_params(payload) == expected
+    assert audio_and_params(pd.read_json(io.StringIO(json.dumps(payload)))) == expected
 
 
 def _requests_through(middleware_call, timeout: float, app_delay_s: float = 0.0, requests: int = 5):
