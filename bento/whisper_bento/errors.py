@@ -6,7 +6,13 @@ Every refusal for capacity is a 503 in this shape with ``Retry-After`` (``overlo
 
 from __future__ import annotations
 
-from starlette.responses import JSONResponse
+import logging
+
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+_logger = logging.getLogger(__name__)
 
 # Seconds a refused client waits before trying again: a decode frees capacity within about that.
 RETRY_AFTER_S = 1
@@ -51,3 +57,27 @@ def too_large(message: str, param: str = "file", code: str = "too_large") -> Api
 def overloaded(message: str) -> ApiError:
     """503: the service holds as many requests as it takes; the response carries ``Retry-After``."""
     return ApiError(503, message, code="overloaded")
+
+
+def overloaded_error(exc: Exception) -> ApiError:
+    """The 503 of a request the decoding engine is too full to take (``Overloaded``)."""
+    return overloaded(f"The service is overloaded ({exc}); retry later.")
+
+
+def install(app) -> None:
+    """Every error the app raises answered in the one shape: refusals, routing's own answers, crashes."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> Response:
+        _logger.info("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
+        return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        # Routing's own answers (no such path, wrong method: its Allow header kept) in the one shape too.
+        return ApiError(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}").response(exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        _logger.exception("%s %s failed", request.method, request.url.path)
+        return ApiError(500, f"Internal error ({type(exc).__name__}); see the server log.").response()

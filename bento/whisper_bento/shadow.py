@@ -18,8 +18,6 @@ from typing import Any
 
 import numpy as np
 
-from mlflow_faster_whisper import transcription
-from mlflow_faster_whisper.decoding import DecodingOptions
 from mlflow_faster_whisper.engine import Ticket
 from mlflow_faster_whisper.errors import Cancelled, Overloaded
 from mlflow_faster_whisper.transcription import Transcription
@@ -63,8 +61,7 @@ class Shadow:
             return
         served = self.slot.acquire()
         try:
-            options = DecodingOptions.layered(served.defaults, overrides)
-            transcription.check_options(served.whisper, options)
+            options = served.version.resolve(overrides)
             shadow_ticket = Ticket()
             future = served.engine.submit(audio, options, shadow_ticket)
         except Exception as exc:  # full (Overloaded), or options the candidate cannot take
