@@ -16,7 +16,7 @@ export DO_NOT_TRACK := true
 # mlflow models serve (--env-manager local) and bentoml serve find their tools on PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install test test-fast demo demo-promote demo-finetune bench fixtures postgres java chromium clean
+.PHONY: install lint test test-fast demo demo-promote demo-finetune bench fixtures postgres java chromium clean
 
 install: $(STAMP)
 
@@ -41,7 +41,13 @@ java:
 chromium:
 	bash .ci/chromium.sh
 
-test: install postgres java chromium
+# ruff and mypy on the shipped packages, before any test runs (settings in pyproject.toml).
+lint: install
+	$(BIN)/ruff check plugin registry bento
+	$(BIN)/ruff format --check plugin registry bento
+	$(BIN)/mypy
+
+test: install lint postgres java chromium
 	$(PY) -m pytest -q
 
 test-fast: install

@@ -88,8 +88,7 @@ class ApiKeyMiddleware:
             return
         error = ApiError(
             401,
-            "Missing or wrong API key: send the header 'Authorization: Bearer <key>' "
-            "(the openai client's api_key=).",
+            "Missing or wrong API key: send the header 'Authorization: Bearer <key>' (the openai client's api_key=).",
             code="invalid_api_key",
         )
         await error.response(headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
@@ -113,8 +112,10 @@ def delivery_problem(headers, seen: SeenDeliveries, now: float | None = None) ->
     ``WEBHOOK_SKEW_S`` in the future), with a delivery id not seen in that time."""
     signature, timestamp, delivery = (headers.get(h) for h in (MLFLOW_SIGNATURE, MLFLOW_TIMESTAMP, MLFLOW_DELIVERY))
     if not (signature and timestamp and delivery):
-        return ("it is not signed (X-MLflow-Signature, X-MLflow-Timestamp and X-MLflow-Delivery-Id are needed): "
-                "register the webhook in MLflow with the secret webhook_secret names")
+        return (
+            "it is not signed (X-MLflow-Signature, X-MLflow-Timestamp and X-MLflow-Delivery-Id are needed): "
+            "register the webhook in MLflow with the secret webhook_secret names"
+        )
     if not signature.startswith("v1,"):
         return f"signature version {signature.partition(',')[0][:20]!r} is not v1"
     if not timestamp.isdigit() or len(timestamp) > 12:

@@ -114,8 +114,7 @@ def project_wheel(dest: Path) -> Path:
 
 def _is_checkout(root: Path) -> bool:
     pyproject = root / "pyproject.toml"
-    return (root / "bento" / PACKAGE_DIR.name == PACKAGE_DIR and pyproject.is_file()
-            and f'name = "{DISTRIBUTION}"' in pyproject.read_text())
+    return root / "bento" / PACKAGE_DIR.name == PACKAGE_DIR and pyproject.is_file() and f'name = "{DISTRIBUTION}"' in pyproject.read_text()
 
 
 def build_wheel(dest: Path) -> Path:
@@ -127,11 +126,23 @@ def build_wheel(dest: Path) -> Path:
         for name in ("pyproject.toml", "README.md"):
             shutil.copy2(CHECKOUT / name, source / name)
         for package_dir in ("plugin", "registry", "bento"):
-            shutil.copytree(CHECKOUT / package_dir, source / package_dir,
-                            ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "*.pyc"))
+            shutil.copytree(
+                CHECKOUT / package_dir, source / package_dir, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "*.pyc")
+            )
         built = subprocess.run(
-            [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--disable-pip-version-check",
-             "-q", "-w", str(dest), str(source)],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "wheel",
+                "--no-deps",
+                "--no-build-isolation",
+                "--disable-pip-version-check",
+                "-q",
+                "-w",
+                str(dest),
+                str(source),
+            ],
             capture_output=True,
             text=True,
         )
@@ -169,9 +180,14 @@ def repack_installed(dest: Path) -> Path:
     tag = next(line.split(":", 1)[1].strip() for line in wheel_meta.splitlines() if line.startswith("Tag:"))
     name = info_dir[: -len(".dist-info")]  # "mlflow_faster_whisper-0.1.0"
     shipped = sorted(
-        (str(f) for f in files
-         if not str(f).startswith("..") and "__pycache__" not in f.parts and f.suffix != ".pyc"
-         and not (f.parts[0] == info_dir and f.name in _INSTALLER_FILES)),
+        (
+            str(f)
+            for f in files
+            if not str(f).startswith("..")
+            and "__pycache__" not in f.parts
+            and f.suffix != ".pyc"
+            and not (f.parts[0] == info_dir and f.name in _INSTALLER_FILES)
+        ),
         key=lambda p: (p.startswith(info_dir), p),  # .dist-info last, as wheels have it
     )
     wheel = dest / f"{name}-{tag}.whl"
@@ -197,8 +213,7 @@ def configuration_keys() -> str:
         for key, field in model.model_fields.items():
             if key == "load":  # given flat: device=..., compute_type=...
                 continue
-            lines += textwrap.wrap(field.description or "", width=100, initial_indent=f"  {key:<26}",
-                                   subsequent_indent=" " * 28)
+            lines += textwrap.wrap(field.description or "", width=100, initial_indent=f"  {key:<26}", subsequent_indent=" " * 28)
     return "\n".join(lines)
 
 
@@ -210,8 +225,13 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         epilog=f"service configuration (--arg KEY=VALUE):\n{configuration_keys()}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE",
-                        help="service configuration, as for bentoml serve (model=..., device=cuda, ...)")
+    parser.add_argument(
+        "--arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="service configuration, as for bentoml serve (model=..., device=cuda, ...)",
+    )
     parser.add_argument("--arg-file", help="a YAML file of service configuration (--arg values win)")
     parser.add_argument("--version", help="the bento's version (default: generated)")
     return parser.parse_args(argv)

@@ -42,21 +42,15 @@ class ServiceConfig(BaseModel):
     )
     # Request bounds.
     max_beam_size: int = Field(5, ge=1, description="Largest beam_size a request may ask.")
-    allowed_languages: Optional[tuple[str, ...]] = Field(
-        None, description="Languages a request may name (None: every Whisper language)."
-    )
+    allowed_languages: Optional[tuple[str, ...]] = Field(None, description="Languages a request may name (None: every Whisper language).")
     allowed_tasks: tuple[Literal["transcribe", "translate"], ...] = Field(
         ("transcribe", "translate"), description="Tasks a request may ask for."
     )
     max_audio_seconds: float = Field(1800.0, gt=0, description="Longer audio gets 413.")
     max_upload_bytes: int = Field(100 * 1024 * 1024, gt=0, description="Bigger uploads get 413.")
     # The decoding engine (mlflow_faster_whisper.engine).
-    batch_size: int = Field(
-        BatchPolicy.batch_size, ge=1, description="Most 30 s windows in one forward pass, from all requests in flight."
-    )
-    max_requests: int = Field(
-        64, ge=1, description="Requests held at once (decoding, or waiting for the model); one more gets 503."
-    )
+    batch_size: int = Field(BatchPolicy.batch_size, ge=1, description="Most 30 s windows in one forward pass, from all requests in flight.")
+    max_requests: int = Field(64, ge=1, description="Requests held at once (decoding, or waiting for the model); one more gets 503.")
     max_latency_ms: int = Field(
         120_000,
         ge=100,
@@ -65,11 +59,15 @@ class ServiceConfig(BaseModel):
     )
     request_timeout_s: int = Field(600, ge=1, description="BentoML traffic timeout per request.")
     header_timeout_s: float = Field(
-        20.0, gt=0, description="A connection that sends no complete request head (request line and headers) this "
+        20.0,
+        gt=0,
+        description="A connection that sends no complete request head (request line and headers) this "
         "long after it opened or after its last answer is closed: idle and half-sent connections hold nothing.",
     )
     body_timeout_s: float = Field(
-        120.0, gt=0, description="A request's whole body must arrive within this of its head, or it gets 408 and its "
+        120.0,
+        gt=0,
+        description="A request's whole body must arrive within this of its head, or it gets 408 and its "
         "connection is closed; raise it for large uploads over slow links (the webhook's is at most 10 s).",
     )
     follow_interval_s: float = Field(
@@ -86,10 +84,12 @@ class ServiceConfig(BaseModel):
         "text and latency ratio are written to its model version as shadow.* tags. Followed like the model.",
     )
     shadow_fraction: float = Field(0.1, ge=0, le=1, description="Fraction of requests the shadow decodes too.")
-    shadow_report_every: int = Field(50, ge=1, description="Write the shadow figures to MLflow every N shadowed "
-                                     "requests (and at shutdown).")
-    shadow_max_wait_s: float = Field(30.0, gt=0, description="Shadow work not started this long after its request "
-                                     "is dropped (and counted).")
+    shadow_report_every: int = Field(
+        50, ge=1, description="Write the shadow figures to MLflow every N shadowed requests (and at shutdown)."
+    )
+    shadow_max_wait_s: float = Field(
+        30.0, gt=0, description="Shadow work not started this long after its request is dropped (and counted)."
+    )
     webhook_secret: Optional[str] = Field(
         None,
         pattern=r"^(env|file):.+$",
@@ -133,8 +133,10 @@ class ServiceConfig(BaseModel):
     @model_validator(mode="after")
     def _budget_holds_one_upload(self) -> ServiceConfig:
         if self.upload_budget_bytes < self.max_upload_bytes:
-            raise ValueError(f"max_inflight_upload_bytes={self.max_inflight_upload_bytes} is below max_upload_bytes="
-                             f"{self.max_upload_bytes}: no upload of the largest size would ever be read. Raise it.")
+            raise ValueError(
+                f"max_inflight_upload_bytes={self.max_inflight_upload_bytes} is below max_upload_bytes="
+                f"{self.max_upload_bytes}: no upload of the largest size would ever be read. Raise it."
+            )
         return self
 
     @model_validator(mode="before")
@@ -191,9 +193,7 @@ def bound_violation(config: ServiceConfig, options: DecodingOptions) -> Optional
             allowed = ", ".join(config.allowed_languages)
             return DecodingOptionsError(f"language {options.language!r} is not served here; allowed: {allowed}.", field="language")
     if options.task not in config.allowed_tasks:
-        return DecodingOptionsError(
-            f"task {options.task!r} is not served here; allowed: {', '.join(config.allowed_tasks)}.", field="task"
-        )
+        return DecodingOptionsError(f"task {options.task!r} is not served here; allowed: {', '.join(config.allowed_tasks)}.", field="task")
     return None
 
 

@@ -24,8 +24,7 @@ from whisper_bento.errors import ApiError, overloaded
 
 _logger = logging.getLogger(__name__)
 # uvicorn's HTTP/1.1 protocols: h11 (what BentoML runs here), httptools where it is installed.
-_PROTOCOLS = (("uvicorn.protocols.http.h11_impl", "H11Protocol"),
-              ("uvicorn.protocols.http.httptools_impl", "HttpToolsProtocol"))
+_PROTOCOLS = (("uvicorn.protocols.http.h11_impl", "H11Protocol"), ("uvicorn.protocols.http.httptools_impl", "HttpToolsProtocol"))
 _CLOSE = (b"connection", b"close")
 
 
@@ -66,7 +65,10 @@ def _wrap(protocol: Any) -> None:
         lost(self, exc)
 
     protocol.connection_made, protocol.on_response_complete, protocol.connection_lost = (
-        connection_made, on_response_complete, connection_lost)
+        connection_made,
+        on_response_complete,
+        connection_lost,
+    )
 
 
 def _disarm(connection: Any) -> None:
@@ -110,8 +112,7 @@ class BodyDeadline:
         seconds = min(self.seconds, self.tighter.get(scope["path"], self.seconds))
         deadline = loop.time() + seconds
         headers = dict(scope["headers"])
-        state = {"body_done": b"content-length" not in headers and b"transfer-encoding" not in headers,
-                 "started": False, "answered": False}
+        state = {"body_done": b"content-length" not in headers and b"transfer-encoding" not in headers, "started": False, "answered": False}
 
         async def guarded_send(message) -> None:
             if state["answered"]:
@@ -145,8 +146,9 @@ class BodyDeadline:
 
 
 def body_timeout(seconds: float) -> ApiError:
-    return ApiError(408, f"The request body did not arrive within {seconds:g} s; send it faster, or in a smaller "
-                    "upload.", code="body_timeout")
+    return ApiError(
+        408, f"The request body did not arrive within {seconds:g} s; send it faster, or in a smaller upload.", code="body_timeout"
+    )
 
 
 class ConcurrencyLimit:
@@ -168,8 +170,7 @@ class ConcurrencyLimit:
         path = scope["path"]
         pool = path if path in self.limits else None
         if self.in_flight[pool] >= self.limits[pool]:  # one event loop: no lock between the test and the count
-            error = overloaded(f"The service holds {self.limits[pool]} requests at once"
-                               f"{' on ' + path if pool else ''}; retry later.")
+            error = overloaded(f"The service holds {self.limits[pool]} requests at once{' on ' + path if pool else ''}; retry later.")
             await error.response()(scope, receive, send)
             return
         self.in_flight[pool] += 1

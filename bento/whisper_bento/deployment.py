@@ -120,8 +120,7 @@ def run_local(name: str, model_uri: str, flavor: Optional[str] = None, config: O
     except KeyboardInterrupt:
         return
     if served.returncode not in (0, -signal.SIGINT, -signal.SIGTERM, 128 + signal.SIGINT):
-        raise MlflowException(f"bentoml serve exited with status {served.returncode}; its output above says why.",
-                              INVALID_STATE)
+        raise MlflowException(f"bentoml serve exited with status {served.returncode}; its output above says why.", INVALID_STATE)
 
 
 class BentoDeploymentClient(BaseDeploymentClient):
@@ -137,7 +136,8 @@ class BentoDeploymentClient(BaseDeploymentClient):
             raise MlflowException(
                 f"A bentoml deployment named {name!r} exists ({status}): `mlflow deployments update -t bentoml "
                 f"--name {name} -m URI` moves it to another version; delete it first to create it again.",
-                RESOURCE_ALREADY_EXISTS)
+                RESOURCE_ALREADY_EXISTS,
+            )
         settings = Settings.parse(model_uri, config)
         check_port(settings.host, settings.port)
         registered = resolve_version(model_uri)
@@ -150,10 +150,18 @@ class BentoDeploymentClient(BaseDeploymentClient):
             bento = build_bento(name, model_uri, settings, key_file)
             process = start_server(directory, str(bento.tag), settings)
             state = State(
-                name=name, model_uri=model_uri, registered_model_name=registered.name if registered else None,
-                model_version=registered.version if registered else None, bento=str(bento.tag),
-                url=f"http://{client_host(settings.host)}:{settings.port}", pid=process.pid, port=settings.port,
-                host=settings.host, service_args=settings.service_args, tracking_uri=current_tracking_uri(), created=time.time(),
+                name=name,
+                model_uri=model_uri,
+                registered_model_name=registered.name if registered else None,
+                model_version=registered.version if registered else None,
+                bento=str(bento.tag),
+                url=f"http://{client_host(settings.host)}:{settings.port}",
+                pid=process.pid,
+                port=settings.port,
+                host=settings.host,
+                service_args=settings.service_args,
+                tracking_uri=current_tracking_uri(),
+                created=time.time(),
             )
             await_ready(state, process, settings.startup_timeout_s)
             state.save()
@@ -169,21 +177,27 @@ class BentoDeploymentClient(BaseDeploymentClient):
         check_flavor(flavor)
         state = running_state(name)
         if config:
-            raise invalid(f"update moves a deployment to another version (-m); its configuration ({', '.join(config)}) "
-                           f"is set at create: delete {name} and create it again with the new -C values.")
+            raise invalid(
+                f"update moves a deployment to another version (-m); its configuration ({', '.join(config)}) "
+                f"is set at create: delete {name} and create it again with the new -C values."
+            )
         if not model_uri:
             raise invalid("Pass the version to move to: -m models:/NAME/VERSION (or models:/NAME@ALIAS).")
         import httpx
 
         try:
-            response = httpx.put(f"{state.url}/admin/model", json={"model": model_uri}, headers=request_headers(state),
-                                 timeout=MOVE_TIMEOUT_S)
+            response = httpx.put(
+                f"{state.url}/admin/model", json={"model": model_uri}, headers=request_headers(state), timeout=MOVE_TIMEOUT_S
+            )
         except httpx.HTTPError as exc:
-            raise MlflowException(f"Deployment {name} at {state.url} did not answer ({exc}); see "
-                                  f"{deployment_dir(name) / LOG_FILE}.", INVALID_STATE) from None
+            raise MlflowException(
+                f"Deployment {name} at {state.url} did not answer ({exc}); see {deployment_dir(name) / LOG_FILE}.", INVALID_STATE
+            ) from None
         if response.status_code != 200:
-            raise MlflowException(f"Deployment {name} did not move to {model_uri}: {error_message(response)}",
-                                  RESOURCE_DOES_NOT_EXIST if response.status_code == 404 else INVALID_PARAMETER_VALUE)
+            raise MlflowException(
+                f"Deployment {name} did not move to {model_uri}: {error_message(response)}",
+                RESOURCE_DOES_NOT_EXIST if response.status_code == 404 else INVALID_PARAMETER_VALUE,
+            )
         served = response.json()["model"]
         state.model_uri, state.registered_model_name, state.model_version = model_uri, served["name"], served["version"]
         state.save()
@@ -210,17 +224,27 @@ class BentoDeploymentClient(BaseDeploymentClient):
     def get_deployment(self, name, endpoint=None):
         state = State.load(name)
         description = {
-            "name": name, "flavor": FLAVOR, "status": service_status(state), "url": state.url, "model_uri": state.model_uri,
-            "registered_model_name": state.registered_model_name, "model_version": state.model_version,
-            "bento": state.bento, "pid": state.pid,
+            "name": name,
+            "flavor": FLAVOR,
+            "status": service_status(state),
+            "url": state.url,
+            "model_uri": state.model_uri,
+            "registered_model_name": state.registered_model_name,
+            "model_version": state.model_version,
+            "bento": state.bento,
+            "pid": state.pid,
             "config": {"port": state.port, "host": state.host, **state.service_args},
             "log": str(deployment_dir(name) / LOG_FILE),
         }
         if description["status"] == "running":
             info = service_info(state)
             if info is not None:  # what the service itself says it serves
-                description.update(model_version=info["model"]["version"], device=info["device"],
-                                   compute_type=info["compute_type"], follow=info["follow"]["why"])
+                description.update(
+                    model_version=info["model"]["version"],
+                    device=info["device"],
+                    compute_type=info["compute_type"],
+                    follow=info["follow"]["why"],
+                )
         return description
 
     def predict(self, deployment_name=None, inputs=None, endpoint=None):
@@ -233,6 +257,7 @@ class BentoDeploymentClient(BaseDeploymentClient):
         import httpx
 
         with httpx.Client(base_url=state.url, headers=request_headers(state), timeout=None) as http:
+
             def one(cell):
                 response = http.post("/transcribe", files={"file": ("audio", audio_bytes(cell))}, data=fields)
                 return result_row(response)
@@ -251,11 +276,12 @@ class BentoDeploymentClient(BaseDeploymentClient):
         import httpx
 
         with httpx.Client(base_url=state.url, headers=request_headers(state), timeout=None) as http:
-            with http.stream("POST", "/transcribe", files={"file": ("audio", audio_bytes(cells[0]))},
-                             data={**form_fields(params), "stream": "true"}) as response:
+            with http.stream(
+                "POST", "/transcribe", files={"file": ("audio", audio_bytes(cells[0]))}, data={**form_fields(params), "stream": "true"}
+            ) as response:
                 if response.status_code != 200:
                     response.read()
                     raise invalid(f"Deployment {deployment_name} refused the request: {error_message(response)}")
                 for line in response.iter_lines():
                     if line.startswith("data: "):
-                        yield json.loads(line[len("data: "):])
+                        yield json.loads(line[len("data: ") :])

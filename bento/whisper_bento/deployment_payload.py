@@ -40,8 +40,10 @@ def audio_and_params(inputs: Any) -> tuple[list, dict[str, Any]]:
                 value = value["audio"]
             cells = json_rows(value) if isinstance(value, (list, tuple, dict)) else [value]
         else:
-            raise invalid(f"No audio in the input (keys: {', '.join(map(str, inputs))}); send "
-                           '{"dataframe_split": {"columns": ["audio"], "data": [["<base64 audio>"]]}}.')
+            raise invalid(
+                f"No audio in the input (keys: {', '.join(map(str, inputs))}); send "
+                '{"dataframe_split": {"columns": ["audio"], "data": [["<base64 audio>"]]}}.'
+            )
     else:
         cells = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
     cells = [cell.get("audio") if isinstance(cell, dict) else cell for cell in cells]  # records

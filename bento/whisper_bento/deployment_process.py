@@ -61,8 +61,14 @@ def server_env() -> dict[str, str]:
 
 def start_server(directory: Path, bento_tag: str, settings: Settings) -> subprocess.Popen:
     with open(directory / LOG_FILE, "ab") as log:
-        return subprocess.Popen(serve_command(bento_tag, settings), env=server_env(), stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        return subprocess.Popen(
+            serve_command(bento_tag, settings),
+            env=server_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
 
 
 def await_ready(state: State, process: subprocess.Popen, timeout_s: float) -> None:
@@ -80,8 +86,7 @@ def await_ready(state: State, process: subprocess.Popen, timeout_s: float) -> No
             problem = f"was not ready after {timeout_s:.0f} s (-C startup_timeout_s)"
         if problem:
             tail = log.read_text(errors="replace")[-3000:]
-            raise MlflowException(f"The service of deployment {state.name} {problem}; its log ends:\n{tail}",
-                                  INVALID_STATE)
+            raise MlflowException(f"The service of deployment {state.name} {problem}; its log ends:\n{tail}", INVALID_STATE)
         try:
             if httpx.get(f"{state.url}/readyz", timeout=2).status_code == 200:
                 return
@@ -171,6 +176,6 @@ def running_state(name: Optional[str]) -> State:
     status = service_status(state)
     if status != "running":
         raise MlflowException(
-            f"Deployment {name} is {status}; its log is {deployment_dir(name) / LOG_FILE}. Delete it and create it again.",
-            INVALID_STATE)
+            f"Deployment {name} is {status}; its log is {deployment_dir(name) / LOG_FILE}. Delete it and create it again.", INVALID_STATE
+        )
     return state

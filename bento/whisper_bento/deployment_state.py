@@ -42,7 +42,7 @@ class Settings:
     service_args: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def parse(cls, model_uri: str, config: Optional[dict[str, Any]]) -> "Settings":
+    def parse(cls, model_uri: str, config: Optional[dict[str, Any]]) -> Settings:
         """Raises MlflowException (INVALID_PARAMETER_VALUE) naming the key to fix."""
         from pydantic import ValidationError
 
@@ -65,11 +65,9 @@ class Settings:
             ServiceConfig.model_validate({"model": model_uri, **config})
         except ValidationError as exc:
             problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
-            raise invalid(f"Invalid -C configuration: {problems}. `mlflow deployments help -t bentoml` "
-                           "lists the keys.") from None
+            raise invalid(f"Invalid -C configuration: {problems}. `mlflow deployments help -t bentoml` lists the keys.") from None
         settings.service_args = config
         return settings
-
 
 
 @dataclass
@@ -90,14 +88,15 @@ class State:
     created: float
 
     @classmethod
-    def load(cls, name: str) -> "State":
+    def load(cls, name: str) -> State:
         path = deployment_dir(name) / STATE_FILE
         try:
             return cls(**json.loads(path.read_text()))
         except FileNotFoundError:
             raise MlflowException(
-                f"No bentoml deployment named {name!r} (in {deployments_home()}); `mlflow deployments list -t bentoml` "
-                "lists them.", RESOURCE_DOES_NOT_EXIST) from None
+                f"No bentoml deployment named {name!r} (in {deployments_home()}); `mlflow deployments list -t bentoml` lists them.",
+                RESOURCE_DOES_NOT_EXIST,
+            ) from None
 
     def save(self) -> None:
         path = deployment_dir(self.name) / STATE_FILE

@@ -107,9 +107,7 @@ def _verbose_json(result: Result) -> Response:
         ],
     }
     if result.options.word_timestamps:
-        body["words"] = [
-            {"word": w.word.strip(), "start": w.start, "end": w.end} for s in t.segments for w in (s.words or [])
-        ]
+        body["words"] = [{"word": w.word.strip(), "start": w.start, "end": w.end} for s in t.segments for w in (s.words or [])]
     return JSONResponse(body)
 
 

@@ -64,14 +64,21 @@ class Upload:
         """
         uploads = self._uploads
         if size > self.limit:
-            raise too_large(f"The upload is more than {self.limit} bytes; this service accepts files of at most "
-                            f"{uploads.max_upload_bytes} bytes: send a smaller or more compressed recording.")
+            raise too_large(
+                f"The upload is more than {self.limit} bytes; this service accepts files of at most "
+                f"{uploads.max_upload_bytes} bytes: send a smaller or more compressed recording."
+            )
         if size <= self.held:
             return
         others = uploads.in_flight - self.held
         if others and others + size > uploads.budget_bytes:
-            raise ApiError(503, f"The service is reading other uploads ({others} of the {uploads.budget_bytes} bytes "
-                           "it holds for uploads in flight); retry later.", param="file", code="uploads_full")
+            raise ApiError(
+                503,
+                f"The service is reading other uploads ({others} of the {uploads.budget_bytes} bytes "
+                "it holds for uploads in flight); retry later.",
+                param="file",
+                code="uploads_full",
+            )
         uploads.in_flight += size - self.held
         self.held = size
 
@@ -120,8 +127,7 @@ async def read_form(request: Request, upload: Upload) -> FormData:
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
         raise bad_request(
-            "Send the audio as multipart/form-data with a 'file' field "
-            f"(got content-type {content_type or 'none'!r}).",
+            f"Send the audio as multipart/form-data with a 'file' field (got content-type {content_type or 'none'!r}).",
             param="file",
         )
     if declared is not None:
@@ -211,9 +217,7 @@ def _openai_fields(parsed: ParsedRequest, form: FormData, task: str) -> None:
             parsed.response_format = text
         elif name in ("timestamp_granularities[]", "timestamp_granularities"):
             if text not in ("word", "segment"):
-                raise invalid_value(
-                    f"timestamp_granularities must be 'word' or 'segment', got {text!r}.", param=name
-                )
+                raise invalid_value(f"timestamp_granularities must be 'word' or 'segment', got {text!r}.", param=name)
             parsed.word_granularity |= text == "word"
         elif name == "stream":
             parsed.stream = _flag(text)

@@ -51,8 +51,7 @@ _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying.
 
 
 def _errors(*statuses: int) -> dict[int, dict[str, Any]]:
-    return {status: {**_ERROR, "description": _WHY[status], **({"headers": _RETRY_AFTER} if status == 503 else {})}
-            for status in statuses}
+    return {status: {**_ERROR, "description": _WHY[status], **({"headers": _RETRY_AFTER} if status == 503 else {})} for status in statuses}
 
 
 def _form(properties: dict[str, Any]) -> dict[str, Any]:
@@ -67,7 +66,11 @@ def _form(properties: dict[str, Any]) -> dict[str, Any]:
 def transcription_route(native: bool, task: str = "transcribe") -> dict[str, Any]:
     """``responses`` and ``openapi_extra`` for a transcription route (native, or OpenAI's ``task``)."""
     if native:
-        properties = {"file": _FILE, "stream": {"type": "boolean"}, "response_format": {"type": "string", "enum": formats.names(native=True)}}
+        properties = {
+            "file": _FILE,
+            "stream": {"type": "boolean"},
+            "response_format": {"type": "string", "enum": formats.names(native=True)},
+        }
         # Every decoding option, typed and bounded as DecodingOptions declares it (forms parses the text).
         properties.update(page.decoding_fields())
     else:
@@ -82,7 +85,10 @@ def transcription_route(native: bool, task: str = "transcribe") -> dict[str, Any
             "stream": {"type": "boolean"},
         }
     return {
-        "responses": {200: {"description": "The transcription (JSON, text, srt, vtt, or server-sent events)."}, **_errors(400, 401, 408, 413, 422, 503)},
+        "responses": {
+            200: {"description": "The transcription (JSON, text, srt, vtt, or server-sent events)."},
+            **_errors(400, 401, 408, 413, 422, 503),
+        },
         "openapi_extra": _form(properties),
     }
 

@@ -17,22 +17,31 @@ from http import HTTPStatus
 from importlib import metadata
 from typing import Any, Optional
 
-from mlflow_faster_whisper.decoding import DecodingOptions
-from mlflow_faster_whisper.errors import DISTRIBUTION
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from mlflow_faster_whisper.decoding import DecodingOptions
+from mlflow_faster_whisper.errors import DISTRIBUTION
 from whisper_bento.errors import ApiError
 
 TITLE = "Whisper speech-to-text"
 TRANSCRIPTION, OPENAI, CONTROL, OPERATIONS = "transcription", "OpenAI-compatible", "registry control", "operations"
 TAGS = [
-    {"name": TRANSCRIPTION, "description": "Transcribe (or translate to English) an audio file: the full result, "
-     "segments with timestamps, in JSON, text, SRT or VTT, or streamed as server-sent events."},
-    {"name": OPENAI, "description": "OpenAI's audio API: the `openai` SDK and other OpenAI clients work unchanged "
-     "with `base_url` set to this service's `/v1`."},
-    {"name": CONTROL, "description": "Move the service to another registry version or alias (with an admin key), "
-     "or wake it on an MLflow registry webhook; routes that exist only when configured."},
+    {
+        "name": TRANSCRIPTION,
+        "description": "Transcribe (or translate to English) an audio file: the full result, "
+        "segments with timestamps, in JSON, text, SRT or VTT, or streamed as server-sent events.",
+    },
+    {
+        "name": OPENAI,
+        "description": "OpenAI's audio API: the `openai` SDK and other OpenAI clients work unchanged "
+        "with `base_url` set to this service's `/v1`.",
+    },
+    {
+        "name": CONTROL,
+        "description": "Move the service to another registry version or alias (with an admin key), "
+        "or wake it on an MLflow registry webhook; routes that exist only when configured.",
+    },
     {"name": OPERATIONS, "description": "Probes, metrics and what is served."},
 ]
 # (tag, summary) of each route; a route not listed is an operation (BentoML's probes among them).
@@ -92,8 +101,9 @@ def document(spec: dict[str, Any], model: Optional[dict[str, Any]], base_url: st
         "version": f"{package_version()} (model: {served})",
         "description": _DESCRIPTION.format(model=served).replace("{BASE}", base_url.rstrip("/")),
         "x-package": {"name": DISTRIBUTION, "version": package_version()},
-        "x-model": {key: model.get(key) for key in ("name", "version", "aliases", "quantization", "device",
-                                                    "compute_type", "source")} if model else None,
+        "x-model": {key: model.get(key) for key in ("name", "version", "aliases", "quantization", "device", "compute_type", "source")}
+        if model
+        else None,
     }
     spec["tags"] = TAGS
     json_fields = {name for name, field in decoding_fields().items() if field.get("type") in ("array", "object")}

@@ -49,8 +49,7 @@ def release_request_timers() -> bool:
                 if fut.cancel():
                     from starlette.responses import JSONResponse
 
-                    resp = JSONResponse({"error": f"Not able to process the request in {self.timeout} seconds"},
-                                        status_code=504)
+                    resp = JSONResponse({"error": f"Not able to process the request in {self.timeout} seconds"}, status_code=504)
                     await resp(scope, receive, send)
             else:
                 await fut

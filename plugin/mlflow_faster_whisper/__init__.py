@@ -15,7 +15,6 @@ MLflow, is imported on first use.
 from __future__ import annotations
 
 import importlib.metadata as _metadata
-
 from typing import Any
 
 from mlflow_faster_whisper.constants import FLAVOR_NAME

@@ -43,8 +43,7 @@ def decode_audio(data: bytes | bytearray | memoryview | np.ndarray, *, max_secon
             raise
         except Exception as exc:  # PyAV raises many types (InvalidDataError, ValueError, ...)
             raise AudioDecodeError(
-                f"Could not decode the audio ({type(exc).__name__}: {exc}); "
-                "send a complete wav, flac, mp3 or ogg file."
+                f"Could not decode the audio ({type(exc).__name__}: {exc}); send a complete wav, flac, mp3 or ogg file."
             ) from None
     if samples.size == 0:
         raise AudioDecodeError("The audio has no samples (0 seconds): send a non-empty recording.")
@@ -131,7 +130,7 @@ def _check_wav_length(head: bytes, total: int) -> None:
         return
     offset = 12
     while offset + 8 <= len(head):
-        chunk_id, size = head[offset:offset + 4], int.from_bytes(head[offset + 4:offset + 8], "little")
+        chunk_id, size = head[offset : offset + 4], int.from_bytes(head[offset + 4 : offset + 8], "little")
         if chunk_id == b"data":
             available = total - (offset + 8)
             if size not in _UNKNOWN_SIZES and size > available:
@@ -159,10 +158,7 @@ def audio_from_cell(value: object) -> np.ndarray:
             raw = base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError):
             raise AudioDecodeError(
-                "The audio string is not base64. Send the file's bytes base64-encoded; "
-                "paths and URLs are not read."
+                "The audio string is not base64. Send the file's bytes base64-encoded; paths and URLs are not read."
             ) from None
         return decode_audio(raw)
-    raise AudioDecodeError(
-        f"Unsupported audio value of type {type(value).__name__}: send bytes or a base64 string."
-    )
+    raise AudioDecodeError(f"Unsupported audio value of type {type(value).__name__}: send bytes or a base64 string.")

@@ -20,11 +20,7 @@ def sha256_file(path: Path) -> str:
 
 def compute(model_dir: Path) -> dict[str, str]:
     """{relative posix path: sha256} of every file under ``model_dir``."""
-    return {
-        p.relative_to(model_dir).as_posix(): sha256_file(p)
-        for p in sorted(model_dir.rglob("*"))
-        if p.is_file()
-    }
+    return {p.relative_to(model_dir).as_posix(): sha256_file(p) for p in sorted(model_dir.rglob("*")) if p.is_file()}
 
 
 def total_size(model_dir: Path) -> int:
@@ -47,8 +43,7 @@ def verify(model_dir: Path, expected: dict[str, str]) -> None:
         path = model_dir / name
         if not path.is_file():
             raise ChecksumError(
-                f"The model artifact is incomplete: {name} is missing from {model_dir}. "
-                "Download the model again (the copy is partial)."
+                f"The model artifact is incomplete: {name} is missing from {model_dir}. Download the model again (the copy is partial)."
             )
         if sha256_file(path) != value:
             raise ChecksumError(
@@ -62,6 +57,5 @@ def verify(model_dir: Path, expected: dict[str, str]) -> None:
     )
     if extra:
         raise ChecksumError(
-            f"The model artifact has files that were not logged: {', '.join(extra)} in {model_dir}. "
-            "Remove them or log a new version."
+            f"The model artifact has files that were not logged: {', '.join(extra)} in {model_dir}. Remove them or log a new version."
         )

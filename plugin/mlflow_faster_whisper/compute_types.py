@@ -40,14 +40,14 @@ class ComputeType:
 # weights beyond float16's range and round the rest twice (a model.bin unlike CTranslate2's own).
 _TABLE = (
     #           name             weights     stored_as        load_as_float16  fallbacks
-    ComputeType("int8",          "int8",     "int8_float32",  False,           ("int8_float32", "float32")),
-    ComputeType("int8_float32",  "int8",     "int8_float32",  False,           ("int8", "float32")),
-    ComputeType("int8_float16",  "int8",     "int8_float16",  True,            ("int8_float32", "int8", "float32")),
-    ComputeType("int8_bfloat16", "int8",     "int8_bfloat16", False,           ("int8_float32", "int8", "float32")),
-    ComputeType("int16",         "int16",    "int16",         False,           ("int8", "float32")),
-    ComputeType("float16",       "float16",  "float16",       True,            ("float32",)),
-    ComputeType("bfloat16",      "bfloat16", "bfloat16",      False,           ("float32",)),
-    ComputeType("float32",       "float32",  "float32",       False,           ()),
+    ComputeType("int8", "int8", "int8_float32", False, ("int8_float32", "float32")),
+    ComputeType("int8_float32", "int8", "int8_float32", False, ("int8", "float32")),
+    ComputeType("int8_float16", "int8", "int8_float16", True, ("int8_float32", "int8", "float32")),
+    ComputeType("int8_bfloat16", "int8", "int8_bfloat16", False, ("int8_float32", "int8", "float32")),
+    ComputeType("int16", "int16", "int16", False, ("int8", "float32")),
+    ComputeType("float16", "float16", "float16", True, ("float32",)),
+    ComputeType("bfloat16", "bfloat16", "bfloat16", False, ("float32",)),
+    ComputeType("float32", "float32", "float32", False, ()),
 )
 
 BY_NAME: dict[str, ComputeType] = {row.name: row for row in _TABLE}

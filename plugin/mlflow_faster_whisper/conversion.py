@@ -69,9 +69,7 @@ def quantization_name(quantization: str) -> str:
     """
     name = str(quantization).strip().lower()
     if name not in QUANTIZATIONS:
-        raise UnsupportedQuantizationError(
-            f"Unknown quantization {quantization!r}. Use one of: {', '.join(QUANTIZATIONS)}."
-        )
+        raise UnsupportedQuantizationError(f"Unknown quantization {quantization!r}. Use one of: {', '.join(QUANTIZATIONS)}.")
     return name
 
 
@@ -127,8 +125,9 @@ def check_memory(source: sources.WhisperSource) -> None:
         return  # weights in memory already, or behind a hub id: their size is not known here
     files = [f for d in local for pattern in _WEIGHT_FILES for f in d.glob(pattern)]
     weights = sum(f.stat().st_size for f in files)
-    need = sum(f.stat().st_size * (_PEAK_PER_SAFETENSORS_BYTE if f.suffix == ".safetensors" else _PEAK_PER_OTHER_WEIGHT_BYTE)
-               for f in files)
+    need = sum(
+        f.stat().st_size * (_PEAK_PER_SAFETENSORS_BYTE if f.suffix == ".safetensors" else _PEAK_PER_OTHER_WEIGHT_BYTE) for f in files
+    )
     need += _FIXED_BYTES + (0 if "torch" in sys.modules else _IMPORT_FLOOR_BYTES)
     available = available_memory_bytes()
     if available is not None and need > available:
@@ -260,8 +259,14 @@ def _converter(checkpoint: str, quantization: str, revision: Optional[str], toke
     from mlflow_faster_whisper import lowmem
 
     row = compute_types.get(quantization)
-    return lowmem.Converter(checkpoint, revision=revision, low_cpu_mem_usage=True, tokenizer=tokenizer, model=model,
-                            load_as_float16=row is not None and row.load_as_float16)
+    return lowmem.Converter(
+        checkpoint,
+        revision=revision,
+        low_cpu_mem_usage=True,
+        tokenizer=tokenizer,
+        model=model,
+        load_as_float16=row is not None and row.load_as_float16,
+    )
 
 
 def _run_converter(converter: Any, name: str, output_dir: Path, quantization: str) -> None:

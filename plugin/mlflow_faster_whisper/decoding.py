@@ -71,12 +71,8 @@ class DecodingOptions(BaseModel):
     best_of: int = Field(5, ge=1, le=MAX_BEAMS, description="Candidates sampled at non-zero temperature.")
     patience: float = Field(1.0, gt=0, le=10, description="Beam search patience factor.")
     length_penalty: float = Field(1.0, ge=0, le=10, description="Exponential length penalty.")
-    repetition_penalty: float = Field(
-        1.0, ge=0.01, le=100, description="Penalty (>1) on previously generated tokens."
-    )
-    no_repeat_ngram_size: int = Field(
-        0, ge=0, le=MAX_LENGTH, description="Forbid repeating n-grams of this size (0 = off)."
-    )
+    repetition_penalty: float = Field(1.0, ge=0.01, le=100, description="Penalty (>1) on previously generated tokens.")
+    no_repeat_ngram_size: int = Field(0, ge=0, le=MAX_LENGTH, description="Forbid repeating n-grams of this size (0 = off).")
     temperature: tuple[float, ...] = Field(
         (0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
         description="Temperatures tried in turn when a decode fails the thresholds.",
@@ -86,31 +82,21 @@ class DecodingOptions(BaseModel):
     no_speech_threshold: Optional[float] = Field(0.6, description="Skip a window above this no-speech probability.")
     condition_on_previous_text: bool = Field(True, description="Prompt each window with the previous text.")
     prompt_reset_on_temperature: float = Field(0.5, ge=0, le=1, description="Drop the prompt above this temperature.")
-    initial_prompt: Optional[str] = Field(
-        None, max_length=MAX_TEXT_CHARS, description="Text that primes the first window."
-    )
-    prefix: Optional[str] = Field(
-        None, max_length=MAX_TEXT_CHARS, description="Text the first window's transcript starts with."
-    )
+    initial_prompt: Optional[str] = Field(None, max_length=MAX_TEXT_CHARS, description="Text that primes the first window.")
+    prefix: Optional[str] = Field(None, max_length=MAX_TEXT_CHARS, description="Text the first window's transcript starts with.")
     suppress_blank: bool = Field(True, description="Suppress blank outputs at the start of sampling.")
-    suppress_tokens: tuple[int, ...] = Field(
-        (-1,), description="Token ids to suppress (-1 = the model's default set)."
-    )
+    suppress_tokens: tuple[int, ...] = Field((-1,), description="Token ids to suppress (-1 = the model's default set).")
     without_timestamps: bool = Field(False, description="Sample text tokens only.")
     max_initial_timestamp: float = Field(1.0, ge=0, le=30, description="Latest allowed first timestamp (s).")
     word_timestamps: bool = Field(False, description="Add word-level timestamps (cross-attention alignment).")
     vad_filter: bool = Field(False, description="Drop non-speech with the Silero VAD first.")
     vad_parameters: Optional[VadParameters] = Field(None, description="VAD settings (a JSON object).")
-    max_new_tokens: Optional[int] = Field(
-        None, ge=1, le=MAX_LENGTH, description="Maximum new tokens per window."
-    )
+    max_new_tokens: Optional[int] = Field(None, ge=1, le=MAX_LENGTH, description="Maximum new tokens per window.")
     chunk_length: Optional[int] = Field(None, ge=1, le=30, description="Window length in seconds (default 30).")
     hallucination_silence_threshold: Optional[float] = Field(
         None, ge=0, description="Skip silent periods longer than this around suspected hallucinations."
     )
-    hotwords: Optional[str] = Field(
-        None, max_length=MAX_TEXT_CHARS, description="Hint phrases (ignored when prefix is set)."
-    )
+    hotwords: Optional[str] = Field(None, max_length=MAX_TEXT_CHARS, description="Hint phrases (ignored when prefix is set).")
     language_detection_threshold: Optional[float] = Field(0.5, ge=0, le=1, description="Accept a detected language above this.")
     language_detection_segments: int = Field(1, ge=1, le=30, description="Windows used to detect the language.")
     pad_to_30s: bool = Field(
@@ -167,9 +153,7 @@ class DecodingOptions(BaseModel):
     @classmethod
     def _temperature_range(cls, value: tuple[float, ...]) -> tuple[float, ...]:
         if not value or len(value) > MAX_TEMPERATURES or any(not 0 <= t <= 5 for t in value):
-            raise ValueError(
-                f"temperature must be one value from 0 to 5 or a list of 1 to {MAX_TEMPERATURES} of them"
-            )
+            raise ValueError(f"temperature must be one value from 0 to 5 or a list of 1 to {MAX_TEMPERATURES} of them")
         return value
 
     @field_validator("patience")
@@ -178,8 +162,10 @@ class DecodingOptions(BaseModel):
         # CTranslate2 keeps round(beam_size * patience) hypotheses and needs at least one.
         beam_size = info.data.get("beam_size")
         if beam_size is not None and beam_size * value < 0.5:
-            raise ValueError(f"beam_size * patience must be at least 0.5 (CTranslate2 keeps round(beam_size * "
-                             f"patience) hypotheses); with beam_size={beam_size}, use patience >= {0.5 / beam_size:g}")
+            raise ValueError(
+                f"beam_size * patience must be at least 0.5 (CTranslate2 keeps round(beam_size * "
+                f"patience) hypotheses); with beam_size={beam_size}, use patience >= {0.5 / beam_size:g}"
+            )
         return value
 
     @field_validator("suppress_tokens")
@@ -216,9 +202,7 @@ class DecodingOptions(BaseModel):
         if isinstance(value, cls):
             return value
         if not isinstance(value, Mapping):
-            raise DecodingOptionsError(
-                f"Decoding options must be a dict or DecodingOptions, got {type(value).__name__}."
-            )
+            raise DecodingOptionsError(f"Decoding options must be a dict or DecodingOptions, got {type(value).__name__}.")
         unknown = [k for k in value if k not in cls.model_fields]
         if unknown:
             raise DecodingOptionsError(_unknown_message(unknown), field=unknown[0])
@@ -242,10 +226,7 @@ class DecodingOptions(BaseModel):
     def as_params(self) -> dict[str, Any]:
         """The fields set explicitly as pyfunc params (``predict(params=...)``, ``spark_udf``), in
         the ``param_schema``'s types: nested options as a JSON object string."""
-        return {
-            name: json.dumps(value) if isinstance(getattr(self, name), BaseModel) else value
-            for name, value in self.explicit().items()
-        }
+        return {name: json.dumps(value) if isinstance(getattr(self, name), BaseModel) else value for name, value in self.explicit().items()}
 
     def to_transcribe_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``WhisperModel.transcribe``."""
@@ -330,10 +311,7 @@ def _unknown_message(unknown: list[str]) -> str:
     for name in unknown:
         close = difflib.get_close_matches(name, DecodingOptions.model_fields, n=1)
         parts.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-    return (
-        f"Unknown decoding option {', '.join(parts)}. "
-        f"Valid options: {', '.join(DecodingOptions.model_fields)}."
-    )
+    return f"Unknown decoding option {', '.join(parts)}. Valid options: {', '.join(DecodingOptions.model_fields)}."
 
 
 def _first_field(exc: ValidationError) -> Optional[str]:

@@ -102,12 +102,8 @@ class LoadOptions(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="auto: CUDA when a GPU and cuBLAS 12 are there, else the CPU."
-    )
-    compute_type: str = Field(
-        "default", description="A CTranslate2 compute type; default: the stored quantization (as registered)."
-    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when a GPU and cuBLAS 12 are there, else the CPU.")
+    compute_type: str = Field("default", description="A CTranslate2 compute type; default: the stored quantization (as registered).")
     cpu_threads: int = Field(0, ge=0, le=1024, description="CTranslate2 intra-op threads (0: its default).")
     num_workers: int = Field(1, ge=1, le=64, description="Parallel CTranslate2 workers (concurrent decodes).")
 
@@ -130,9 +126,7 @@ class LoadOptions(BaseModel):
         given = {k: v for k, v in (value or {}).items() if v is not None}
         unknown = [k for k in given if k not in cls.model_fields]
         if unknown:
-            raise LoadOptionsError(
-                f"Unknown load option {unknown[0]!r}; valid options: {', '.join(cls.model_fields)}.", field=unknown[0]
-            )
+            raise LoadOptionsError(f"Unknown load option {unknown[0]!r}; valid options: {', '.join(cls.model_fields)}.", field=unknown[0])
         try:
             return cls.model_validate(given)
         except ValidationError as exc:

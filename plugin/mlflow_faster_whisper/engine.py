@@ -45,10 +45,10 @@ import numpy as np
 
 from mlflow_faster_whisper import transcription
 from mlflow_faster_whisper.batching import BatchPolicy
-from mlflow_faster_whisper.malloc import release_free_memory
 from mlflow_faster_whisper.constants import SAMPLE_RATE
 from mlflow_faster_whisper.decoding import DecodingOptions
 from mlflow_faster_whisper.errors import Cancelled, Overloaded
+from mlflow_faster_whisper.malloc import release_free_memory
 from mlflow_faster_whisper.transcription import Segment, Transcription
 
 _logger = logging.getLogger(__name__)
@@ -379,7 +379,7 @@ class Engine:
             if len(calls) <= 1:
                 block = _Block(self._ct2.encode(features.view, to_cpu=False))
             else:  # in the policy's encoder calls, their outputs stacked on the host
-                parts = [_HostStorage(features.array[r.start:r.stop]) for r in calls]
+                parts = [_HostStorage(features.array[r.start : r.stop]) for r in calls]
                 block = _Block.stacked([_Block(self._ct2.encode(p.view, to_cpu=False)).host() for p in parts])
         encoded, row = [], 0
         for call in batch:
@@ -418,7 +418,7 @@ def _settled(ticket: Optional[Ticket], pending: Future | BaseException) -> tuple
         return ticket, exc
 
 
-_OPS: dict[str, Callable[[Engine, list["_Call"]], list[Any]]] = {
+_OPS: dict[str, Callable[[Engine, list[_Call]], list[Any]]] = {
     "encode": Engine._encode,
     "generate": Engine._generate,
     "detect_language": Engine._detect_language,
@@ -433,7 +433,7 @@ class _Held:
     def __init__(self, segments: Iterator[Segment], release: Callable[[], None]) -> None:
         self._segments, self._release, self._open = segments, release, True
 
-    def __iter__(self) -> "_Held":
+    def __iter__(self) -> _Held:
         return self
 
     def __next__(self) -> Segment:
@@ -481,7 +481,7 @@ class _Block:
         self._host = host  # the array ``storage`` borrows, if it was built from one
 
     @classmethod
-    def stacked(cls, parts: list[np.ndarray]) -> "_Block":
+    def stacked(cls, parts: list[np.ndarray]) -> _Block:
         host = _HostStorage(np.concatenate(parts))
         return cls(host.view, host.array)
 
@@ -527,7 +527,7 @@ class _HostStorage:
 def _split(results: list[Any], batch: list[_Call]) -> list[list[Any]]:
     out, row = [], 0
     for call in batch:
-        out.append(results[row:row + call.windows])
+        out.append(results[row : row + call.windows])
         row += call.windows
     return out
 

@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from mlflow_faster_whisper import checksums, constants as c, devices
+from mlflow_faster_whisper import checksums, devices
+from mlflow_faster_whisper import constants as c
 from mlflow_faster_whisper.decoding import DecodingOptions
 from mlflow_faster_whisper.errors import FasterWhisperFlavorError
 
@@ -52,8 +53,7 @@ def _local_flavor_config(model_dir: Path) -> dict[str, Any]:
 def _flavor_of(flavors: dict[str, Any], model_uri: str) -> dict[str, Any]:
     if c.FLAVOR_NAME not in flavors:
         raise FasterWhisperFlavorError(
-            f"{model_uri} has no {c.FLAVOR_NAME} flavor (flavors: {', '.join(flavors)}); "
-            "log it with mlflow_faster_whisper.log_model."
+            f"{model_uri} has no {c.FLAVOR_NAME} flavor (flavors: {', '.join(flavors)}); log it with mlflow_faster_whisper.log_model."
         )
     return flavors[c.FLAVOR_NAME]
 
@@ -136,5 +136,3 @@ def _in_spark_task() -> bool:
     """Whether this code runs inside a Spark task (pyspark is then already imported)."""
     pyspark = sys.modules.get("pyspark")
     return pyspark is not None and pyspark.TaskContext.get() is not None
-
-

@@ -39,8 +39,15 @@ import torch
 from mlflow_faster_whisper import compute_types
 
 _DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }
 
@@ -144,8 +151,7 @@ def load_pretrained(model_class: Any, model_dir: str, config: Any, dtype: Option
     unloaded = [name for name, t in chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
     if unloaded or unexpected:
         raise ValueError(
-            f"The weights in {model_dir} do not match {model_class.__name__}: "
-            f"missing {unloaded[:5]}, unexpected {list(unexpected)[:5]}"
+            f"The weights in {model_dir} do not match {model_class.__name__}: missing {unloaded[:5]}, unexpected {list(unexpected)[:5]}"
         )
     _load_generation_config(model, model_dir)
     return model.eval()
@@ -185,15 +191,21 @@ def _one_copy_at_a_time():
         done: set[str] = set()
         row = compute_types.get(quantization)
         if row is not None and row.int8_weights:
+
             def int8(spec, name, value):
                 key = name.rsplit("/", 1)[-1]
-                if ((variable_filter is None or variable_filter(name)) and hasattr(spec, f"{key}_scale")
-                        and isinstance(value, ctranslate2.specs.model_spec.Variable) and not value.is_scalar()
-                        and value.dtype in ("float32", "float16", "bfloat16")):
+                if (
+                    (variable_filter is None or variable_filter(name))
+                    and hasattr(spec, f"{key}_scale")
+                    and isinstance(value, ctranslate2.specs.model_spec.Variable)
+                    and not value.is_scalar()
+                    and value.dtype in ("float32", "float16", "bfloat16")
+                ):
                     weight, scale = _int8_rows(value)
                     setattr(spec, key, weight)
                     setattr(spec, f"{key}_scale", scale)
                     done.update((name, f"{name}_scale"))
+
             self._visit(int8)
         quantize(self, quantization, lambda name: name not in done and (variable_filter is None or variable_filter(name)))
 
@@ -222,10 +234,10 @@ def _int8_rows(value: Any) -> tuple[Any, Any]:
     scale = np.empty(rows.shape[0], dtype=np.float32)
     step = max(1, _BLOCK_ELEMENTS // max(1, rows.shape[1]))
     for begin in range(0, rows.shape[0], step):
-        block = rows[begin:begin + step].to(torch.float32).numpy()
+        block = rows[begin : begin + step].to(torch.float32).numpy()
         amax = np.amax(np.absolute(block), axis=1)
         amax[amax == 0] = 127.0
         amax = np.maximum(amax, np.float32(127) / np.finfo(np.float32).max)
-        scale[begin:begin + step] = 127.0 / amax
-        weight[begin:begin + step] = np.rint(block * np.expand_dims(scale[begin:begin + step], 1)).astype(np.int8)
+        scale[begin : begin + step] = 127.0 / amax
+        weight[begin : begin + step] = np.rint(block * np.expand_dims(scale[begin : begin + step], 1)).astype(np.int8)
     return NumpyVariable(weight.reshape(tuple(tensor.shape))), NumpyVariable(scale)

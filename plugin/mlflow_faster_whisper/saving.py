@@ -20,7 +20,8 @@ from mlflow.types.schema import Array, ColSpec, DataType, Object, Property, Sche
 from pydantic import BaseModel
 
 from mlflow_faster_whisper import _mlflow_compat as _mc
-from mlflow_faster_whisper import checksums, constants as c, sources
+from mlflow_faster_whisper import checksums, sources
+from mlflow_faster_whisper import constants as c
 from mlflow_faster_whisper.conversion import check_quantization, convert
 from mlflow_faster_whisper.decoding import DecodingOptions, param_schema
 from mlflow_faster_whisper.loading import LOAD_DEFAULTS
@@ -68,10 +69,7 @@ def _spec_type(annotation):
     if typing.get_origin(annotation) is list:
         return Array(_spec_type(args[0]))
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return Object([
-            Property(name, _spec_type(f.annotation), required=f.is_required())
-            for name, f in annotation.model_fields.items()
-        ])
+        return Object([Property(name, _spec_type(f.annotation), required=f.is_required()) for name, f in annotation.model_fields.items()])
     return _SCALARS[annotation]
 
 
@@ -121,12 +119,8 @@ def save_model(
     path = os.path.abspath(path)
     _mc._validate_and_prepare_target_save_path(path)
     try:
-        _write_model_dir(
-            source, Path(path), quantization, decoding, mlflow_model or Model(), signature, input_example, metadata
-        )
-        _mc.write_environment_files(
-            path, conda_env, pip_requirements, extra_pip_requirements, get_default_pip_requirements()
-        )
+        _write_model_dir(source, Path(path), quantization, decoding, mlflow_model or Model(), signature, input_example, metadata)
+        _mc.write_environment_files(path, conda_env, pip_requirements, extra_pip_requirements, get_default_pip_requirements())
     except BaseException:
         shutil.rmtree(path, ignore_errors=True)  # a failed save leaves nothing behind
         raise

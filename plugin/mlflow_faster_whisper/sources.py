@@ -97,9 +97,7 @@ def _directory_source(path: str, base_model: Optional[str], run_id: Optional[str
         adapter_config = _read_json(root / "adapter_config.json")
         base = base_model or adapter_config.get("base_model_name_or_path")
         if not base:
-            raise InvalidSourceError(
-                f"The adapter at {path} does not name its base model: pass base_model=<checkpoint dir or hub id>."
-            )
+            raise InvalidSourceError(f"The adapter at {path} does not name its base model: pass base_model=<checkpoint dir or hub id>.")
         return WhisperSource(kind=PEFT, model=path, base_model=str(base), adapter=path, run_id=run_id)
     if (root / "model.bin").is_file():
         return WhisperSource(kind=CTRANSLATE2, model=path, run_id=run_id)
@@ -133,9 +131,7 @@ def _in_memory_source(model: Any, processor: Any, base_model: Optional[str]) -> 
             "WhisperProcessor), a PeftModel on one, or a checkpoint/adapter/CTranslate2 directory."
         )
     if processor is None:
-        raise InvalidSourceError(
-            "An in-memory Whisper model needs its processor: pass processor=WhisperProcessor.from_pretrained(...)."
-        )
+        raise InvalidSourceError("An in-memory Whisper model needs its processor: pass processor=WhisperProcessor.from_pretrained(...).")
     base = base_model or getattr(model.config, "_name_or_path", None) or None
     return WhisperSource(kind=IN_MEMORY, model=model, processor=processor, base_model=base)
 
@@ -146,7 +142,7 @@ def _is_mlflow_uri(value: str) -> bool:
 
 def _run_id_of(uri: str) -> Optional[str]:
     if uri.startswith("runs:/"):
-        return uri[len("runs:/"):].split("/", 1)[0]
+        return uri[len("runs:/") :].split("/", 1)[0]
     return None
 
 

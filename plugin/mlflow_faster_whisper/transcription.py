@@ -198,9 +198,11 @@ def within_audio(segments: Iterable[Segment], duration: float) -> Iterator[Segme
         if segment.start >= end:
             continue
         if segment.end > end or any(w.end > end or w.start > end for w in segment.words or ()):
-            words = None if segment.words is None else [
-                w.model_copy(update={"start": min(w.start, end), "end": min(w.end, end)}) for w in segment.words
-            ]
+            words = (
+                None
+                if segment.words is None
+                else [w.model_copy(update={"start": min(w.start, end), "end": min(w.end, end)}) for w in segment.words]
+            )
             segment = segment.model_copy(update={"end": min(segment.end, end), "words": words})
         yield segment
 
@@ -216,9 +218,9 @@ def to_segment(s) -> Segment:
         no_speech_prob=float(s.no_speech_prob),
         compression_ratio=float(s.compression_ratio),
         temperature=None if s.temperature is None else float(s.temperature),
-        words=None if s.words is None else [
-            Word(start=round(float(w.start), 3), end=round(float(w.end), 3), word=w.word, probability=float(w.probability))
-            for w in s.words
+        words=None
+        if s.words is None
+        else [
+            Word(start=round(float(w.start), 3), end=round(float(w.end), 3), word=w.word, probability=float(w.probability)) for w in s.words
         ],
     )
-

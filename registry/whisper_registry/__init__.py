@@ -17,7 +17,6 @@ The functions are deliberately not re-exported here: a package attribute named l
 
 import importlib.metadata as _metadata
 
-
 try:  # one version, the distribution's (pyproject.toml)
     __version__ = _metadata.version("mlflow-faster-whisper")
 except _metadata.PackageNotFoundError:  # imported from a source tree that was never installed

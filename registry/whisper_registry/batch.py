@@ -37,12 +37,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from mlflow.models import Model
 from mlflow.types.schema import Array, DataType, Object
+from tqdm.auto import tqdm
+
 from mlflow_faster_whisper.decoding import DecodingOptions
 from mlflow_faster_whisper.devices import LoadOptions
 from mlflow_faster_whisper.saving import output_schema
 from mlflow_faster_whisper.wrapper import error_row
-from tqdm.auto import tqdm
-
 from whisper_registry import tags, tracking, versions
 from whisper_registry.errors import RegistryError
 
@@ -51,9 +51,7 @@ _logger = logging.getLogger(__name__)
 PATH_COLUMN = "path"
 VERSION_COLUMN = "model_version"
 # What a folder is searched for (lower-case suffixes); a glob or a manifest may name any file.
-AUDIO_SUFFIXES = frozenset(
-    ".wav .flac .mp3 .m4a .aac .ogg .oga .opus .webm .mp4 .mkv .wma .aif .aiff .amr .3gp".split()
-)
+AUDIO_SUFFIXES = frozenset(".wav .flac .mp3 .m4a .aac .ogg .oga .opus .webm .mp4 .mkv .wma .aif .aiff .amr .3gp".split())
 MANIFEST_SUFFIXES = (".txt", ".csv", ".jsonl")
 DEFAULT_CHUNK = 64
 
@@ -122,35 +120,42 @@ def transcribe_files(
     output = Path(output).resolve()
     finished = finished_paths(output, version)
     todo = [p for p in paths if p not in finished]
-    runner = (_SparkRunner(spark, version_uri, options.as_params(), load_config) if spark
-              else _LocalRunner(version_uri, options.as_params(), load_config))
+    runner = (
+        _SparkRunner(spark, version_uri, options.as_params(), load_config)
+        if spark
+        else _LocalRunner(version_uri, options.as_params(), load_config)
+    )
     counts = {"done": 0, "failed": 0, "audio_seconds": 0.0}
     started = time.perf_counter()
     try:
         with mlflow.start_run(experiment_id=setup.experiment_id, run_name=f"transcribe {name} v{version}") as run:
-            mlflow.set_tags({
-                tags.RUN_KIND: "transcribe",
-                tags.RUN_MODEL_NAME: name,
-                tags.RUN_MODEL_VERSION: version,
-                tags.RUN_MODEL_URI: version_uri,
-            })
-            mlflow.log_params({
-                "model_uri": version_uri,
-                "requested_uri": model_uri,
-                "input": str(source),
-                "output": str(output),
-                "runner": f"spark {spark}" if spark else "local",
-                "decoding": json.dumps(options.explicit(), sort_keys=True),
-                "load": json.dumps(load_config, sort_keys=True),
-                "chunk_size": chunk_size,
-                "files_total": len(paths),
-                "files_already_done": len(finished),
-            })
+            mlflow.set_tags(
+                {
+                    tags.RUN_KIND: "transcribe",
+                    tags.RUN_MODEL_NAME: name,
+                    tags.RUN_MODEL_VERSION: version,
+                    tags.RUN_MODEL_URI: version_uri,
+                }
+            )
+            mlflow.log_params(
+                {
+                    "model_uri": version_uri,
+                    "requested_uri": model_uri,
+                    "input": str(source),
+                    "output": str(output),
+                    "runner": f"spark {spark}" if spark else "local",
+                    "decoding": json.dumps(options.explicit(), sort_keys=True),
+                    "load": json.dumps(load_config, sort_keys=True),
+                    "chunk_size": chunk_size,
+                    "files_total": len(paths),
+                    "files_already_done": len(finished),
+                }
+            )
             output.mkdir(parents=True, exist_ok=True)
             bar = tqdm(total=len(todo), desc="transcribe", unit="file", disable=not progress)
             known = _parts(output)
             for step, start in enumerate(range(0, len(todo), chunk_size)):
-                chunk = todo[start:start + chunk_size]
+                chunk = todo[start : start + chunk_size]
                 runner.write(chunk, output, version)
                 now = _parts(output)  # one listing a chunk: what it wrote is what is new
                 summary = _read_parts(now - known, ["error", "duration"])
@@ -164,17 +169,29 @@ def transcribe_files(
                 bar.set_postfix(failed=counts["failed"])
             bar.close()
             wall = time.perf_counter() - started
-            mlflow.log_metrics({
-                "wall_s": wall,
-                "audio_seconds": counts["audio_seconds"],
-                "files_per_s": counts["done"] / wall if wall > 0 else 0.0,
-                "audio_s_per_s": counts["audio_seconds"] / wall if wall > 0 else 0.0,
-            })
+            mlflow.log_metrics(
+                {
+                    "wall_s": wall,
+                    "audio_seconds": counts["audio_seconds"],
+                    "files_per_s": counts["done"] / wall if wall > 0 else 0.0,
+                    "audio_s_per_s": counts["audio_seconds"] / wall if wall > 0 else 0.0,
+                }
+            )
             run_id = run.info.run_id
     finally:
         runner.close()
-    return BatchResult(name, version, run_id, output, len(paths), len(finished), counts["done"], counts["failed"],
-                       counts["audio_seconds"], time.perf_counter() - started)
+    return BatchResult(
+        name,
+        version,
+        run_id,
+        output,
+        len(paths),
+        len(finished),
+        counts["done"],
+        counts["failed"],
+        counts["audio_seconds"],
+        time.perf_counter() - started,
+    )
 
 
 # ------------------------------------------------------------------------------------------ input
@@ -204,8 +221,10 @@ def list_inputs(source: str | Path) -> list[str]:
         found = [Path(p) for p in glob.glob(os.path.expanduser(text), recursive=True) if os.path.isfile(p)]
         what = f"glob {text!r}"
     elif path.is_file():
-        raise RegistryError(f"{path} is neither a folder nor a manifest ({', '.join(MANIFEST_SUFFIXES)}); "
-                            "to transcribe one file, give a glob or a manifest naming it.")
+        raise RegistryError(
+            f"{path} is neither a folder nor a manifest ({', '.join(MANIFEST_SUFFIXES)}); "
+            "to transcribe one file, give a glob or a manifest naming it."
+        )
     else:
         raise RegistryError(f"{text} does not exist: give a folder, a glob or a manifest of audio files.")
     if not found:
@@ -218,8 +237,7 @@ def _manifest_paths(manifest: Path) -> list[Path]:
         names = [line.strip() for line in manifest.read_text(encoding="utf-8").splitlines()]
         names = [n for n in names if n and not n.startswith("#")]
     else:
-        frame = (pd.read_csv(manifest, dtype=str) if manifest.suffix.lower() == ".csv"
-                 else pd.read_json(manifest, lines=True, dtype=False))
+        frame = pd.read_csv(manifest, dtype=str) if manifest.suffix.lower() == ".csv" else pd.read_json(manifest, lines=True, dtype=False)
         column = next((c for c in (PATH_COLUMN, "audio") if c in frame.columns), None)
         if column is None:
             raise RegistryError(f"Manifest {manifest} needs a 'path' (or 'audio') column; it has {list(frame.columns)}.")
@@ -262,13 +280,15 @@ def _read_parts(parts: set[Path], columns: list[str]) -> pd.DataFrame:
 
 def arrow_schema() -> pa.Schema:
     """The output's columns as Arrow types: the same as Spark writes from the pyfunc's output schema."""
+
     def arrow(spec_type):
         if isinstance(spec_type, Array):
             return pa.list_(arrow(spec_type.dtype))
         if isinstance(spec_type, Object):
             return pa.struct([(p.name, arrow(p.dtype)) for p in spec_type.properties])
-        return {DataType.string: pa.string(), DataType.double: pa.float64(), DataType.long: pa.int64(),
-                DataType.boolean: pa.bool_()}[spec_type]
+        return {DataType.string: pa.string(), DataType.double: pa.float64(), DataType.long: pa.int64(), DataType.boolean: pa.bool_()}[
+            spec_type
+        ]
 
     columns = [(PATH_COLUMN, pa.string()), (VERSION_COLUMN, pa.string())]
     return pa.schema(columns + [(spec.name, arrow(spec.type)) for spec in output_schema().inputs])
@@ -301,8 +321,7 @@ class _LocalRunner:
                 unreadable[path] = f"cannot read {path}: {exc.strerror or exc}"
         results = iter(self.model.predict(pd.DataFrame({"audio": contents}), params=self.params) if contents else [])
         rows = [
-            {PATH_COLUMN: path, VERSION_COLUMN: version,
-             **(error_row(unreadable[path]) if path in unreadable else next(results))}
+            {PATH_COLUMN: path, VERSION_COLUMN: version, **(error_row(unreadable[path]) if path in unreadable else next(results))}
             for path in paths
         ]
         _write_part(rows, output)
@@ -318,11 +337,14 @@ class _SparkRunner:
     def __init__(self, master: str, version_uri: str, params: dict[str, Any], load: dict[str, Any]):
         if Model.load(version_uri).get_output_schema() is None:
             # Its workers would run the flavor code stored with it, which predates Spark support.
-            raise RegistryError(f"{version_uri} was logged before batch transcription on Spark (it has no output "
-                                "schema): register it again, or run without Spark.")
+            raise RegistryError(
+                f"{version_uri} was logged before batch transcription on Spark (it has no output "
+                "schema): register it again, or run without Spark."
+            )
         if not shutil.which("java") and not os.environ.get("JAVA_HOME"):
-            raise RegistryError("Spark needs Java 17 or newer: install it (Debian: apt-get install "
-                                "openjdk-17-jre-headless) or set JAVA_HOME.")
+            raise RegistryError(
+                "Spark needs Java 17 or newer: install it (Debian: apt-get install openjdk-17-jre-headless) or set JAVA_HOME."
+            )
         try:
             from pyspark.sql import SparkSession
         except ImportError as exc:
@@ -331,15 +353,18 @@ class _SparkRunner:
             # Workers on this machine run this interpreter (this virtualenv); a cluster's come from
             # PYSPARK_PYTHON, as Spark documents.
             os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-        self.spark = (SparkSession.builder.master(master).appName("whisper-registry transcribe")
-                      .config("spark.ui.showConsoleProgress", "false").getOrCreate())
+        self.spark = (
+            SparkSession.builder.master(master)
+            .appName("whisper-registry transcribe")
+            .config("spark.ui.showConsoleProgress", "false")
+            .getOrCreate()
+        )
         slots = self.spark.sparkContext.defaultParallelism
         if master.startswith("local") and "cpu_threads" not in load:
             # One model per Python worker: share this machine's cores between them.
             load = {**load, "cpu_threads": max(1, (os.cpu_count() or 1) // slots)}
         self.slots = slots
-        self.udf = mlflow.pyfunc.spark_udf(self.spark, version_uri, env_manager="local", params=params or None,
-                                           model_config=load or None)
+        self.udf = mlflow.pyfunc.spark_udf(self.spark, version_uri, env_manager="local", params=params or None, model_config=load or None)
 
     def write(self, paths: list[str], output: Path, version: str) -> None:
         from pyspark.sql import functions as F
@@ -347,9 +372,11 @@ class _SparkRunner:
         files = self.spark.read.format("binaryFile").load(paths)
         result = (
             files.repartition(min(self.slots, len(paths)))
-            .select(F.regexp_replace(PATH_COLUMN, "^file:", "").alias(PATH_COLUMN),
-                    F.lit(version).alias(VERSION_COLUMN),
-                    self.udf("content").alias("result"))
+            .select(
+                F.regexp_replace(PATH_COLUMN, "^file:", "").alias(PATH_COLUMN),
+                F.lit(version).alias(VERSION_COLUMN),
+                self.udf("content").alias("result"),
+            )
             .select(PATH_COLUMN, VERSION_COLUMN, "result.*")
         )
         result.write.mode("append").parquet(str(output))

@@ -89,8 +89,7 @@ def paired_difference_interval(
     if len(ea) != len(eb) or len(ea) == 0:
         raise ValueError(f"A paired interval needs the same utterances on both sides, not {len(ea)} and {len(eb)}.")
     value = float(_ratio(ea, la) - _ratio(eb, lb))
-    diffs = _resampled(np.random.default_rng(seed), len(ea), n_resamples,
-                       lambda idx: _ratio(ea[idx], la[idx]) - _ratio(eb[idx], lb[idx]))
+    diffs = _resampled(np.random.default_rng(seed), len(ea), n_resamples, lambda idx: _ratio(ea[idx], la[idx]) - _ratio(eb[idx], lb[idx]))
     low, high = _percentiles(diffs, confidence)
     return Interval(value, low, high, len(ea), confidence)
 
@@ -149,13 +148,17 @@ def bound_check(interval: Interval, limit: float, *, upper: bool, what: str) -> 
     more utterances would settle it.
     """
     bound = interval.high if upper else interval.low
-    figure = (f"{what} {interval.value:.4g} ({interval.confidence:.0%} interval {interval.low:.4g} to "
-              f"{interval.high:.4g}, {interval.n} utterances)")
+    figure = (
+        f"{what} {interval.value:.4g} ({interval.confidence:.0%} interval {interval.low:.4g} to "
+        f"{interval.high:.4g}, {interval.n} utterances)"
+    )
     if (bound <= limit) if upper else (bound >= limit):
         return True, f"{figure}: its {'upper' if upper else 'lower'} bound holds against {limit:g}"
     margin = (limit - interval.value) if upper else (interval.value - limit)
     needed = utterances_needed(interval.n, abs(bound - interval.value), margin)
     if needed is None:
         return False, f"{figure}: {'above' if upper else 'below'} {limit:g}"
-    return False, (f"{figure}: too few utterances to tell, the interval is wider than the margin to {limit:g}; "
-                   f"about {needed - interval.n} more utterances in the same mix ({needed} in all) would tell")
+    return False, (
+        f"{figure}: too few utterances to tell, the interval is wider than the margin to {limit:g}; "
+        f"about {needed - interval.n} more utterances in the same mix ({needed} in all) would tell"
+    )

@@ -18,19 +18,20 @@ from typing import Optional
 
 import mlflow
 from mlflow.exceptions import MlflowException
+
 from mlflow_faster_whisper.decoding import DecodingOptions, parse_cli_assignments
 from mlflow_faster_whisper.errors import FasterWhisperFlavorError, missing_extra
+from whisper_registry import __version__
 
 # Each workflow function from its own module: the package re-exports nothing (whisper_registry/__init__.py).
 from whisper_registry.batch import DEFAULT_CHUNK, transcribe_files
 from whisper_registry.compare import COLUMNS, compare
 from whisper_registry.doctor import doctor, format_report
+from whisper_registry.errors import GateFailedError, RegistrationError, RegistryError, TrainingInterrupted
 from whisper_registry.evaluate import evaluate
 from whisper_registry.finetune import ADAPTER_ARTIFACT, DEVICES, FinetuneOptions, finetune
 from whisper_registry.promote import ALIASES, promote, rollback
 from whisper_registry.register import register
-from whisper_registry import __version__
-from whisper_registry.errors import GateFailedError, RegistrationError, RegistryError, TrainingInterrupted
 
 PROG = "whisper-registry"
 
@@ -117,8 +118,10 @@ def _evaluate(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         progress=not args.no_progress,
     )
-    print(f"{result.name} version {result.version}: {result.headline}={_num(result.headline_value)} "
-          f"on {result.metrics.get('n_utterances', 0):.0f} utterances (dataset {result.dataset_digest[:12]})")
+    print(
+        f"{result.name} version {result.version}: {result.headline}={_num(result.headline_value)} "
+        f"on {result.metrics.get('n_utterances', 0):.0f} utterances (dataset {result.dataset_digest[:12]})"
+    )
     for key in sorted(result.metrics):
         print(f"  {key:<16} {_num(result.metrics[key])}")
     for bad in result.skipped:
@@ -138,9 +141,11 @@ def _transcribe(args: argparse.Namespace) -> int:
         load=_load(args),
         progress=not args.no_progress,
     )
-    print(f"{result.name} version {result.version}: {result.done} files transcribed ({result.failed} failed), "
-          f"{result.skipped} already in {result.output}; {result.files_per_s:.3g} files/s, "
-          f"{result.audio_seconds / result.wall_s if result.wall_s else 0:.3g} audio s/s")
+    print(
+        f"{result.name} version {result.version}: {result.done} files transcribed ({result.failed} failed), "
+        f"{result.skipped} already in {result.output}; {result.files_per_s:.3g} files/s, "
+        f"{result.audio_seconds / result.wall_s if result.wall_s else 0:.3g} audio s/s"
+    )
     print(f"transcribe run: {result.run_id}")
     return 0
 
@@ -187,15 +192,20 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Registry workflows for faster-whisper models in MLflow.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
-                                     help=f"one of these ({PROG} COMMAND --help for its options):")
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", help=f"one of these ({PROG} COMMAND --help for its options):"
+    )
     add_finetune_parser(commands)
 
     p = commands.add_parser("register", help="convert a checkpoint once per quantization and register each version")
     p.add_argument("checkpoint", nargs="?", metavar="CHECKPOINT", help="transformers/CTranslate2 directory, hub id, or runs:/ URI")
     p.add_argument("--name", required=True, help="registered model name")
-    p.add_argument("--quantization", action="append", metavar="Q[,Q...]",
-                   help="CTranslate2 quantizations, comma-separated (default int8; a CTranslate2 directory as stored)")
+    p.add_argument(
+        "--quantization",
+        action="append",
+        metavar="Q[,Q...]",
+        help="CTranslate2 quantizations, comma-separated (default int8; a CTranslate2 directory as stored)",
+    )
     p.add_argument("--adapter", help="a PEFT/LoRA adapter directory or runs:/ URI to merge into --base")
     p.add_argument("--base", help="the base checkpoint of the adapter")
     p.add_argument("--revision", help="hub revision of a hub id")
@@ -209,8 +219,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="split of a DatasetDict (default: test, or the only one)")
     p.add_argument("--skip-bad", action="store_true", help="skip rows with missing/undecodable audio and record them")
     _load_options(p, "CTranslate2 threads (default: its own)")
-    p.add_argument("--concurrency", type=_positive_int, default=1,
-                   help="utterances in flight, sharing forward passes (default 1: each alone, its own latency)")
+    p.add_argument(
+        "--concurrency",
+        type=_positive_int,
+        default=1,
+        help="utterances in flight, sharing forward passes (default 1: each alone, its own latency)",
+    )
     _decoding_option(p, "overrides of the version's stored decoding options")
     _progress_option(p)
     p.set_defaults(handler=_evaluate)
@@ -218,11 +232,16 @@ def _parser() -> argparse.ArgumentParser:
     p = commands.add_parser("transcribe", help="transcribe a folder, glob or manifest of audio files into Parquet, resumably")
     p.add_argument("model_uri", metavar="MODEL_URI", help="models:/<name>/<version> or models:/<name>@<alias>")
     p.add_argument("input", metavar="INPUT", help="a folder, a quoted glob, or a .txt/.csv/.jsonl manifest of files")
-    p.add_argument("--output", required=True, metavar="OUT.parquet",
-                   help="a directory of Parquet files; files already in it are skipped (resume)")
+    p.add_argument(
+        "--output", required=True, metavar="OUT.parquet", help="a directory of Parquet files; files already in it are skipped (resume)"
+    )
     p.add_argument("--spark", metavar="MASTER", help="run on Spark, e.g. local[4] or spark://host:7077 (default: here)")
-    p.add_argument("--chunk-size", type=_positive_int, default=DEFAULT_CHUNK,
-                   help=f"files per written part (and per Spark job) (default {DEFAULT_CHUNK})")
+    p.add_argument(
+        "--chunk-size",
+        type=_positive_int,
+        default=DEFAULT_CHUNK,
+        help=f"files per written part (and per Spark job) (default {DEFAULT_CHUNK})",
+    )
     _load_options(p, "CTranslate2 threads per worker (default: here, its own; Spark local[N]: the cores divided by N)")
     _decoding_option(p, "overrides of the version's stored decoding options")
     _progress_option(p)
@@ -239,8 +258,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("version", metavar="VERSION", help="the version number to move the alias to")
     p.add_argument("--to", required=True, metavar="ALIAS", help=f"one of {', '.join(ALIASES)}")
     p.add_argument("--gate", action="append", metavar="GATE", help='e.g. "cer<=0.08" (repeatable; all must hold)')
-    p.add_argument("--max-regression", type=float, metavar="DELTA",
-                   help="largest allowed increase of the headline error rate over the alias's current holder")
+    p.add_argument(
+        "--max-regression",
+        type=float,
+        metavar="DELTA",
+        help="largest allowed increase of the headline error rate over the alias's current holder",
+    )
     p.add_argument("--user", help="who to record in the audit trail (default: the OS user)")
     p.set_defaults(handler=_promote)
 
@@ -251,16 +274,22 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_rollback)
 
     p = commands.add_parser("doctor", help="what this machine can run models on: GPUs, driver, cuBLAS 12, a smoke test")
-    p.add_argument("--model", metavar="MODEL_URI",
-                   help="load this model on every device and transcribe 1 s of audio on each (exit 1 if one fails)")
+    p.add_argument(
+        "--model", metavar="MODEL_URI", help="load this model on every device and transcribe 1 s of audio on each (exit 1 if one fails)"
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(handler=_doctor)
     return parser
 
 
 def _decoding_option(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("--decoding", nargs="+", action="extend", metavar="KEY=VALUE",
-                   help=f"{what}, e.g. beam_size=1 temperature=0 language=zh; keys: {', '.join(DecodingOptions.model_fields)}")
+    p.add_argument(
+        "--decoding",
+        nargs="+",
+        action="extend",
+        metavar="KEY=VALUE",
+        help=f"{what}, e.g. beam_size=1 temperature=0 language=zh; keys: {', '.join(DecodingOptions.model_fields)}",
+    )
 
 
 def _load_options(p: argparse.ArgumentParser, threads_help: str) -> None:
@@ -356,8 +385,17 @@ def run_finetune(args) -> int:
     option_names = {f.name for f in fields(FinetuneOptions)}
     options = {k: v for k, v in vars(args).items() if k in option_names}
     try:
-        result = finetune(args.base, args.dataset, args.output_dir, eval_dataset=args.eval_dataset, options=options,
-                          split=args.split, eval_split=args.eval_split, resume=args.resume, progress=not args.no_progress)
+        result = finetune(
+            args.base,
+            args.dataset,
+            args.output_dir,
+            eval_dataset=args.eval_dataset,
+            options=options,
+            split=args.split,
+            eval_split=args.eval_split,
+            resume=args.resume,
+            progress=not args.no_progress,
+        )
     except TrainingInterrupted as exc:
         print(f"whisper-registry: interrupted: {exc}", file=sys.stderr)
         return 128 + exc.signum

@@ -20,8 +20,7 @@ from whisper_registry import metrics, tags, tracking, versions
 
 _logger = logging.getLogger(__name__)
 
-COLUMNS = ("version", "quantization", "size_mb", "cer", "cer_ci", "wer", "wer_ci", "rtf", "latency_p95_s", "dataset", "aliases",
-           "report")
+COLUMNS = ("version", "quantization", "size_mb", "cer", "cer_ci", "wer", "wer_ci", "rtf", "latency_p95_s", "dataset", "aliases", "report")
 
 
 @dataclass(frozen=True)
@@ -88,8 +87,7 @@ def summarize(name: str) -> list[VersionSummary]:
     summaries = []
     for mv in versions.list_all(name):
         if not versions.is_complete(mv):
-            _logger.warning("Leaving out version %s of %r: its registration did not finish (register again to remove it)",
-                            mv.version, name)
+            _logger.warning("Leaving out version %s of %r: its registration did not finish (register again to remove it)", mv.version, name)
             continue
         summaries.append(_summary(mv, tuple(sorted(aliases.get(str(mv.version), [])))))
     return summaries
@@ -160,9 +158,16 @@ def _plot(name: str, evaluated: list[VersionSummary], path: Path) -> None:
     rtfs = [s.rtf if s.rtf is not None else float("nan") for s in evaluated]
     bars = [s for s in evaluated if s.error_ci is not None]
     if bars:  # the 95 % bootstrap interval of each version's error rate
-        ax.errorbar([s.size_mb for s in bars], [s.error for s in bars],
-                    yerr=[[s.error - s.error_ci[0] for s in bars], [s.error_ci[1] - s.error for s in bars]],
-                    fmt="none", ecolor="gray", elinewidth=1.5, capsize=5, zorder=1)
+        ax.errorbar(
+            [s.size_mb for s in bars],
+            [s.error for s in bars],
+            yerr=[[s.error - s.error_ci[0] for s in bars], [s.error_ci[1] - s.error for s in bars]],
+            fmt="none",
+            ecolor="gray",
+            elinewidth=1.5,
+            capsize=5,
+            zorder=1,
+        )
     points = ax.scatter([s.size_mb for s in evaluated], [s.error for s in evaluated], c=rtfs, cmap="viridis_r", s=120, edgecolors="black")
     fig.colorbar(points, ax=ax, label="real-time factor (lower is faster)")
     for s in evaluated:

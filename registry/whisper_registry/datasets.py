@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-from mlflow_faster_whisper.audio import decode_audio
-from mlflow_faster_whisper.errors import AudioDecodeError
-from mlflow_faster_whisper.decoding import whisper_languages
 
+from mlflow_faster_whisper.audio import decode_audio
+from mlflow_faster_whisper.decoding import whisper_languages
+from mlflow_faster_whisper.errors import AudioDecodeError
 from whisper_registry.errors import DatasetError
 
 AUDIO_KEYS = ("audio", "audio_path", "audio_filepath", "path", "file")
@@ -164,8 +164,7 @@ def _csv_records(path: Path) -> Iterator[tuple[str, dict | None]]:
         reader = csv.DictReader(f, dialect=dialect)
         if not reader.fieldnames or not _first(reader.fieldnames, AUDIO_KEYS) or not _first(reader.fieldnames, TEXT_KEYS):
             raise DatasetError(
-                f"{path} needs a header row with an audio column ({', '.join(AUDIO_KEYS)}) "
-                f"and a text column ({', '.join(TEXT_KEYS)})."
+                f"{path} needs a header row with an audio column ({', '.join(AUDIO_KEYS)}) and a text column ({', '.join(TEXT_KEYS)})."
             )
         for number, record in enumerate(reader, start=2):
             yield f"{path.name}:{number}", record
@@ -201,8 +200,7 @@ def _hf_rows(path: Path, split: Optional[str]) -> Iterator[Row | BadRow]:
         loaded = hf.load_from_disk(str(path))
     except (FileNotFoundError, ValueError) as exc:
         raise DatasetError(
-            f"{path} is not a Hugging Face dataset saved with save_to_disk ({exc}); "
-            "pass such a directory or a .jsonl/.csv manifest."
+            f"{path} is not a Hugging Face dataset saved with save_to_disk ({exc}); pass such a directory or a .jsonl/.csv manifest."
         ) from None
     if isinstance(loaded, hf.DatasetDict):
         loaded = _pick_split(path, loaded, split)

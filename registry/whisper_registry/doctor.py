@@ -111,8 +111,10 @@ def format_report(facts: dict[str, Any]) -> list[str]:
         lines.append("smoke transcription: skipped (give --model MODEL_URI to load and run a model on each device)")
     for s in facts["smoke"]:
         if s["ok"]:
-            lines.append(f"smoke {s['device']} {s['compute_type']}: ok, load {s['load_s']:.2f} s, "
-                         f"{SMOKE_SECONDS:.0f} s of audio in {s['transcribe_s']:.2f} s")
+            lines.append(
+                f"smoke {s['device']} {s['compute_type']}: ok, load {s['load_s']:.2f} s, "
+                f"{SMOKE_SECONDS:.0f} s of audio in {s['transcribe_s']:.2f} s"
+            )
         else:
             lines.append(f"smoke {s['device']}: FAILED {s['error']}")
     return lines

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import mlflow
-from mlflow_faster_whisper import sources
 
+from mlflow_faster_whisper import sources
 from whisper_registry import metrics, tags, tracking, training
 from whisper_registry.errors import FinetuneError, TrainingInterrupted
 from whisper_registry.finetune_data import PreparedData, check_language, prepare, transcribe_greedy
@@ -109,11 +109,28 @@ def _finetune(base, dataset, output_dir, eval_dataset, options: FinetuneOptions,
     model = _load_model(base_ref)
     peft_model = _with_lora(model, options)
     max_labels = model.config.max_target_positions
-    train = prepare(dataset, processor.tokenizer, generation_config, language=options.language,
-                    task=options.task, max_label_tokens=max_labels, split=split)
-    held_out = None if eval_dataset is None else prepare(
-        eval_dataset, processor.tokenizer, generation_config, language=options.language,
-        task=options.task, max_label_tokens=max_labels, split=eval_split)
+    train = prepare(
+        dataset,
+        processor.tokenizer,
+        generation_config,
+        language=options.language,
+        task=options.task,
+        max_label_tokens=max_labels,
+        split=split,
+    )
+    held_out = (
+        None
+        if eval_dataset is None
+        else prepare(
+            eval_dataset,
+            processor.tokenizer,
+            generation_config,
+            language=options.language,
+            task=options.task,
+            max_label_tokens=max_labels,
+            split=eval_split,
+        )
+    )
     device, precision = _device(options.device)
     setup = tracking.configure()
     previous_run = training.read_run_record(output_dir) if checkpoint else None
@@ -124,18 +141,33 @@ def _finetune(base, dataset, output_dir, eval_dataset, options: FinetuneOptions,
             mlflow.set_tags({tags.RUN_KIND: "finetune", **({tags.RUN_RESUMED_FROM: previous_run} if previous_run else {})})
             mlflow.log_params(_params(base_ref, train, held_out, options, device, precision, peft_model, checkpoint))
             scored = held_out or train
-            result = FinetuneResult(run.info.run_id, output_dir, 0, scored_on="eval" if held_out else "train",
-                                    headline=metrics.headline_metric(scored.languages))
+            result = FinetuneResult(
+                run.info.run_id,
+                output_dir,
+                0,
+                scored_on="eval" if held_out else "train",
+                headline=metrics.headline_metric(scored.languages),
+            )
             _logger.info("Scoring the base model on %d %s utterances", len(scored.examples), result.scored_on)
+
             def transcribe() -> list[str]:
-                return transcribe_greedy(peft_model, processor, scored, task=options.task, batch_size=options.batch_size,
-                                         max_new_tokens=options.max_new_tokens, device=device, precision=precision)
+                return transcribe_greedy(
+                    peft_model,
+                    processor,
+                    scored,
+                    task=options.task,
+                    batch_size=options.batch_size,
+                    max_new_tokens=options.max_new_tokens,
+                    device=device,
+                    precision=precision,
+                )
 
             with peft_model.disable_adapter():
                 before_texts = transcribe()
             result.before = _log_scores(scored, before_texts, result.scored_on, "before")
-            trainer = training.trainer(peft_model, processor, train, held_out, output_dir, options, device, precision,
-                               run.info.run_id, progress)
+            trainer = training.trainer(
+                peft_model, processor, train, held_out, output_dir, options, device, precision, run.info.run_id, progress
+            )
             _logger.info("Training (%s, %s)%s", device, precision, f", resuming from {checkpoint}" if checkpoint else "")
             trainer.train(resume_from_checkpoint=checkpoint)
             _logger.info("Scoring the fine-tuned model")
@@ -196,8 +228,13 @@ def _with_lora(model, options: FinetuneOptions):
             f"e.g. {', '.join(valid)} (or a dotted suffix such as decoder.layers.0.fc1)."
         )
     set_seed(options.seed)  # the adapter's initial A matrices
-    config = LoraConfig(r=options.lora_r, lora_alpha=options.lora_alpha, lora_dropout=options.lora_dropout,
-                        target_modules=list(options.target_modules), bias="none")
+    config = LoraConfig(
+        r=options.lora_r,
+        lora_alpha=options.lora_alpha,
+        lora_dropout=options.lora_dropout,
+        target_modules=list(options.target_modules),
+        bias="none",
+    )
     return get_peft_model(model, config)
 
 
@@ -243,8 +280,16 @@ def _log_adapter(model, processor, target: Path) -> None:
     mlflow.log_artifacts(str(target), ADAPTER_ARTIFACT)
 
 
-def _params(base_ref: str, train: PreparedData, held_out: Optional[PreparedData], options: FinetuneOptions,
-            device: str, precision: str, model, checkpoint: Optional[str]) -> dict[str, Any]:
+def _params(
+    base_ref: str,
+    train: PreparedData,
+    held_out: Optional[PreparedData],
+    options: FinetuneOptions,
+    device: str,
+    precision: str,
+    model,
+    checkpoint: Optional[str],
+) -> dict[str, Any]:
     import peft
     import torch
     import transformers

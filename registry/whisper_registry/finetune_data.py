@@ -21,12 +21,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+
 from mlflow_faster_whisper.constants import SAMPLE_RATE
 from mlflow_faster_whisper.decoding import whisper_languages
-
 from whisper_registry.datasets import EvaluationDataset, Row, load_dataset
 from whisper_registry.errors import FinetuneDataError, LanguageError
-
 
 # Whisper's encoder sees exactly one 30 s window; longer audio would be silently truncated.
 MAX_AUDIO_SECONDS = 30.0
@@ -215,8 +214,9 @@ def check_task(task: str) -> None:
         raise LanguageError(f"Unknown task {task!r}: use 'transcribe' or 'translate'.")
 
 
-def transcribe_greedy(model, processor, data: PreparedData, *, task: str, batch_size: int, max_new_tokens: int,
-                      device: str = "cpu", precision: str = "fp32") -> list[str]:
+def transcribe_greedy(
+    model, processor, data: PreparedData, *, task: str, batch_size: int, max_new_tokens: int, device: str = "cpu", precision: str = "fp32"
+) -> list[str]:
     """Greedy transcripts of the examples' audio with their language/task prefix forced, in order.
 
     This is how fine-tuning scores a model before and after training (with ``metrics.score``);
@@ -233,13 +233,19 @@ def transcribe_greedy(model, processor, data: PreparedData, *, task: str, batch_
         by_language.setdefault(example.language, []).append(index)
     for language, indices in by_language.items():
         for start in range(0, len(indices), batch_size):
-            batch = indices[start:start + batch_size]
+            batch = indices[start : start + batch_size]
             features = np.stack([log_mel(processor.feature_extractor, data.examples[i].row.samples()) for i in batch])
             prefix = {"language": language, "task": task} if multilingual else {}
             with torch.no_grad(), _autocast(device, precision):
-                out = model.generate(input_features=torch.from_numpy(features).to(device), num_beams=1, do_sample=False,
-                                     max_new_tokens=max_new_tokens, use_cache=True, **prefix)
-            for i, text in zip(batch, processor.tokenizer.batch_decode(out, skip_special_tokens=True)):
+                out = model.generate(
+                    input_features=torch.from_numpy(features).to(device),
+                    num_beams=1,
+                    do_sample=False,
+                    max_new_tokens=max_new_tokens,
+                    use_cache=True,
+                    **prefix,
+                )
+            for i, text in zip(batch, processor.tokenizer.batch_decode(out, skip_special_tokens=True), strict=True):
                 texts[i] = text.strip()
     return texts
 

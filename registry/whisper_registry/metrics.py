@@ -100,8 +100,7 @@ def get_metric(name: str) -> Metric:
         metric = METRICS[base]
         return Metric(key, lambda m: metric.compute(_only(m, language)), metric.description, "text", language)
     raise UnknownMetricError(
-        f"Unknown metric {name!r}. Valid metrics: {', '.join(METRICS)} "
-        "(text metrics also per language, e.g. cer_zh, wer_en)."
+        f"Unknown metric {name!r}. Valid metrics: {', '.join(METRICS)} (text metrics also per language, e.g. cer_zh, wer_en)."
     )
 
 
@@ -189,7 +188,9 @@ def score(
     if len(references) != len(hypotheses):
         raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses: pass them in pairs.")
     languages = [language] * len(references) if language is None or isinstance(language, str) else list(language)
-    utterances = [score_utterance(r, h, lang) for r, h, lang in zip(references, hypotheses, languages)]
+    if len(languages) != len(references):  # zip would score the shorter run only
+        raise ValueError(f"{len(references)} pairs but {len(languages)} languages: pass one language, or one per pair.")
+    utterances = [score_utterance(r, h, lang) for r, h, lang in zip(references, hypotheses, languages, strict=True)]
     text = {k: v for k, v in compute_all(Measurements(utterances)).items() if _is_text(k)}
     return {**text, "headline": headline_metric(languages), "n_utterances": len(utterances)}
 

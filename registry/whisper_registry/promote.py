@@ -52,8 +52,8 @@ from whisper_registry.errors import (
     AliasBusyError,
     GateFailedError,
     GateSyntaxError,
-    NothingToRollBackError,
     NotEvaluatedError,
+    NothingToRollBackError,
     UnknownAliasError,
     UnknownMetricError,
 )
@@ -65,7 +65,9 @@ LOCK_WAIT_S = 60.0  # how long a move waits for another move of the same alias
 LOCK_STALE_S = 300.0  # a lock older than this was left by a process that died mid-move
 BOUNDS = ("upper", "lower")
 _OPERATORS = {"<=": operator.le, "<": operator.lt, ">=": operator.ge, ">": operator.gt, "==": operator.eq}
-_GATE = re.compile(r"^\s*(?P<metric>[A-Za-z][\w]*(\.[A-Za-z][\w]*){0,2})\s*(?P<op><=|>=|==|<|>)\s*(?P<value>[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?)\s*$")
+_GATE = re.compile(
+    r"^\s*(?P<metric>[A-Za-z][\w]*(\.[A-Za-z][\w]*){0,2})\s*(?P<op><=|>=|==|<|>)\s*(?P<value>[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?)\s*$"
+)
 
 
 @dataclass(frozen=True)
@@ -121,10 +123,11 @@ def parse_gate(text: str) -> Gate:
             f"(operators: {', '.join(_OPERATORS)})."
         )
     if m["metric"].startswith(tags.SHADOW_PREFIX):  # a figure the service's shadow wrote on the version
-        figure = m["metric"][len(tags.SHADOW_PREFIX):]
+        figure = m["metric"][len(tags.SHADOW_PREFIX) :]
         if figure not in tags.SHADOW_FIGURES:
-            raise UnknownMetricError(f"Unknown shadow figure {figure!r}: use one of "
-                                     f"{', '.join(tags.SHADOW_PREFIX + f for f in tags.SHADOW_FIGURES)}.")
+            raise UnknownMetricError(
+                f"Unknown shadow figure {figure!r}: use one of {', '.join(tags.SHADOW_PREFIX + f for f in tags.SHADOW_FIGURES)}."
+            )
         return Gate(m["metric"], m["op"], float(m["value"]))
     metric = metrics.get_metric(m["metric"]).name
     return Gate(metric, m["op"], float(m["value"]))
@@ -196,8 +199,7 @@ def _promote_locked(name, candidate, alias, parsed, max_regression, user) -> Pro
     if failed:
         summary = "; ".join(f"{r.gate} ({r.detail})" for r in failed)
         raise GateFailedError(
-            f"Not promoting version {to_version} of {name!r} to {alias}: {summary}. "
-            f"The alias stays on {_version_label(holder)}.",
+            f"Not promoting version {to_version} of {name!r} to {alias}: {summary}. The alias stays on {_version_label(holder)}.",
             results,
         )
     result = PromotionResult(name, alias, "promote", from_version, to_version, now, user, True, results)
@@ -251,7 +253,7 @@ def audit_trail(name: str, alias: str) -> list[dict]:
     """The recorded events of ``alias``, oldest first."""
     model = tracking.client().get_registered_model(name)
     prefix = f"{tags.AUDIT_PREFIX}{alias}."
-    keyed = sorted((int(k[len(prefix):]), v) for k, v in (model.tags or {}).items() if k.startswith(prefix) and k[len(prefix):].isdigit())
+    keyed = sorted((int(k[len(prefix) :]), v) for k, v in (model.tags or {}).items() if k.startswith(prefix) and k[len(prefix) :].isdigit())
     return [json.loads(v) for _, v in keyed]
 
 
@@ -266,8 +268,7 @@ def alias_lock(name: str, alias: str, *, wait_s: float = LOCK_WAIT_S, stale_s: f
     lock = f"{name}.{alias}.lock"
     token = f"{tracking.owner()}:{uuid.uuid4().hex}"  # host:pid:start, and unique to this hold
     deadline = time.monotonic() + wait_s
-    while not _create(client, lock, token, f"Held by whisper-registry while it moves {name}@{alias}; "
-                      "it is deleted after the move."):
+    while not _create(client, lock, token, f"Held by whisper-registry while it moves {name}@{alias}; it is deleted after the move."):
         held = _lock_age_and_owner(client, lock)
         if held is not None and (tracking.owner_is_dead(held[1]) or held[0] > stale_s):
             _break(client, lock, held, stale_s)
@@ -362,8 +363,7 @@ def _check_gate(gate: Gate, version_tags: dict[str, str]) -> GateResult:
     shadow = gate.metric.startswith(tags.SHADOW_PREFIX)
     raw = version_tags.get(gate.metric if shadow else f"{tags.EVAL_PREFIX}{gate.metric}")
     if raw is None:
-        where = ("the version's shadow figures: serve it as shadow= beside production first" if shadow
-                 else "the version's evaluation")
+        where = "the version's shadow figures: serve it as shadow= beside production first" if shadow else "the version's evaluation"
         return GateResult(str(gate), None, False, f"no {gate.metric} in {where}")
     value = float(raw)
     if gate.bound:
@@ -379,8 +379,13 @@ def _check_bound(gate: Gate, value: float, version_tags: dict[str, str]) -> Gate
     low, high = version_tags.get(key + metrics.CI_LOW), version_tags.get(key + metrics.CI_HIGH)
     n = version_tags.get(f"{tags.SHADOW_PREFIX}requests" if shadow else f"{tags.EVAL_PREFIX}n_utterances")
     if low is None or high is None or n is None:
-        return GateResult(str(gate), None, False, f"no interval of {gate.metric} recorded: evaluate the version again "
-                          "(evaluations and shadow figures record one beside each rate)")
+        return GateResult(
+            str(gate),
+            None,
+            False,
+            f"no interval of {gate.metric} recorded: evaluate the version again "
+            "(evaluations and shadow figures record one beside each rate)",
+        )
     interval = bootstrap.Interval(value, float(low), float(high), int(float(n)))
     bound = interval.high if gate.bound == "upper" else interval.low
     if (gate.bound == "upper") == (gate.op in ("<", "<=")):  # the conservative end: noise can refuse
@@ -400,7 +405,9 @@ def _check_regression(name: str, candidate_tags: dict[str, str], holder, alias: 
     theirs = _holder_run(name, holder, dataset)
     if mine is None or theirs is None:
         return GateResult(
-            gate, None, False,
+            gate,
+            None,
+            False,
             f"version {holder.version} (holding {alias}) has no {headline} on dataset {str(dataset)[:12]}: "
             f"evaluate models:/{name}/{holder.version} on the same dataset",
         )
@@ -413,8 +420,13 @@ def _check_regression(name: str, candidate_tags: dict[str, str], holder, alias: 
     except ValueError as exc:
         return GateResult(gate, None, False, f"{exc} Evaluate both versions on the same dataset again")
     if diff is None:
-        return GateResult(gate, None, False, f"no per-utterance counts in the evaluations of this version and version "
-                          f"{holder.version}: evaluate both again on the same dataset to compare them utterance by utterance")
+        return GateResult(
+            gate,
+            None,
+            False,
+            f"no per-utterance counts in the evaluations of this version and version "
+            f"{holder.version}: evaluate both again on the same dataset to compare them utterance by utterance",
+        )
     what = f"regression ({headline} of this version minus that of version {holder.version})"
     passed, detail = bootstrap.bound_check(diff, limit, upper=True, what=what)
     return GateResult(gate, diff.value, passed, detail, diff.high)

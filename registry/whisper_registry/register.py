@@ -17,14 +17,15 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import mlflow
-import mlflow_faster_whisper as mfw
-from mlflow_faster_whisper import checksums, constants as c
-from mlflow_faster_whisper.decoding import DecodingOptions
-from mlflow_faster_whisper.conversion import quantization_name
-from mlflow_faster_whisper.errors import FasterWhisperFlavorError, first_line
-from mlflow_faster_whisper.sources import resolve_source
 from tqdm.auto import tqdm
 
+import mlflow_faster_whisper as mfw
+from mlflow_faster_whisper import checksums
+from mlflow_faster_whisper import constants as c
+from mlflow_faster_whisper.conversion import quantization_name
+from mlflow_faster_whisper.decoding import DecodingOptions
+from mlflow_faster_whisper.errors import FasterWhisperFlavorError, first_line
+from mlflow_faster_whisper.sources import resolve_source
 from whisper_registry import tags, tracking, versions
 from whisper_registry.errors import RegistrationError, RegistryError
 
@@ -103,22 +104,26 @@ def register(
     result = RegistrationResult(name=name, run_id=run.info.run_id)
     status = "FAILED"
     try:
-        mlflow.log_params({
-            "source": label,
-            "source_kind": resolved.kind,
-            "base_model": resolved.base_model or "",
-            "quantizations": ",".join(q or "as-stored" for q in wanted),
-            "decoding": json.dumps(decoding.explicit(), sort_keys=True),
-        })
+        mlflow.log_params(
+            {
+                "source": label,
+                "source_kind": resolved.kind,
+                "base_model": resolved.base_model or "",
+                "quantizations": ",".join(q or "as-stored" for q in wanted),
+                "decoding": json.dumps(decoding.explicit(), sort_keys=True),
+            }
+        )
         bar = tqdm(wanted, desc=f"register {name}", unit="quantization", disable=not progress)
         for quantization in bar:
             bar.set_postfix_str(f"converting {quantization or 'as stored'}")
             _register_one(resolved, name, quantization, base_model, revision, decoding, label, result)
         bar.close()
-        mlflow.set_tags({
-            "registered_versions": ",".join(v.version for v in result.versions),
-            "failed_quantizations": ",".join(result.failed),
-        })
+        mlflow.set_tags(
+            {
+                "registered_versions": ",".join(v.version for v in result.versions),
+                "failed_quantizations": ",".join(result.failed),
+            }
+        )
         status = "FINISHED" if not result.failed else "FAILED"
     finally:
         mlflow.end_run(status)
@@ -168,14 +173,16 @@ def _register_one(source, name, quantization, base_model, revision, decoding, la
     if mv.status != "READY":
         result.failed[key] = f"version {mv.version} did not become READY"
         return
-    result.versions.append(RegisteredVersion(
-        name=name,
-        version=str(mv.version),
-        quantization=version_tags[tags.QUANTIZATION],
-        size_bytes=size_bytes,
-        checksums_digest=version_tags[tags.CHECKSUMS_DIGEST],
-        model_id=info.model_id,
-    ))
+    result.versions.append(
+        RegisteredVersion(
+            name=name,
+            version=str(mv.version),
+            quantization=version_tags[tags.QUANTIZATION],
+            size_bytes=size_bytes,
+            checksums_digest=version_tags[tags.CHECKSUMS_DIGEST],
+            model_id=info.model_id,
+        )
+    )
 
 
 def _create_version(name: str, info, version_tags: dict[str, str], description: str):

@@ -55,14 +55,17 @@ def render(
     """
     ranked = sorted((u for u in utterances if u["errors"]), key=lambda u: (-u["errors"], -(u["error_rate"] or 0)))
     parts = [
-        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
         f"<title>{_e(title)}</title><style>{_STYLE}</style></head><body>",
         f"<h1>{_e(title)}</h1>",
         _figures_table(figures, intervals),
-        f'<h2>The {min(worst, len(ranked))} worst of {len(utterances)} utterances</h2>',
-        ('<p class="legend">Reference above, hypothesis below, after normalisation: '
-         '<span class="op-substitute">substituted</span><span class="op-delete">deleted</span>'
-         '<span class="op-insert">inserted</span></p>'),
+        f"<h2>The {min(worst, len(ranked))} worst of {len(utterances)} utterances</h2>",
+        (
+            '<p class="legend">Reference above, hypothesis below, after normalisation: '
+            '<span class="op-substitute">substituted</span><span class="op-delete">deleted</span>'
+            '<span class="op-insert">inserted</span></p>'
+        ),
     ]
     parts += [_utterance(u) for u in ranked[:worst]]
     if not ranked:
@@ -75,15 +78,18 @@ def _figures_table(figures: Mapping[str, float], intervals: Mapping[str, Interva
     rows = []
     for name in sorted(intervals):
         i = intervals[name]
-        rows.append(f'<tr class="figure" data-metric="{_e(name)}"><th>{_e(name)}</th><td>{i.value:.4f}</td>'
-                    f'<td>{i.low:.4f} to {i.high:.4f}</td><td>{i.n}</td></tr>')
+        rows.append(
+            f'<tr class="figure" data-metric="{_e(name)}"><th>{_e(name)}</th><td>{i.value:.4f}</td>'
+            f"<td>{i.low:.4f} to {i.high:.4f}</td><td>{i.n}</td></tr>"
+        )
     for name in ("rtf", "latency_p50_s", "latency_p95_s", "n_utterances", "n_skipped"):
         if name in figures:
             rows.append(f'<tr class="figure" data-metric="{name}"><th>{name}</th><td>{figures[name]:.4g}</td><td></td><td></td></tr>')
     confidence = next(iter(intervals.values())).confidence if intervals else 0.95
-    return ('<table class="figures"><tr><th></th><th>value</th>'
-            f'<th>{confidence:.0%} interval (bootstrap over utterances)</th><th>utterances</th></tr>'
-            + "".join(rows) + "</table>")
+    return (
+        '<table class="figures"><tr><th></th><th>value</th>'
+        f"<th>{confidence:.0%} interval (bootstrap over utterances)</th><th>utterances</th></tr>" + "".join(rows) + "</table>"
+    )
 
 
 def _utterance(u: Mapping[str, Any]) -> str:
@@ -94,7 +100,7 @@ def _utterance(u: Mapping[str, Any]) -> str:
     return (
         f'<div class="utterance" data-errors="{u["errors"]}">'
         f'<div class="meta">{_e(str(u["audio"]))} &middot; {_e(str(u.get("language") or "?"))} &middot; '
-        f'{u["errors"]} {u["unit"]} errors{"" if rate is None else f", rate {rate:.3f}"}</div>'
+        f"{u['errors']} {u['unit']} errors{'' if rate is None else f', rate {rate:.3f}'}</div>"
         f'<table class="alignment"><tr class="reference"><th>ref</th>{ref_row}</tr>'
         f'<tr class="hypothesis"><th>hyp</th>{hyp_row}</tr></table></div>'
     )
@@ -110,13 +116,13 @@ def alignment(reference: str, hypothesis: str, *, by_characters: bool = False) -
     out = process("".join(ref) if by_characters else " ".join(ref), "".join(hyp) if by_characters else " ".join(hyp))
     cells: list[tuple[str, str, str]] = []
     for chunk in out.alignments[0]:
-        refs, hyps = ref[chunk.ref_start_idx:chunk.ref_end_idx], hyp[chunk.hyp_start_idx:chunk.hyp_end_idx]
+        refs, hyps = ref[chunk.ref_start_idx : chunk.ref_end_idx], hyp[chunk.hyp_start_idx : chunk.hyp_end_idx]
         if chunk.type == "insert":
             cells += [("insert", GAP, h) for h in hyps]
         elif chunk.type == "delete":
             cells += [("delete", r, GAP) for r in refs]
         else:  # equal or substitute: one column per pair
-            cells += [(chunk.type, r, h) for r, h in zip(refs, hyps)]
+            cells += [(chunk.type, r, h) for r, h in zip(refs, hyps, strict=True)]  # same length in these chunks
     return cells
 
 

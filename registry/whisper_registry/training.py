@@ -78,7 +78,9 @@ class FinetuneOptions:
             given = dict(value or {})
             unknown = sorted(set(given) - {f.name for f in fields(cls)})
             if unknown:
-                raise FinetuneError(f"Unknown fine-tune option(s) {', '.join(unknown)}: valid ones are {', '.join(f.name for f in fields(cls))}.")
+                raise FinetuneError(
+                    f"Unknown fine-tune option(s) {', '.join(unknown)}: valid ones are {', '.join(f.name for f in fields(cls))}."
+                )
             if isinstance(given.get("target_modules"), str):
                 given["target_modules"] = given["target_modules"].split(",")
             if given.get("target_modules") is not None:
@@ -88,10 +90,17 @@ class FinetuneOptions:
         return options
 
     def _validate(self) -> None:
-        positive = {"lora_r": self.lora_r, "lora_alpha": self.lora_alpha, "batch_size": self.batch_size,
-                    "gradient_accumulation": self.gradient_accumulation, "save_steps": self.save_steps,
-                    "save_total_limit": self.save_total_limit, "max_new_tokens": self.max_new_tokens,
-                    "learning_rate": self.learning_rate, "epochs": self.epochs}
+        positive = {
+            "lora_r": self.lora_r,
+            "lora_alpha": self.lora_alpha,
+            "batch_size": self.batch_size,
+            "gradient_accumulation": self.gradient_accumulation,
+            "save_steps": self.save_steps,
+            "save_total_limit": self.save_total_limit,
+            "max_new_tokens": self.max_new_tokens,
+            "learning_rate": self.learning_rate,
+            "epochs": self.epochs,
+        }
         if self.max_steps is not None:
             positive["max_steps"] = self.max_steps
         if self.eval_steps is not None:
@@ -117,8 +126,18 @@ class Interrupt(BaseException):
         self.signum = signum
 
 
-def trainer(model, processor, train: PreparedData, held_out: Optional[PreparedData], output_dir: Path,
-             options: FinetuneOptions, device: str, precision: str, run_id: str, progress: bool):
+def trainer(
+    model,
+    processor,
+    train: PreparedData,
+    held_out: Optional[PreparedData],
+    output_dir: Path,
+    options: FinetuneOptions,
+    device: str,
+    precision: str,
+    run_id: str,
+    progress: bool,
+):
     from transformers import PrinterCallback, Seq2SeqTrainer, Seq2SeqTrainingArguments
 
     args = Seq2SeqTrainingArguments(

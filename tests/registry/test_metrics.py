@@ -58,3 +58,9 @@ def test_per_language_view_of_a_text_metric():
     assert get_metric("cer_zh").language == "zh"
     with pytest.raises(UnknownMetricError):
         get_metric("rtf_zh")  # speed metrics have no per-language view
+
+
+def test_languages_that_do_not_pair_up_are_refused_not_truncated():
+    """One language per pair, or one for all: a shorter list would score only the first pairs."""
+    with pytest.raises(ValueError, match="one language, or one per pair"):
+        score(["one two", "three four"], ["one two", "three five"], ["en"])
