@@ -666,6 +666,8 @@ def field(r: dict[str, Any]) -> str:
         v = d.get(name)
         if v is None:
             return "not run"
+        if isinstance(v, dict) and set(v) == {"error"}:
+            return f"drill failed: `{v['error']}`"
         if name == "slow_webhooks":
             return (f"{v['cut']} of {v['connections']} slow connections cut (the last at {sec(v['cut_by_s'], 1)}); "
                     f"authenticated requests meanwhile: {_counts(v['during'])}")
@@ -709,7 +711,9 @@ def field(r: dict[str, Any]) -> str:
         "**Reading.** tiny.en int8 from source on `models:/bench-field@production`, with an api_key, a non-ASCII "
         "admin_key and a webhook_secret holding a space and a comma, CPU only. Each row is one drill of "
         "`bench/field.py` against that one service, in the order given; the before column is what the same "
-        "attacks got from the service before its field defences. The registry's own faults (a register or a "
+        "attacks got from the service before its field defences. The uploads are zeros, not audio: one the service "
+        "admits is read and answered 400, one past the in-flight upload budget is refused with 503 before its body is "
+        "read, so the RSS and spool figures are the budget's. The registry's own faults (a register or a "
         "promote killed mid-way) are drilled by the tests (tests/registry), not timed here.",
     ])
 
