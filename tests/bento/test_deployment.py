@@ -98,7 +98,7 @@ def test_deployments_cli_create_predict_update_delete(tmp_path, whisper_tiny_en_
         assert rows[0]["error"] == "" and rows[0]["language"] == "en"
         starts = [s["start"] for s in rows[0]["segments"]]
         assert len(starts) == len(expected["segments"]), (rows[0]["segments"], expected["segments"])
-        assert all(abs(a - s["start"]) <= 0.2 for a, s in zip(starts, expected["segments"])), (starts, expected["segments"])
+        assert all(abs(a - s["start"]) <= 0.2 for a, s in zip(starts, expected["segments"], strict=True)), (starts, expected["segments"])
         assert rows[1]["text"] == "" and "decode" in rows[1]["error"]
 
         # Errors name the fix and leave nothing behind.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 
 import httpx
@@ -113,7 +114,8 @@ def test_transcribe_returns_text_segments_options_and_model(http, clips):
     body = response.json()
     assert _same_text("en", body["text"], clip.text)
     assert body["language"] == "en" and 2.5 < body["duration"] < 3.5
-    assert body["segments"] and body["segments"][0]["start"] == 0.0
+    # The first timestamp is the model's pick, at most faster-whisper's max_initial_timestamp (1 s).
+    assert body["segments"] and 0.0 <= body["segments"][0]["start"] <= 1.0
     assert body["model"]["version"] is not None and body["model"]["compute_type"] in ("int8", "int8_float32")
     print(f"single /transcribe latency: {latency:.2f}s for {body['duration']:.2f}s of audio")
 
@@ -191,11 +193,11 @@ def test_openai_client_response_formats(server, clips):
     as_text = create(response_format="text")
     assert isinstance(as_text, str) and _same_text("en", as_text, clip.text)
     srt = create(response_format="srt")
-    assert srt.startswith("1\n00:00:00,000 --> 00:00:0") and "quick brown fox" in srt
+    assert re.match(r"1\n00:00:00,\d{3} --> 00:00:0", srt) and "quick brown fox" in srt.lower(), srt
     verbose = create(response_format="verbose_json", timestamp_granularities=["word", "segment"])
     assert verbose.language == "en" and verbose.duration > 2.5
-    assert verbose.segments[0].start == 0.0 and _same_text("en", verbose.text, clip.text)
-    assert [w.word for w in verbose.words][:3] == ["The", "quick", "brown"]
+    assert 0.0 <= verbose.segments[0].start <= 1.0 and _same_text("en", verbose.text, clip.text)
+    assert [w.word.strip(" ,.").lower() for w in verbose.words][:3] == ["the", "quick", "brown"]
     assert [m.id for m in client.models.list().data] == [MODEL_NAME]
     with pytest.raises(openai.UnprocessableEntityError):
         create(language="xx")
@@ -203,7 +205,7 @@ def test_openai_client_response_formats(server, clips):
 
 def test_vtt_and_translation(http, clips):
     vtt = _post(http, "/v1/audio/transcriptions", clips["hello_world"].path, response_format="vtt")
-    assert vtt.status_code == 200 and vtt.text.startswith("WEBVTT\n\n00:00:00.000 --> ")
+    assert vtt.status_code == 200 and re.match(r"WEBVTT\n\n00:00:00\.\d{3} --> ", vtt.text), vtt.text
     translated = _post(http, "/v1/audio/translations", clips["nihao_shijie"].path, response_format="verbose_json")
     assert translated.status_code == 200, translated.text
     body = translated.json()
