@@ -257,7 +257,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("name", metavar="NAME", help="registered model name")
     p.add_argument("version", metavar="VERSION", help="the version number to move the alias to")
     p.add_argument("--to", required=True, metavar="ALIAS", help=f"one of {', '.join(ALIASES)}")
-    p.add_argument("--gate", action="append", metavar="GATE", help='e.g. "cer<=0.08" (repeatable; all must hold)')
+    p.add_argument(
+        "--gate",
+        action="append",
+        metavar="GATE",
+        help='e.g. "cer<=0.08", or "wer.upper<=0.08" to check the upper end of the bootstrap interval instead of the '
+        'point figure (".lower" for the lower end: "shadow.agreement.lower>=0.95"); repeatable, all must hold',
+    )
     p.add_argument(
         "--max-regression",
         type=float,
