@@ -113,6 +113,18 @@ def test_unknown_alias_ends_the_start_naming_the_fix(registry, workdir, tmp_path
     assert list(workdir.iterdir()) == []
 
 
+def test_decoding_defaults_beyond_the_bounds_end_the_start_in_one_line(registry, workdir, tmp_path):
+    # The service's default beam_size above its own max_beam_size: found by the worker, once the
+    # version's defaults are layered under it.
+    code, log = _serve_until_exit({"model": f"models:/{MODEL_NAME}@production", "max_beam_size": "2",
+                                   "decoding": '{"beam_size": 4}', "follow_interval_s": "0"},
+                                  server_env(tmp_path / "bentoml", registry.uri), workdir, WORKER_BOUND_S)
+    assert code == EXIT_CODE, log[-3000:]
+    message = _one_error_line(log)
+    assert "break the service's bounds" in message and "Lower the default or raise the bound" in message
+    assert "A worker could not start" in log
+
+
 def test_bad_configuration_key_ends_the_start_naming_the_key(registry, workdir, tmp_path):
     code, log = _serve_until_exit({"model": f"models:/{MODEL_NAME}@production", "devcie": "cpu"},
                                   server_env(tmp_path / "bentoml", registry.uri), workdir, SERVE_PROCESS_BOUND_S)
