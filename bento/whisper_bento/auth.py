@@ -17,6 +17,7 @@ import os
 import re
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -69,7 +70,7 @@ def load_keys(reference: str, setting: str = "api_key", *, whole: bool = False) 
     return keys
 
 
-def header_bytes(scope: dict[str, Any], name: bytes) -> bytes:
+def header_bytes(scope: Mapping[str, Any], name: bytes) -> bytes:
     """The raw value of header ``name`` (lower case) as sent: no text decoding, so a key that is
     not ASCII compares as the UTF-8 bytes a client sends."""
     return next((value for key, value in scope["headers"] if key == name), b"")

@@ -170,13 +170,13 @@ def repack_installed(dest: Path) -> Path:
         dist = None
     files = list(dist.files or []) if dist is not None else []
     here = Path(__file__).resolve()
-    if not any(Path(dist.locate_file(f)).resolve() == here for f in files):
+    if dist is None or not any(Path(str(dist.locate_file(f))).resolve() == here for f in files):
         raise BuildError(
             f"{PACKAGE_DIR} is neither a checkout of {DISTRIBUTION} nor its installed distribution: "
             f"install it (pip install '{DISTRIBUTION}[serve]'), or run from a checkout (pip install -e '.[serve]')."
         )
     info_dir = next(str(f).split("/")[0] for f in files if str(f).endswith(".dist-info/METADATA"))
-    wheel_meta = (Path(dist.locate_file(f"{info_dir}/WHEEL"))).read_text()
+    wheel_meta = Path(str(dist.locate_file(f"{info_dir}/WHEEL"))).read_text()
     tag = next(line.split(":", 1)[1].strip() for line in wheel_meta.splitlines() if line.startswith("Tag:"))
     name = info_dir[: -len(".dist-info")]  # "mlflow_faster_whisper-0.1.0"
     shipped = sorted(
@@ -194,7 +194,7 @@ def repack_installed(dest: Path) -> Path:
     record = []
     with zipfile.ZipFile(wheel, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         for path in shipped:
-            data = Path(dist.locate_file(path)).read_bytes()
+            data = Path(str(dist.locate_file(path))).read_bytes()
             archive.writestr(path, data)
             digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
             record.append(f"{path},sha256={digest},{len(data)}")

@@ -171,7 +171,7 @@ class ServiceConfig(BaseModel):
     def _known_languages(cls, value: Optional[tuple[str, ...]]) -> Optional[tuple[str, ...]]:
         if value is None:
             return None
-        return tuple(_parse_options({"language": code}).language for code in value)
+        return tuple(_parse_options({"language": code}).language or code for code in value)  # a given code parses to one
 
 
 def _parse_options(value: Any) -> DecodingOptions:

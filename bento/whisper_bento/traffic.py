@@ -56,7 +56,8 @@ def release_request_timers() -> bool:
         finally:
             timer.cancel()
 
-    TimeoutMiddleware._bentoml_call = TimeoutMiddleware.__call__  # kept for the test that shows the retention
-    TimeoutMiddleware.__call__ = __call__
-    TimeoutMiddleware._timer_released = True
+    # BentoML's class is patched in place; mypy knows neither the added attributes nor a method assigned.
+    TimeoutMiddleware._bentoml_call = TimeoutMiddleware.__call__  # type: ignore[attr-defined]  # kept for the test that shows the retention
+    TimeoutMiddleware.__call__ = __call__  # type: ignore[method-assign]
+    TimeoutMiddleware._timer_released = True  # type: ignore[attr-defined]
     return True

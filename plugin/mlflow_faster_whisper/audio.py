@@ -29,10 +29,11 @@ def decode_audio(data: bytes | bytearray | memoryview | np.ndarray, *, max_secon
             that are not sound (NaN, infinite, or far outside [-1, 1]).
     """
     limit = None if max_seconds is None else int(max_seconds * SAMPLE_RATE)
+    limit_s = float("inf") if max_seconds is None else max_seconds  # named only where limit is set
     if isinstance(data, np.ndarray):
         samples = data.astype(np.float32, copy=False).reshape(-1)
         if limit is not None and samples.size > limit:
-            raise AudioTooLongError(samples.size / SAMPLE_RATE, max_seconds)
+            raise AudioTooLongError(samples.size / SAMPLE_RATE, limit_s)
     else:
         if not data:
             raise AudioDecodeError("The audio is empty (0 bytes): send a wav, flac, mp3 or ogg file.")
@@ -80,6 +81,7 @@ def _decode_container(data: bytes, max_seconds: float | None) -> np.ndarray:
     import av
 
     limit = None if max_seconds is None else int(max_seconds * SAMPLE_RATE)
+    limit_s = float("inf") if max_seconds is None else max_seconds  # named only where limit is set
     resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
     chunks, decoded = [], 0
     with av.open(io.BytesIO(data), mode="r", metadata_errors="ignore") as container:
@@ -93,11 +95,11 @@ def _decode_container(data: bytes, max_seconds: float | None) -> np.ndarray:
                 chunks.append(out.to_ndarray().reshape(-1))
                 decoded += chunks[-1].size
             if limit is not None and decoded > limit:
-                raise AudioTooLongError(decoded / SAMPLE_RATE, max_seconds, at_least=True)
+                raise AudioTooLongError(decoded / SAMPLE_RATE, limit_s, at_least=True)
         chunks.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(None))  # flush
     samples = np.concatenate(chunks).astype(np.float32, copy=False) if chunks else np.zeros(0, np.float32)
     if limit is not None and samples.size > limit:
-        raise AudioTooLongError(samples.size / SAMPLE_RATE, max_seconds)
+        raise AudioTooLongError(samples.size / SAMPLE_RATE, limit_s)
     return samples
 
 

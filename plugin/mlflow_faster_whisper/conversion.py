@@ -80,9 +80,9 @@ def convert(source: sources.WhisperSource, output_dir: Path, quantization: Optio
         InvalidSourceError: the source cannot be loaded as Whisper (adapter/base mismatch, ...).
         ConversionError: CTranslate2 failed or wrote a model faster-whisper cannot use.
     """
-    quantization = check_quantization(quantization, source)
     if source.kind == sources.CTRANSLATE2:
-        return _copy_ct2(Path(source.model), output_dir, quantization)
+        return _copy_ct2(Path(source.model), output_dir, check_quantization(quantization, source))
+    quantization = check_quantization(quantization, source) or DEFAULT_QUANTIZATION  # never None past a CT2 copy
     check_memory(source)
     # torch, transformers (and peft) come with the convert extra: a missing one is named with it.
     with tempfile.TemporaryDirectory(prefix="mlflow-faster-whisper-") as tmp, malloc.big_blocks_mapped(), extra_imports():
@@ -173,6 +173,13 @@ def _transformers_checkpoint(source: sources.WhisperSource, tmp: Path) -> tuple[
     return str(config_dir), processor, model
 
 
+def _base_of(source: sources.WhisperSource) -> str:
+    """The base checkpoint an adapter applies to (sources sets it wherever one is read)."""
+    if not source.base_model:
+        raise InvalidSourceError("The adapter does not name its base model: pass base_model=<checkpoint dir or hub id>.")
+    return source.base_model
+
+
 def _merge_adapter(source: sources.WhisperSource) -> tuple[Any, Any]:
     """Load the base, apply the adapter and fold its weights in (CT2 cannot convert LoRA layers).
     A local safetensors base is read into memory once (``lowmem``) and merged in place. The
@@ -185,10 +192,10 @@ def _merge_adapter(source: sources.WhisperSource) -> tuple[Any, Any]:
     if processor is None and on_disk and (Path(source.model) / "preprocessor_config.json").is_file():
         processor = _load_processor(source.model, None)
     if processor is None:
-        processor = _load_processor(source.base_model, source.revision)
+        processor = _load_processor(_base_of(source), source.revision)
     if not on_disk:  # the caller's, merged in a copy: merge_and_unload strips the LoRA layers it is called on
         return copy.deepcopy(source.model).merge_and_unload(), processor
-    base = _load_base(source.base_model, source.revision)
+    base = _load_base(_base_of(source), source.revision)
     try:
         peft_model = PeftModel.from_pretrained(base, source.model)
     except (RuntimeError, ValueError, KeyError) as exc:

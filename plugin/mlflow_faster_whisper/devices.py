@@ -121,7 +121,7 @@ class LoadOptions(BaseModel):
         Raises:
             LoadOptionsError: an unknown option or a bad value, naming the field.
         """
-        if isinstance(value, cls):
+        if isinstance(value, LoadOptions):
             return value
         given = {k: v for k, v in (value or {}).items() if v is not None}
         unknown = [k for k in given if k not in cls.model_fields]
@@ -175,8 +175,9 @@ def place(device: str = "auto", compute_type: str = "default", quantization: Opt
                 _logger.warning("device='auto' falls back to CPU: %s", reason)
             device = "cpu"
     supported = set(ctranslate2.get_supported_compute_types(device))
-    as_stored = compute_type == "default" and compute_types.get(quantization) is not None
-    requested = quantization if as_stored else compute_type
+    stored = quantization if compute_type == "default" and compute_types.get(quantization) is not None else None
+    as_stored = stored is not None
+    requested = stored or compute_type
     chosen = requested
     if requested not in supported and requested not in ("default", "auto"):
         row = compute_types.get(requested)

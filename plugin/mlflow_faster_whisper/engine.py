@@ -36,7 +36,7 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -430,7 +430,7 @@ class _Held:
     """A streaming request's segments; the engine holds the request until they are exhausted or
     closed (or, as a last resort, collected: a response that never started is never iterated)."""
 
-    def __init__(self, segments: Iterator[Segment], release: Callable[[], None]) -> None:
+    def __init__(self, segments: Generator[Segment, None, None], release: Callable[[], None]) -> None:
         self._segments, self._release, self._open = segments, release, True
 
     def __iter__(self) -> _Held:

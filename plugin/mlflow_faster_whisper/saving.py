@@ -16,7 +16,7 @@ from typing import Any, Optional
 import mlflow
 from mlflow import pyfunc
 from mlflow.models import Model, ModelSignature
-from mlflow.types.schema import Array, ColSpec, DataType, Object, Property, Schema
+from mlflow.types.schema import Array, ColSpec, DataType, Object, Property, Schema, TensorSpec
 from pydantic import BaseModel
 
 from mlflow_faster_whisper import _mlflow_compat as _mc
@@ -54,7 +54,9 @@ def default_signature(decoding: Optional[DecodingOptions] = None) -> ModelSignat
 def output_schema() -> Schema:
     """What ``predict`` returns per row: the fields of ``Transcription`` (all empty on a row whose
     audio could not be decoded) and ``error``."""
-    columns = [ColSpec(_spec_type(f.annotation), name, required=False) for name, f in Transcription.model_fields.items()]
+    columns: list[ColSpec | TensorSpec] = [
+        ColSpec(_spec_type(f.annotation), name, required=False) for name, f in Transcription.model_fields.items()
+    ]
     return Schema(columns + [ColSpec(DataType.string, c.ERROR_COLUMN, required=False)])
 
 

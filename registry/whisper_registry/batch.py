@@ -125,7 +125,8 @@ def transcribe_files(
         if spark
         else _LocalRunner(version_uri, options.as_params(), load_config)
     )
-    counts = {"done": 0, "failed": 0, "audio_seconds": 0.0}
+    counts = {"done": 0, "failed": 0}
+    audio_seconds = 0.0
     started = time.perf_counter()
     try:
         with mlflow.start_run(experiment_id=setup.experiment_id, run_name=f"transcribe {name} v{version}") as run:
@@ -163,7 +164,7 @@ def transcribe_files(
                 failed = int((summary["error"].fillna("") != "").sum())
                 counts["done"] += len(summary)
                 counts["failed"] += failed
-                counts["audio_seconds"] += float(summary["duration"].fillna(0).sum())
+                audio_seconds += float(summary["duration"].fillna(0).sum())
                 mlflow.log_metrics({"files_done": counts["done"], "files_failed": counts["failed"]}, step=step)
                 bar.update(len(chunk))
                 bar.set_postfix(failed=counts["failed"])
@@ -172,9 +173,9 @@ def transcribe_files(
             mlflow.log_metrics(
                 {
                     "wall_s": wall,
-                    "audio_seconds": counts["audio_seconds"],
+                    "audio_seconds": audio_seconds,
                     "files_per_s": counts["done"] / wall if wall > 0 else 0.0,
-                    "audio_s_per_s": counts["audio_seconds"] / wall if wall > 0 else 0.0,
+                    "audio_s_per_s": audio_seconds / wall if wall > 0 else 0.0,
                 }
             )
             run_id = run.info.run_id
@@ -189,7 +190,7 @@ def transcribe_files(
         len(finished),
         counts["done"],
         counts["failed"],
-        counts["audio_seconds"],
+        audio_seconds,
         time.perf_counter() - started,
     )
 

@@ -42,8 +42,8 @@ class Interval:
 
 
 def rate_interval(
-    errors: Sequence[float],
-    lengths: Sequence[float],
+    errors: Sequence[float] | np.ndarray,
+    lengths: Sequence[float] | np.ndarray,
     *,
     confidence: float = CONFIDENCE,
     n_resamples: int = N_RESAMPLES,

@@ -146,6 +146,11 @@ def _summary(mv, aliases: tuple[str, ...]) -> VersionSummary:
     )
 
 
+def _or_nan(value: Optional[float]) -> float:
+    """A figure matplotlib can place: NaN (left out of the plot) where there is none."""
+    return float("nan") if value is None else value
+
+
 def _plot(name: str, evaluated: list[VersionSummary], path: Path) -> None:
     import matplotlib
 
@@ -155,20 +160,22 @@ def _plot(name: str, evaluated: list[VersionSummary], path: Path) -> None:
     headlines = {s.headline for s in evaluated}
     datasets = {s.dataset for s in evaluated}
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    rtfs = [s.rtf if s.rtf is not None else float("nan") for s in evaluated]
-    bars = [s for s in evaluated if s.error_ci is not None]
+    rtfs = [_or_nan(s.rtf) for s in evaluated]
+    bars = [(_or_nan(s.size_mb), s.error, s.error_ci) for s in evaluated if s.error is not None and s.error_ci is not None]
     if bars:  # the 95 % bootstrap interval of each version's error rate
         ax.errorbar(
-            [s.size_mb for s in bars],
-            [s.error for s in bars],
-            yerr=[[s.error - s.error_ci[0] for s in bars], [s.error_ci[1] - s.error for s in bars]],
+            [size for size, _, _ in bars],
+            [error for _, error, _ in bars],
+            yerr=[[error - low for _, error, (low, _) in bars], [high - error for _, error, (_, high) in bars]],
             fmt="none",
             ecolor="gray",
             elinewidth=1.5,
             capsize=5,
             zorder=1,
         )
-    points = ax.scatter([s.size_mb for s in evaluated], [s.error for s in evaluated], c=rtfs, cmap="viridis_r", s=120, edgecolors="black")
+    points = ax.scatter(
+        [_or_nan(s.size_mb) for s in evaluated], [_or_nan(s.error) for s in evaluated], c=rtfs, cmap="viridis_r", s=120, edgecolors="black"
+    )
     fig.colorbar(points, ax=ax, label="real-time factor (lower is faster)")
     for s in evaluated:
         label = f"v{s.version} {s.quantization or ''}" + (f" @{','.join(s.aliases)}" if s.aliases else "")

@@ -47,6 +47,8 @@ class Row:
     def read_audio(self) -> bytes:
         if self.audio_bytes is not None:
             return self.audio_bytes
+        if self.audio_path is None:  # every reader sets one of the two
+            raise DatasetError(f"{self.where}: the row has no audio.")
         return self.audio_path.read_bytes()
 
     def samples(self) -> np.ndarray:

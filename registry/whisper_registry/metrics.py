@@ -220,8 +220,9 @@ def _only(m: Measurements, language: str) -> Measurements:
     return Measurements([u for u in m.utterances if u.language == language], m.load_time_s, m.n_skipped)
 
 
-def _timed(m: Measurements) -> list[ScoredUtterance]:
-    return [u for u in m.utterances if u.latency_s is not None and u.duration_s]
+def _timed(m: Measurements) -> list[tuple[float, float]]:
+    """(latency, duration) of each utterance that has both."""
+    return [(u.latency_s, u.duration_s) for u in m.utterances if u.latency_s is not None and u.duration_s]
 
 
 # ------------------------------------------------------------------------------------ the metrics
@@ -248,20 +249,20 @@ def _rtf(m: Measurements) -> Optional[float]:
     if not timed:
         return None
     # Concurrent utterances overlap: then the run's wall time, not the sum of latencies, is spent.
-    seconds = m.wall_s if m.wall_s is not None else sum(u.latency_s for u in timed)
-    return seconds / sum(u.duration_s for u in timed)
+    seconds = m.wall_s if m.wall_s is not None else sum(latency for latency, _ in timed)
+    return seconds / sum(duration for _, duration in timed)
 
 
 @register_metric("latency_p50_s", description="median seconds to transcribe one utterance", kind="speed")
 def _latency_p50(m: Measurements) -> Optional[float]:
     timed = _timed(m)
-    return float(np.percentile([u.latency_s for u in timed], 50)) if timed else None
+    return float(np.percentile([latency for latency, _ in timed], 50)) if timed else None
 
 
 @register_metric("latency_p95_s", description="95th percentile seconds to transcribe one utterance", kind="speed")
 def _latency_p95(m: Measurements) -> Optional[float]:
     timed = _timed(m)
-    return float(np.percentile([u.latency_s for u in timed], 95)) if timed else None
+    return float(np.percentile([latency for latency, _ in timed], 95)) if timed else None
 
 
 @register_metric("load_time_s", description="seconds to download, verify and load the model", kind="speed")

@@ -72,7 +72,7 @@ class FinetuneOptions:
         Raises:
             FinetuneError: an unknown field or an out-of-range value.
         """
-        if isinstance(value, cls):
+        if isinstance(value, FinetuneOptions):
             options = value
         else:
             given = dict(value or {})
@@ -173,7 +173,8 @@ def trainer(
         args=args,
         data_collator=WhisperCollator(model.config.decoder_start_token_id),
         train_dataset=WhisperTrainingSet(train.examples, extractor),
-        eval_dataset=WhisperTrainingSet(held_out.examples, extractor) if held_out else None,
+        # A map-style set (len, getitem), what Trainer reads; not a torch Dataset subclass, so torch stays lazy.
+        eval_dataset=WhisperTrainingSet(held_out.examples, extractor) if held_out else None,  # type: ignore[arg-type]
         callbacks=[_loss_logger(run_id)],
     )
     trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout; the run has them

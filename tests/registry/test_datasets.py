@@ -98,3 +98,11 @@ def test_hugging_face_dataset_saved_to_disk(tmp_path, en_zh_clips):
     assert [r.reference for r in data.rows] == [c.text for c in en_zh_clips]
     manifest = load_dataset(write_manifest(tmp_path / "m.jsonl", clip_rows(en_zh_clips)))
     assert data.digest == manifest.digest
+
+
+def test_a_row_without_audio_says_so():
+    """A row built with neither audio bytes nor a path names itself, not an AttributeError on None."""
+    from whisper_registry.datasets import Row
+
+    with pytest.raises(DatasetError, match="row 7: the row has no audio"):
+        Row("row 7", "hello").read_audio()
