@@ -7,6 +7,7 @@ Every refusal for capacity is a 503 in this shape with ``Retry-After`` (``overlo
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
@@ -35,7 +36,7 @@ class ApiError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
-    def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
+    def response(self, headers: Mapping[str, str] | None = None) -> JSONResponse:
         """The JSON response; a 503 (overloaded, or not ready yet) says when to retry."""
         extra = {"Retry-After": str(RETRY_AFTER_S)} if self.status == 503 else {}
         return JSONResponse(self.body(), status_code=self.status, headers={**extra, **(headers or {})})
@@ -50,7 +51,7 @@ def invalid_value(message: str, param: str | None = None, code: str = "invalid_v
     return ApiError(422, message, param=param, code=code)
 
 
-def too_large(message: str, param: str = "file", code: str = "too_large") -> ApiError:
+def too_large(message: str, param: str | None = "file", code: str = "too_large") -> ApiError:
     return ApiError(413, message, param=param, code=code)
 
 

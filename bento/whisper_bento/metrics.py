@@ -52,13 +52,17 @@ def observe_pass(stats: PassStats) -> None:
 def gauges(content: str, slots: list[Any], upload_bytes: int) -> str:
     """BentoML's /metrics ``content`` with the gauges: requests each slot's engine holds, the
     versions in this worker's memory, and the upload bytes in flight."""
-    lines = ["# HELP whisper_requests_held Requests an engine holds now (decoding, or waiting for the model).",
-             "# TYPE whisper_requests_held gauge"]
+    lines = [
+        "# HELP whisper_requests_held Requests an engine holds now (decoding, or waiting for the model).",
+        "# TYPE whisper_requests_held gauge",
+    ]
     lines += [f'whisper_requests_held{{role="{slot.role}"}} {slot.held()}' for slot in slots]
-    lines += ["# HELP whisper_version_loaded Copies of a model version in this worker's memory.",
-              "# TYPE whisper_version_loaded gauge"]
+    lines += ["# HELP whisper_version_loaded Copies of a model version in this worker's memory.", "# TYPE whisper_version_loaded gauge"]
     loaded = collections.Counter(LOADED.values())
     lines += [f'whisper_version_loaded{{name="{name}",version="{version}"}} {n}' for (name, version), n in sorted(loaded.items())]
-    lines += ["# HELP whisper_upload_bytes_in_flight Bytes held by uploads being read, or read and not yet decoded.",
-              "# TYPE whisper_upload_bytes_in_flight gauge", f"whisper_upload_bytes_in_flight {upload_bytes}"]
+    lines += [
+        "# HELP whisper_upload_bytes_in_flight Bytes held by uploads being read, or read and not yet decoded.",
+        "# TYPE whisper_upload_bytes_in_flight gauge",
+        f"whisper_upload_bytes_in_flight {upload_bytes}",
+    ]
     return content.rstrip("\n") + "\n" + "\n".join(lines) + "\n"

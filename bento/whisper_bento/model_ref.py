@@ -125,16 +125,22 @@ def _alias_now(model_uri: str, tag: str, registered: Optional[RegistryVersion]) 
         now = registry_version(model_uri)
         if now is None or registered is None or (now.name, now.version) == (registered.name, registered.version):
             return inherited
-        _logger.info("%s names version %s now (the serving process resolved version %s): serving it", model_uri,
-                     now.version, registered.version)
+        _logger.info(
+            "%s names version %s now (the serving process resolved version %s): serving it", model_uri, now.version, registered.version
+        )
         # The version seen, not the alias again: one lookup, and no race with a later move.
         tag_now, registered_now = import_from_registry(uris.version_uri(now.name, now.version))
     except Exception as exc:
-        _logger.warning("Could not serve what %s names now (%s: %s); serving %s, as the serving process resolved it "
-                        "at start-up, until the alias is checked again", model_uri, type(exc).__name__, exc, tag)
+        _logger.warning(
+            "Could not serve what %s names now (%s: %s); serving %s, as the serving process resolved it "
+            "at start-up, until the alias is checked again",
+            model_uri,
+            type(exc).__name__,
+            exc,
+            tag,
+        )
         return inherited
-    return ModelChoice(ref=bentoml.models.BentoModel(tag_now), source="registry", registry=registered_now,
-                       fallback=inherited)
+    return ModelChoice(ref=bentoml.models.BentoModel(tag_now), source="registry", registry=registered_now, fallback=inherited)
 
 
 def _resolved_by_parent(model_uri: str) -> Optional[tuple[str, Optional[RegistryVersion]]]:
@@ -255,12 +261,17 @@ def registry_version(model_uri: str) -> Optional[RegistryVersion]:
             if match.alias:
                 found = _rest_get(server, "registered-models/alias", name=match.name, alias=match.alias)
             else:
-                found = _rest_get(server, "model-versions/get", name=match.name, version=match.version)
+                found = _rest_get(server, "model-versions/get", name=match.name, version=str(match.version))
         except RegistryError as exc:
             raise _lookup_failed(model_uri, match, str(exc), exc.error_code, server) from None
         mv = found["model_version"]
-        return RegistryVersion(name=mv["name"], version=str(mv["version"]), aliases=tuple(mv.get("aliases") or ()),
-                               run_id=mv.get("run_id") or None, source=mv.get("source"))
+        return RegistryVersion(
+            name=mv["name"],
+            version=str(mv["version"]),
+            aliases=tuple(mv.get("aliases") or ()),
+            run_id=mv.get("run_id") or None,
+            source=mv.get("source"),
+        )
     _use_default_tracking_store(model_uri)
     import mlflow
     from mlflow import MlflowClient
@@ -272,11 +283,12 @@ def registry_version(model_uri: str) -> Optional[RegistryVersion]:
         if match.alias:
             mv = client.get_model_version_by_alias(match.name, match.alias)
         else:
-            mv = client.get_model_version(match.name, match.version)
+            mv = client.get_model_version(match.name, str(match.version))
     except MlflowException as exc:
         raise _lookup_failed(model_uri, match, exc.message, exc.error_code, where) from None
-    return RegistryVersion(name=mv.name, version=str(mv.version), aliases=tuple(getattr(mv, "aliases", []) or []),
-                           run_id=mv.run_id, source=mv.source)
+    return RegistryVersion(
+        name=mv.name, version=str(mv.version), aliases=tuple(getattr(mv, "aliases", []) or []), run_id=mv.run_id, source=mv.source
+    )
 
 
 _MISSING = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND", "HTTP_404")
@@ -293,8 +305,11 @@ def _lookup_failed(model_uri: str, match: RegistryUri, detail: str, code: str, w
         fix = f"promote a version of {match.name!r} to {match.alias!r} first, or serve another alias or version"
     else:
         fix = f"serve a version {match.name!r} has, or an alias"
-    return RegistryError(f"{model_uri} names no model version in the registry at {redact_uri(where)} ({detail}): "
-                         f"{fix}; or set MLFLOW_TRACKING_URI to the registry that has it.", code)
+    return RegistryError(
+        f"{model_uri} names no model version in the registry at {redact_uri(where)} ({detail}): "
+        f"{fix}; or set MLFLOW_TRACKING_URI to the registry that has it.",
+        code,
+    )
 
 
 def _require_sqlite_file(uri: str) -> None:
@@ -343,11 +358,9 @@ def _rest_get(server: str, endpoint: str, **query: str) -> dict[str, Any]:
             body = json.loads(exc.read())
         except ValueError:
             body = {}
-        raise RegistryError(body.get("message") or f"HTTP {exc.code} from {server}",
-                            body.get("error_code") or f"HTTP_{exc.code}") from None
+        raise RegistryError(body.get("message") or f"HTTP {exc.code} from {server}", body.get("error_code") or f"HTTP_{exc.code}") from None
     except (urllib.error.URLError, OSError) as exc:
-        raise RegistryError(f"the registry at {server} did not answer: {getattr(exc, 'reason', exc)}",
-                            "TEMPORARILY_UNAVAILABLE") from None
+        raise RegistryError(f"the registry at {server} did not answer: {getattr(exc, 'reason', exc)}", "TEMPORARILY_UNAVAILABLE") from None
 
 
 def _stored_tag(registered: RegistryVersion) -> Optional[str]:

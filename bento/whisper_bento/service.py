@@ -21,7 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
-from whisper_bento import auth, connections, errors, forms, formats, metrics, model_ref, openapi, page, startup, streaming
+from whisper_bento import auth, connections, errors, formats, forms, metrics, model_ref, openapi, page, startup, streaming
 from whisper_bento.config import bound_violation
 from whisper_bento.errors import ApiError, bad_request, invalid_value, overloaded_error, too_large
 from whisper_bento.metrics import QUEUE_WAIT
@@ -102,15 +102,22 @@ class Transcriber:
             from whisper_bento.shadow import Shadow  # and the registry's scorer: only a shadowing service needs them
 
             # The candidate's engine runs a pass only while production's holds no request.
-            options = {"defer": self._primary_busy, "on_pass": None, "max_requests": 2 * CONFIG.batch_size,
-                       "max_wait_s": CONFIG.shadow_max_wait_s}
+            options = {
+                "defer": self._primary_busy,
+                "on_pass": None,
+                "max_requests": 2 * CONFIG.batch_size,
+                "max_wait_s": CONFIG.shadow_max_wait_s,
+            }
             tag, registered = model_ref.import_from_registry(CONFIG.shadow)
             try:
                 served = load(bentoml.models.get(tag), registered, CONFIG.shadow, "registry", CONFIG, **options)
             except BoundsError as exc:
                 raise startup.StartupError(str(exc)) from None
-            self.shadow = Shadow(Slot("shadow", served, CONFIG.shadow, "registry", CONFIG, engine_options=options),
-                                 fraction=CONFIG.shadow_fraction, report_every=CONFIG.shadow_report_every)
+            self.shadow = Shadow(
+                Slot("shadow", served, CONFIG.shadow, "registry", CONFIG, engine_options=options),
+                fraction=CONFIG.shadow_fraction,
+                report_every=CONFIG.shadow_report_every,
+            )
 
     @bentoml.on_shutdown
     def _shutdown(self) -> None:
@@ -123,7 +130,7 @@ class Transcriber:
         return self.primary.served
 
     def _primary_busy(self) -> bool:
-        engine = self.primary.served.engine
+        engine = self.primary.served.version.started_engine
         return engine is not None and engine.busy()
 
     async def __is_ready__(self) -> bool:
@@ -145,17 +152,22 @@ class Transcriber:
         except Exception as exc:
             # MLflow answers an unknown alias with INVALID_PARAMETER_VALUE, an unknown version with RESOURCE_DOES_NOT_EXIST.
             missing = getattr(exc, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
-            raise ApiError(404 if missing else 503, f"{uri} could not be resolved in the registry: {exc}",
-                           code="model_not_found" if missing else "registry_unavailable") from None
+            raise ApiError(
+                404 if missing else 503,
+                f"{uri} could not be resolved in the registry: {exc}",
+                code="model_not_found" if missing else "registry_unavailable",
+            ) from None
         if holder is None:
-            raise bad_request(f"{uri!r} is not a registry URI: send models:/NAME/VERSION or models:/NAME@ALIAS.",
-                              param="model")
+            raise bad_request(f"{uri!r} is not a registry URI: send models:/NAME/VERSION or models:/NAME@ALIAS.", param="model")
         try:
             return self.primary.move_to(holder, uri)
         except Exception as exc:
-            raise ApiError(422, f"{holder.name} version {holder.version} was not served ({type(exc).__name__}: "
-                           f"{exc}); version {self.served.model_info['version']} still is.",
-                           code="model_not_served") from None
+            raise ApiError(
+                422,
+                f"{holder.name} version {holder.version} was not served ({type(exc).__name__}: "
+                f"{exc}); version {self.served.model_info['version']} still is.",
+                code="model_not_served",
+            ) from None
 
     @app.post("/transcribe", **openapi.transcription_route(native=True))
     async def transcribe(self, request: Request) -> Response:
@@ -183,28 +195,33 @@ class Transcriber:
         served = self.served
         # No place on this machine (checkpoint, key files, libraries) and no process id: an API
         # key holder learns what is served, not how to reach the host.
-        return JSONResponse(auth.hide_local_paths(
-            {
-                "model": served.model_info,
-                "device": served.placement.device,
-                "compute_type": served.placement.compute_type,
-                "requested_compute_type": served.placement.requested_compute_type,
-                "follow": self.primary.follow.report(),
-                "shadow": self.shadow.report() if self.shadow else None,
-                # What an API key holder may see: whether each secret is configured, not where it is.
-                "config": {**CONFIG.model_dump(mode="json"), "model": auth.public_uri(CONFIG.model),
-                           **{name: getattr(CONFIG, name) is not None for name in ("api_key", "admin_key", "webhook_secret")}},
-                "decoding": {
-                    "version_defaults": served.version_defaults.explicit(),
-                    "service_defaults": CONFIG.decoding.explicit(),
-                    "effective": served.defaults.model_dump(mode="json"),
-                },
-                "load_seconds": served.load_seconds,
-                "runtime": self.runtime,
-                # Serving needs neither torch, transformers nor (once resolved) MLflow; this shows it live.
-                "imports": {name: name in sys.modules for name in ("torch", "transformers", "mlflow")},
-            }
-        ))
+        return JSONResponse(
+            auth.hide_local_paths(
+                {
+                    "model": served.model_info,
+                    "device": served.placement.device,
+                    "compute_type": served.placement.compute_type,
+                    "requested_compute_type": served.placement.requested_compute_type,
+                    "follow": self.primary.follow.report(),
+                    "shadow": self.shadow.report() if self.shadow else None,
+                    # What an API key holder may see: whether each secret is configured, not where it is.
+                    "config": {
+                        **CONFIG.model_dump(mode="json"),
+                        "model": auth.public_uri(CONFIG.model),
+                        **{name: getattr(CONFIG, name) is not None for name in ("api_key", "admin_key", "webhook_secret")},
+                    },
+                    "decoding": {
+                        "version_defaults": served.version_defaults.explicit(),
+                        "service_defaults": CONFIG.decoding.explicit(),
+                        "effective": served.defaults.model_dump(mode="json"),
+                    },
+                    "load_seconds": served.load_seconds,
+                    "runtime": self.runtime,
+                    # Serving needs neither torch, transformers nor (once resolved) MLflow; this shows it live.
+                    "imports": {name: name in sys.modules for name in ("torch", "transformers", "mlflow")},
+                }
+            )
+        )
 
     @app.post("/webhooks/mlflow", include_in_schema=False)
     async def mlflow_webhook(self, request: Request) -> Response:
@@ -216,8 +233,9 @@ class Transcriber:
         problem = auth.delivery_problem(request.headers, WEBHOOK_DELIVERIES)
         if problem is None:
             body = await forms.read_body(request, WEBHOOK_MAX_BYTES, what="A webhook event")
-            problem = (auth.signature_problem(body, request.headers, WEBHOOK_SECRETS)
-                       or WEBHOOK_DELIVERIES.add(request.headers[auth.MLFLOW_DELIVERY]))
+            problem = auth.signature_problem(body, request.headers, WEBHOOK_SECRETS) or WEBHOOK_DELIVERIES.add(
+                request.headers[auth.MLFLOW_DELIVERY]
+            )
         if problem is not None:
             _logger.warning("Refused a webhook call: %s", problem)
             raise ApiError(401, f"Webhook call refused: {problem}.", code="invalid_signature")
@@ -244,8 +262,11 @@ class Transcriber:
         if ADMIN_KEYS is None:
             raise StarletteHTTPException(404, "Not Found")  # as if the route did not exist
         if not auth.matches(auth.header_bytes(request.scope, ADMIN_HEADER.encode()), ADMIN_KEYS):
-            raise ApiError(401, f"Missing or wrong control key: send the header '{ADMIN_HEADER}: <key>' with the "
-                           "key admin_key names.", code="invalid_admin_key")
+            raise ApiError(
+                401,
+                f"Missing or wrong control key: send the header '{ADMIN_HEADER}: <key>' with the key admin_key names.",
+                code="invalid_admin_key",
+            )
         try:
             body = await request.json()
         except (ValueError, RecursionError):
@@ -271,8 +292,9 @@ class Transcriber:
                 response = await streaming.respond(self.primary, served, request, audio, options, self._stream_threads)
             else:
                 result, ticket = await self._decode(served, request, audio, options)
-                response = formats.render(parsed.response_format,
-                                          formats.Result(result, options, served.model_info, ticket.max_requests_per_pass))
+                response = formats.render(
+                    parsed.response_format, formats.Result(result, options, served.model_info, ticket.max_requests_per_pass)
+                )
                 if self.shadow is not None:
                     self.shadow.offer(audio, parsed.overrides, result, ticket, served.model_info)
         finally:
@@ -328,16 +350,18 @@ class Transcriber:
         return result, ticket
 
 
+# BentoML's decorators make Transcriber a bentoml Service; its type stubs do not say so.
+_SERVICE: Any = Transcriber
 # A worker whose service cannot be created for a reason a restart cannot fix ends the server.
-Transcriber.add_asgi_middleware(startup.EndServerOnFailedStart)
-Transcriber.add_asgi_middleware(page.JsonRoutingErrors)  # BentoML's own 404/405 in the one error shape
+_SERVICE.add_asgi_middleware(startup.EndServerOnFailedStart)
+_SERVICE.add_asgi_middleware(page.JsonRoutingErrors)  # BentoML's own 404/405 in the one error shape
 connections.limit_request_heads(CONFIG.header_timeout_s)
-Transcriber.add_asgi_middleware(connections.BodyDeadline, seconds=CONFIG.body_timeout_s,
-                                tighter={auth.WEBHOOK_PATH: WEBHOOK_BODY_TIMEOUT_S})
+_SERVICE.add_asgi_middleware(connections.BodyDeadline, seconds=CONFIG.body_timeout_s, tighter={auth.WEBHOOK_PATH: WEBHOOK_BODY_TIMEOUT_S})
 if CONFIG.api_key:
-    Transcriber.add_asgi_middleware(auth.ApiKeyMiddleware, keys=auth.load_keys(CONFIG.api_key))
-Transcriber.add_asgi_middleware(connections.ConcurrencyLimit, limit=MAX_CONCURRENCY,
-                                pools={auth.WEBHOOK_PATH: WEBHOOK_CONCURRENCY}, exempt=auth.PROBES | {"/metrics"})
+    _SERVICE.add_asgi_middleware(auth.ApiKeyMiddleware, keys=auth.load_keys(CONFIG.api_key))
+_SERVICE.add_asgi_middleware(
+    connections.ConcurrencyLimit, limit=MAX_CONCURRENCY, pools={auth.WEBHOOK_PATH: WEBHOOK_CONCURRENCY}, exempt=auth.PROBES | {"/metrics"}
+)
 
 
 def _openai_model(served: Served) -> dict[str, Any]:

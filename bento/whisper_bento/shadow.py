@@ -54,8 +54,9 @@ class Shadow:
         self._figures: Figures | None = None
         self.pending = 0  # offered to the candidate's engine, not finished
 
-    def offer(self, audio: np.ndarray, overrides: dict[str, Any], primary: Transcription, ticket: Ticket,
-              primary_info: dict[str, Any]) -> None:
+    def offer(
+        self, audio: np.ndarray, overrides: dict[str, Any], primary: Transcription, ticket: Ticket, primary_info: dict[str, Any]
+    ) -> None:
         """Maybe decode a just-answered request with the candidate too (never raises)."""
         if self._random.random() >= self.fraction:
             return
@@ -70,11 +71,11 @@ class Shadow:
             return
         with self._lock:
             self.pending += 1
-        future.add_done_callback(
-            lambda done: self._finished(done, served, shadow_ticket, primary, ticket.pass_s, primary_info))
+        future.add_done_callback(lambda done: self._finished(done, served, shadow_ticket, primary, ticket.pass_s, primary_info))
 
-    def _finished(self, future, served, shadow_ticket: Ticket, primary: Transcription, primary_pass_s: float,
-                  primary_info: dict[str, Any]) -> None:
+    def _finished(
+        self, future, served, shadow_ticket: Ticket, primary: Transcription, primary_pass_s: float, primary_info: dict[str, Any]
+    ) -> None:
         self.slot.release(served)
         with self._lock:
             self.pending -= 1
@@ -90,8 +91,9 @@ class Shadow:
         scored = score_utterance(primary.text, candidate.text, primary.language)
         self._record(served, primary_info, scored=scored, seconds=(shadow_ticket.pass_s, primary_pass_s))
 
-    def _record(self, served, primary_info: dict[str, Any], *, scored=None, seconds=(0.0, 0.0),
-                dropped: bool = False, failed: bool = False) -> None:
+    def _record(
+        self, served, primary_info: dict[str, Any], *, scored=None, seconds=(0.0, 0.0), dropped: bool = False, failed: bool = False
+    ) -> None:
         pair = (served.model_info["name"], served.model_info["version"], str(primary_info["version"]))
         with self._lock:
             figures = self._figures
@@ -113,9 +115,13 @@ class Shadow:
         if write and figures is not None:
             figures.write()
         served = self.slot.served
-        return {"model": {k: served.model_info[k] for k in ("name", "version", "uri", "quantization")},
-                "fraction": self.fraction, "pending": self.pending, "follow": self.slot.follow.report(),
-                "figures": figures.tags() if figures else None}
+        return {
+            "model": {k: served.model_info[k] for k in ("name", "version", "uri", "quantization")},
+            "fraction": self.fraction,
+            "pending": self.pending,
+            "follow": self.slot.follow.report(),
+            "figures": figures.tags() if figures else None,
+        }
 
 
 class Figures:
@@ -144,8 +150,11 @@ class Figures:
             self.chars += scored.chars
             self.candidate_s += seconds[0]
             self.production_s += seconds[1]
-            for key, value in zip(_COUNTS, (scored.hypothesis == scored.reference, scored.word_errors, scored.words,
-                                            scored.char_errors, scored.chars)):
+            for key, value in zip(
+                _COUNTS,
+                (scored.hypothesis == scored.reference, scored.word_errors, scored.words, scored.char_errors, scored.chars),
+                strict=True,
+            ):
                 self._counts[key].append(int(value))
 
     def _intervals(self) -> dict[str, float]:
@@ -153,9 +162,11 @@ class Figures:
         n = min(len(c) for c in self._counts.values())  # add() may be appending meanwhile
         counts = {k: np.frombuffer(c, dtype=f"u{c.itemsize}")[:n].copy() if n else np.zeros(0) for k, c in self._counts.items()}
         out = {}
-        for name, errors, lengths in (("agreement", counts["agreed"], np.ones(n)),
-                                      ("wer", counts["word_errors"], counts["words"]),
-                                      ("cer", counts["char_errors"], counts["chars"])):
+        for name, errors, lengths in (
+            ("agreement", counts["agreed"], np.ones(n)),
+            ("wer", counts["word_errors"], counts["words"]),
+            ("cer", counts["char_errors"], counts["chars"]),
+        ):
             interval = rate_interval(errors, lengths)
             if interval is not None:
                 out[name + CI_LOW], out[name + CI_HIGH] = round(interval.low, 4), round(interval.high, 4)
@@ -166,9 +177,13 @@ class Figures:
             return round(a / b, 4) if b else None
 
         return {
-            "requests": self.requests, "dropped": self.dropped, "failed": self.failed,
-            "agreement": ratio(self.agreed, self.requests), "wer": ratio(self.word_errors, self.words),
-            "cer": ratio(self.char_errors, self.chars), "latency_ratio": ratio(self.candidate_s, self.production_s),
+            "requests": self.requests,
+            "dropped": self.dropped,
+            "failed": self.failed,
+            "agreement": ratio(self.agreed, self.requests),
+            "wer": ratio(self.word_errors, self.words),
+            "cer": ratio(self.char_errors, self.chars),
+            "latency_ratio": ratio(self.candidate_s, self.production_s),
             **self.intervals,
         }
 
@@ -188,5 +203,4 @@ class Figures:
                     client.set_model_version_tag(name, version, key, str(value))
             _logger.info("Shadow figures of %s version %s written: %s", name, version, self.tags())
         except Exception as exc:
-            _logger.warning("Could not write the shadow figures of %s version %s: %s: %s", name, version,
-                            type(exc).__name__, exc)
+            _logger.warning("Could not write the shadow figures of %s version %s: %s: %s", name, version, type(exc).__name__, exc)

@@ -49,9 +49,11 @@ class Served:
     users: int = 0
 
     @property
-    def engine(self) -> Engine | None:
-        """The running engine; None once the version is retired."""
-        return self.version.started_engine
+    def engine(self) -> Engine:
+        """The running engine of a version a request holds (a held version is not retired)."""
+        engine = self.version.started_engine
+        assert engine is not None, "a retired version serves no request"
+        return engine
 
     @property
     def defaults(self) -> DecodingOptions:
@@ -62,8 +64,9 @@ class Served:
         return self.version.version_defaults
 
 
-def load(stored: bentoml.Model, registry: model_ref.RegistryVersion | None, uri: str, source: str,
-         config: ServiceConfig, **engine_options: Any) -> Served:
+def load(
+    stored: bentoml.Model, registry: model_ref.RegistryVersion | None, uri: str, source: str, config: ServiceConfig, **engine_options: Any
+) -> Served:
     """Load a stored version (checksums verified) with the service's options and start its engine;
     ``uri`` named it, resolved from ``source`` ("registry" or "bento").
 
@@ -76,10 +79,18 @@ def load(stored: bentoml.Model, registry: model_ref.RegistryVersion | None, uri:
     whisper = mlflow_faster_whisper.load_model(model_dir, **config.load.model_dump())
     # In force, after any fallback (devices.place): what /info and every response report.
     placement = devices.Placement(whisper.model.device, whisper.model.compute_type, config.load.compute_type)
-    version = LoadedVersion(whisper, conf.get(c.DECODING), config.decoding,
-                            **{"batch_size": config.batch_size, "max_requests": config.max_requests,
-                               "max_wait_s": config.max_latency_ms / 1000, "on_pass": metrics.observe_pass,
-                               **engine_options})
+    version = LoadedVersion(
+        whisper,
+        conf.get(c.DECODING),
+        config.decoding,
+        **{
+            "batch_size": config.batch_size,
+            "max_requests": config.max_requests,
+            "max_wait_s": config.max_latency_ms / 1000,
+            "on_pass": metrics.observe_pass,
+            **engine_options,
+        },
+    )
     defaults = version.resolve()
     problem = bound_violation(config, defaults)
     if problem is not None:
@@ -87,12 +98,19 @@ def load(stored: bentoml.Model, registry: model_ref.RegistryVersion | None, uri:
             f"The decoding defaults (model version + service config) break the service's bounds: "
             f"{problem.message} Lower the default or raise the bound."
         )
-    version.engine  # started now, not on the first request
-    served = Served(version, placement, _model_info(stored, conf, placement, registry, uri, source),
-                    round(time.perf_counter() - started, 3))
+    version.start()  # now, not on the first request
+    served = Served(
+        version, placement, _model_info(stored, conf, placement, registry, uri, source), round(time.perf_counter() - started, 3)
+    )
     metrics.LOADED[whisper] = (str(served.model_info["name"]), str(served.model_info["version"]))
-    _logger.info("Serving %s (%s) on %s/%s, loaded in %.2fs", served.model_info["name"], served.model_info["version"],
-                 placement.device, placement.compute_type, served.load_seconds)
+    _logger.info(
+        "Serving %s (%s) on %s/%s, loaded in %.2fs",
+        served.model_info["name"],
+        served.model_info["version"],
+        placement.device,
+        placement.compute_type,
+        served.load_seconds,
+    )
     return served
 
 
@@ -105,9 +123,14 @@ def load_primary(stored: bentoml.Model, choice: ModelChoice, config: ServiceConf
         fallback = choice.fallback
         if fallback is None:
             raise
-        _logger.warning("%s version %s could not be loaded (%s: %s); serving version %s, as the serving process "
-                        "resolved it at start-up", config.model, choice.registry.version if choice.registry else "?",
-                        type(exc).__name__, exc, fallback.registry.version if fallback.registry else fallback.ref.tag)
+        _logger.warning(
+            "%s version %s could not be loaded (%s: %s); serving version %s, as the serving process resolved it at start-up",
+            config.model,
+            choice.registry.version if choice.registry else "?",
+            type(exc).__name__,
+            exc,
+            fallback.registry.version if fallback.registry else fallback.ref.tag,
+        )
         return load(bentoml.models.get(fallback.ref.tag), fallback.registry, config.model, fallback.source, config)
 
 
@@ -116,8 +139,9 @@ def smoke_decode(served: Served) -> None:
     temperature fallback (silence under beam search with fallback can take seconds)."""
     import numpy as np
 
-    options = served.version.resolve({"beam_size": 1, "temperature": 0.0, "max_new_tokens": 8,
-                                      "vad_filter": False, "without_timestamps": True})
+    options = served.version.resolve(
+        {"beam_size": 1, "temperature": 0.0, "max_new_tokens": 8, "vad_filter": False, "without_timestamps": True}
+    )
     served.engine.transcribe(np.zeros(c.SAMPLE_RATE, dtype=np.float32), options)
 
 
@@ -126,7 +150,8 @@ def retire(served: Served) -> None:
 
     def unload() -> None:
         engine = served.version.unload()
-        engine.close(wait=True)  # its threads hold the model until they end
+        if engine is not None:
+            engine.close(wait=True)  # its threads hold the model until they end
         del engine
         gc.collect()
         release_free_memory()
@@ -145,8 +170,9 @@ class Slot:
     holds it. A version that fails is not served, and not retried until the alias moves again.
     """
 
-    def __init__(self, role: str, served: Served, uri: str, source: str, config: ServiceConfig,
-                 engine_options: dict[str, Any] | None = None):
+    def __init__(
+        self, role: str, served: Served, uri: str, source: str, config: ServiceConfig, engine_options: dict[str, Any] | None = None
+    ):
         self.role = role
         self.served = served
         self.config = config
@@ -174,13 +200,13 @@ class Slot:
 
     def held(self) -> int:
         """Requests the served version's engine holds now."""
-        engine = self.served.engine
+        engine = self.served.version.started_engine
         return engine.held if engine is not None else 0
 
     def admits(self, full_for_s: float) -> bool:
         """False once the engine has held every request it may (``max_requests``) for ``full_for_s``,
         as the calls to this see it (the readiness probe's, each few seconds)."""
-        engine = self.served.engine
+        engine = self.served.version.started_engine
         if engine is None or engine.held < engine.max_requests:
             self._full_since = None
             return True
@@ -210,8 +236,12 @@ class Slot:
                 continue
             follow.last_check = time.time()
             served = self.served.model_info
-            if (holder is None or (holder.name, holder.version) == follow.failed or follow.target != target
-                    or (holder.name, holder.version) == (served["name"], served["version"])):
+            if (
+                holder is None
+                or (holder.name, holder.version) == follow.failed
+                or follow.target != target
+                or (holder.name, holder.version) == (served["name"], served["version"])
+            ):
                 continue  # nothing to do: no lock taken, nothing recomputed, on the common poll
             try:
                 self.move_to(holder, target)
@@ -233,8 +263,7 @@ class Slot:
         return self.served
 
     def _swap_in(self, holder: model_ref.RegistryVersion, uri: str, old: Served) -> None:
-        _logger.info("Loading %s version %s beside version %s (%s)", holder.name, holder.version,
-                     old.model_info["version"], self.role)
+        _logger.info("Loading %s version %s beside version %s (%s)", holder.name, holder.version, old.model_info["version"], self.role)
         new = None
         try:
             # The version seen, not the URI again: one registry lookup, and no race with a later move.
@@ -254,8 +283,14 @@ class Slot:
         self.follow.failed, self.follow.last_error = None, None
         self.follow.swaps += 1
         metrics.SWAPS.labels(role=self.role, outcome="ok").inc()
-        _logger.info("Now serving %s version %s as %s (was %s; loaded in %.2fs)", new.model_info["name"],
-                     new.model_info["version"], self.role, old.model_info["version"], new.load_seconds)
+        _logger.info(
+            "Now serving %s version %s as %s (was %s; loaded in %.2fs)",
+            new.model_info["name"],
+            new.model_info["version"],
+            self.role,
+            old.model_info["version"],
+            new.load_seconds,
+        )
         if idle:
             retire(old)
         del old, new  # this thread's last references: a retired version's memory goes back
@@ -297,16 +332,29 @@ class Follow:
         _logger.warning("Following the alias: %s", message)
 
     def report(self) -> dict[str, Any]:
-        return {"following": self.target is not None, "alias": self.target, "interval_s": self.interval_s,
-                "why": self.why, "last_check": self.last_check, "swaps": self.swaps,
-                "failed_version": self.failed[1] if self.failed else None,
-                "failed_model": self.failed[0] if self.failed else None, "last_error": self.last_error,
-                "webhook": self.webhook, "webhook_events": self.webhook_events}
+        return {
+            "following": self.target is not None,
+            "alias": self.target,
+            "interval_s": self.interval_s,
+            "why": self.why,
+            "last_check": self.last_check,
+            "swaps": self.swaps,
+            "failed_version": self.failed[1] if self.failed else None,
+            "failed_model": self.failed[0] if self.failed else None,
+            "last_error": self.last_error,
+            "webhook": self.webhook,
+            "webhook_events": self.webhook_events,
+        }
 
 
-
-def _model_info(stored: bentoml.Model, conf: dict[str, Any], placement: devices.Placement,
-                registry: model_ref.RegistryVersion | None, uri: str, source: str) -> dict[str, Any]:
+def _model_info(
+    stored: bentoml.Model,
+    conf: dict[str, Any],
+    placement: devices.Placement,
+    registry: model_ref.RegistryVersion | None,
+    uri: str,
+    source: str,
+) -> dict[str, Any]:
     meta = stored.info.metadata
     return {
         "name": registry.name if registry else meta.get(model_ref.META_NAME, stored.tag.name),

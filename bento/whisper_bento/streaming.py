@@ -7,7 +7,7 @@ import asyncio
 import json
 import logging
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -33,8 +33,9 @@ _logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-async def respond(slot: Slot, served: Served, request: Request, audio: np.ndarray, options: DecodingOptions,
-                  threads: ThreadPoolExecutor) -> Response:
+async def respond(
+    slot: Slot, served: Served, request: Request, audio: np.ndarray, options: DecodingOptions, threads: ThreadPoolExecutor
+) -> Response:
     """Server-sent events as segments are decoded (OpenAI's transcript.text.* events); the
     windows go through the engine's shared passes like every other request's. It owns the
     request's hold on ``served`` from its first line (see ``Stream``)."""
@@ -92,7 +93,7 @@ class Stream:
     def __init__(self, slot: Slot, served: Served, ticket: Ticket, threads: ThreadPoolExecutor) -> None:
         self.slot, self.served, self.ticket = slot, served, ticket
         self._threads = threads
-        self._segments: Iterator[Any] | None = None
+        self._segments: Any = None  # the engine's segments generator, once started
         self._inside: Future | None = None  # the last work handed to a stream thread
         self._lock = threading.Lock()
         self._closed = False

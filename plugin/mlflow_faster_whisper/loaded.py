@@ -22,8 +22,7 @@ class LoadedVersion:
     """A model with its stored defaults (``version_defaults``), the caller's defaults layered over
     them (``defaults``) and its decoding engine, started on first use with ``engine_options``."""
 
-    def __init__(self, model: Any, version_defaults: Layer = None, service_defaults: Layer = None,
-                 **engine_options: Any):
+    def __init__(self, model: Any, version_defaults: Layer = None, service_defaults: Layer = None, **engine_options: Any):
         self.model = model
         self.version_defaults = DecodingOptions.parse(version_defaults)
         self.defaults = DecodingOptions.layered(self.version_defaults, service_defaults)
@@ -38,6 +37,10 @@ class LoadedVersion:
 
             self._engine = Engine(self.model, **self.engine_options)
         return self._engine
+
+    def start(self) -> Engine:
+        """Start the engine now rather than on first use; the engine."""
+        return self.engine
 
     @property
     def started_engine(self) -> Engine | None:

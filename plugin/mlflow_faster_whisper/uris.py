@@ -19,6 +19,7 @@ ADMIN_HEADER = "x-whisper-admin-key"
 
 class RegistryUri(NamedTuple):
     """A parsed ``models:/NAME/VERSION`` (``version`` set) or ``models:/NAME@ALIAS`` (``alias`` set)."""
+
     name: str
     version: Optional[str] = None
     alias: Optional[str] = None
@@ -31,7 +32,7 @@ def parse_registry_uri(uri: str) -> Optional[RegistryUri]:
     """The registered version or alias ``uri`` names, or None for any other URI."""
     if not isinstance(uri, str) or not uri.startswith(MODELS_SCHEME):
         return None
-    parts = uri[len(MODELS_SCHEME):].split("/")
+    parts = uri[len(MODELS_SCHEME) :].split("/")
     if len(parts) == 2 and _is_name(parts[0]) and parts[1].isdigit():
         return RegistryUri(parts[0], version=parts[1])
     if len(parts) == 1 and "@" in parts[0]:

@@ -106,8 +106,7 @@ def _row(transcription) -> dict[str, Any]:
 
 def error_row(message: str) -> dict[str, Any]:
     """The output row of audio that could not be decoded: ``error`` says why, the strings are empty."""
-    return {**{name: None for name in Transcription.model_fields}, "text": "", "language": "", "segments": [],
-            c.ERROR_COLUMN: message}
+    return {**{name: None for name in Transcription.model_fields}, "text": "", "language": "", "segments": [], c.ERROR_COLUMN: message}
 
 
 def _drop_none(params: Optional[dict[str, Any]]) -> dict[str, Any]:
@@ -140,9 +139,7 @@ def _audio_cells(data: Any) -> list:
             return list(data[c.AUDIO_COLUMN])
         if len(data.columns) == 1:
             return list(data.iloc[:, 0])
-        raise FasterWhisperFlavorError(
-            f"Expected a column named {c.AUDIO_COLUMN!r}; got columns {list(data.columns)}."
-        )
+        raise FasterWhisperFlavorError(f"Expected a column named {c.AUDIO_COLUMN!r}; got columns {list(data.columns)}.")
     if isinstance(data, pd.Series):
         return list(data)
     if isinstance(data, dict) and c.AUDIO_COLUMN in data:

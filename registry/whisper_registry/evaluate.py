@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 import mlflow
+from tqdm.auto import tqdm
+
 import mlflow_faster_whisper as mfw
 from mlflow_faster_whisper import constants as c
 from mlflow_faster_whisper.decoding import DecodingOptions
 from mlflow_faster_whisper.devices import LoadOptions
 from mlflow_faster_whisper.loaded import LoadedVersion
-from tqdm.auto import tqdm
-
 from whisper_registry import (
     bootstrap,
     metrics,
@@ -131,24 +131,28 @@ def evaluate(
     loaded = LoadedVersion(model, stored, batch_size=concurrency, max_requests=concurrency)
     loaded.resolve(overrides)  # checked before a run is started for it
     with mlflow.start_run(experiment_id=setup.experiment_id, run_name=f"evaluate {name} v{version}") as run:
-        mlflow.set_tags({
-            tags.RUN_KIND: "evaluate",
-            tags.RUN_MODEL_NAME: name,
-            tags.RUN_MODEL_VERSION: version,
-            tags.RUN_MODEL_URI: version_uri,
-            tags.RUN_DATASET_DIGEST: data.digest,
-        })
-        mlflow.log_params({
-            "model_uri": version_uri,
-            "dataset": data.source,
-            "dataset_digest": data.digest,
-            "decoding": json.dumps({**stored, **overrides}, sort_keys=True),
-            "device": model.model.device,
-            "compute_type": model.model.compute_type,  # in force, after any fallback
-            "cpu_threads": load.cpu_threads,
-            "concurrency": concurrency,
-            "headline": headline,
-        })
+        mlflow.set_tags(
+            {
+                tags.RUN_KIND: "evaluate",
+                tags.RUN_MODEL_NAME: name,
+                tags.RUN_MODEL_VERSION: version,
+                tags.RUN_MODEL_URI: version_uri,
+                tags.RUN_DATASET_DIGEST: data.digest,
+            }
+        )
+        mlflow.log_params(
+            {
+                "model_uri": version_uri,
+                "dataset": data.source,
+                "dataset_digest": data.digest,
+                "decoding": json.dumps({**stored, **overrides}, sort_keys=True),
+                "device": model.model.device,
+                "compute_type": model.model.compute_type,  # in force, after any fallback
+                "cpu_threads": load.cpu_threads,
+                "concurrency": concurrency,
+                "headline": headline,
+            }
+        )
         started = time.perf_counter()
         scored, table = _transcribe_all(loaded, data, overrides, progress, concurrency)
         wall = time.perf_counter() - started if concurrency > 1 else None
@@ -182,50 +186,52 @@ def _transcribe_all(loaded: LoadedVersion, data: EvaluationDataset, overrides: d
     scored, table = [], []
     try:
         outcomes = engine.transcribe_many(requests(), window=concurrency)
-        for row, (ticket, hypothesis) in tqdm(zip(data.rows, outcomes), total=len(data.rows), desc="evaluate",
-                                              unit="utterance", disable=not progress):
+        for row, (ticket, hypothesis) in tqdm(
+            zip(data.rows, outcomes, strict=False), total=len(data.rows), desc="evaluate", unit="utterance", disable=not progress
+        ):
             if isinstance(hypothesis, BaseException):
                 raise hypothesis
             latency, duration = ticket.decode_s, hypothesis.duration
             language = row.language or hypothesis.language
             utterance = metrics.score_utterance(row.reference, hypothesis.text, language, duration_s=duration, latency_s=latency)
             scored.append(utterance)
-            table.append({
-                "audio": row.where,
-                "language": language,
-                "reference": row.reference,
-                "hypothesis": hypothesis.text,
-                "reference_normalized": utterance.reference,
-                "hypothesis_normalized": utterance.hypothesis,
-                "errors": utterance.errors,
-                **{column: getattr(utterance, column) for column in COUNT_COLUMNS},
-                "unit": "char" if utterance.by_characters else "word",
-                "error_rate": utterance.error_rate,
-                "duration_s": round(duration, 3),
-                "latency_s": round(latency, 4),
-                "rtf": round(latency / duration, 4),
-            })
+            table.append(
+                {
+                    "audio": row.where,
+                    "language": language,
+                    "reference": row.reference,
+                    "hypothesis": hypothesis.text,
+                    "reference_normalized": utterance.reference,
+                    "hypothesis_normalized": utterance.hypothesis,
+                    "errors": utterance.errors,
+                    **{column: getattr(utterance, column) for column in COUNT_COLUMNS},
+                    "unit": "char" if utterance.by_characters else "word",
+                    "error_rate": utterance.error_rate,
+                    "duration_s": round(duration, 3),
+                    "latency_s": round(latency, 4),
+                    "rtf": round(latency / duration, 4),
+                }
+            )
     finally:
         engine.close()
     return scored, table
 
 
-def _tag_version(name: str, version: str, results: dict[str, float], headline: str, data: EvaluationDataset, run_id: str,
-                 extra: dict[str, str]) -> None:
+def _tag_version(
+    name: str, version: str, results: dict[str, float], headline: str, data: EvaluationDataset, run_id: str, extra: dict[str, str]
+) -> None:
     client = tracking.client()
-    values = {
-        f"{tags.EVAL_PREFIX}{k}": _fmt(v)
-        for k, v in results.items()
-        if k in VERSION_TAG_METRICS or k.startswith(("cer_", "wer_"))
-    }
-    values.update({
-        tags.EVAL_HEADLINE: headline,
-        tags.EVAL_DATASET: data.digest,
-        tags.EVAL_DATASET_NAME: data.name,
-        tags.EVAL_RUN_ID: run_id,
-        tags.EVAL_TIME: datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        **extra,
-    })
+    values = {f"{tags.EVAL_PREFIX}{k}": _fmt(v) for k, v in results.items() if k in VERSION_TAG_METRICS or k.startswith(("cer_", "wer_"))}
+    values.update(
+        {
+            tags.EVAL_HEADLINE: headline,
+            tags.EVAL_DATASET: data.digest,
+            tags.EVAL_DATASET_NAME: data.name,
+            tags.EVAL_RUN_ID: run_id,
+            tags.EVAL_TIME: datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **extra,
+        }
+    )
     # Results of an earlier evaluation on another dataset must not survive next to these.
     for stale in client.get_model_version(name, version).tags:
         if stale.startswith(tags.EVAL_PREFIX) and stale not in values:
@@ -275,6 +281,7 @@ def paired_difference(metric: str, run_id: str, baseline_run_id: str) -> Optiona
         keep, errors, units = list(range(len(mine["audio"]))), "char_errors", "chars"
     if not keep:
         return None
+
     def pick(counts: dict[str, list], column: str) -> list:
         return [counts[column][i] for i in keep]
 
@@ -287,24 +294,27 @@ def _number_rules(languages) -> str:
     codes = sorted({lang for lang in languages if lang})
     missing = [code for code in codes if normalize.number_rule(code) is None]
     if missing:
-        _logger.warning("No number rule for %s: numbers written in words on one side and digits on the other "
-                        "count as errors there.", ", ".join(missing))
+        _logger.warning(
+            "No number rule for %s: numbers written in words on one side and digits on the other count as errors there.", ", ".join(missing)
+        )
     return " ".join(f"{code}={normalize.number_rule(code) or 'none'}" for code in codes) or "none"
 
 
 def _mlflow_dataset(data: EvaluationDataset):
     import pandas as pd
 
-    frame = pd.DataFrame({
-        "audio": [r.where for r in data.rows],
-        "reference": [r.reference for r in data.rows],
-        "language": [r.language or "" for r in data.rows],
-    })
+    frame = pd.DataFrame(
+        {
+            "audio": [r.where for r in data.rows],
+            "reference": [r.reference for r in data.rows],
+            "language": [r.language or "" for r in data.rows],
+        }
+    )
     # MLflow stores at most 36 characters of a dataset digest.
     with warnings.catch_warnings():
         # A local path matches several of MLflow's source types; it picks the right one but warns.
         warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
-        return mlflow.data.from_pandas(frame, source=data.source, name=data.name, digest=data.digest[:32])
+        return mlflow.data.from_pandas(frame, source=data.source, name=data.name, digest=data.digest[:32])  # type: ignore[attr-defined]
 
 
 def _columns(table: list[dict[str, Any]]) -> dict[str, list]:

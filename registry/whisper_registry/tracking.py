@@ -17,8 +17,8 @@ from typing import Optional
 
 import mlflow
 from mlflow import MlflowClient
-from mlflow_faster_whisper.uris import sqlite_database
 
+from mlflow_faster_whisper.uris import sqlite_database
 from whisper_registry import tags
 
 _logger = logging.getLogger(__name__)
@@ -149,9 +149,7 @@ def end_dead_runs(experiment_id: str, kind: str) -> list[str]:
     """
     mlflow_client = client()
     ended = []
-    runs = mlflow_client.search_runs(
-        [experiment_id], filter_string=f"tags.`{tags.RUN_KIND}` = '{kind}' and attributes.status = 'RUNNING'"
-    )
+    runs = mlflow_client.search_runs([experiment_id], filter_string=f"tags.`{tags.RUN_KIND}` = '{kind}' and attributes.status = 'RUNNING'")
     for run in runs:
         holder = run.data.tags.get(RUN_OWNER)
         if not owner_is_dead(holder):
@@ -166,9 +164,7 @@ def end_dead_runs(experiment_id: str, kind: str) -> list[str]:
 def _fail_pending_models(mlflow_client: MlflowClient, experiment_id: str, run_id: str) -> None:
     from mlflow.entities import LoggedModelStatus
 
-    found = mlflow_client.search_logged_models(
-        experiment_ids=[experiment_id], filter_string=f"source_run_id = '{run_id}'"
-    )
+    found = mlflow_client.search_logged_models(experiment_ids=[experiment_id], filter_string=f"source_run_id = '{run_id}'")
     for model in found:
         if model.status == LoggedModelStatus.PENDING:
             mlflow_client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)

@@ -7,11 +7,10 @@ from typing import Optional
 
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
-from mlflow_faster_whisper.uris import parse_registry_uri
 
+from mlflow_faster_whisper.uris import parse_registry_uri
 from whisper_registry import tags, tracking
 from whisper_registry.errors import ModelNotFoundError, WrongModelError
-
 
 
 def from_uri(model_uri: str) -> ModelVersion:
@@ -25,9 +24,7 @@ def from_uri(model_uri: str) -> ModelVersion:
         return get(parsed.name, parsed.version)
     if parsed is not None and parsed.alias is not None:
         return by_alias(parsed.name, parsed.alias)
-    raise ModelNotFoundError(
-        f"{model_uri!r} is not a registered version: use models:/<name>/<version> or models:/<name>@<alias>."
-    )
+    raise ModelNotFoundError(f"{model_uri!r} is not a registered version: use models:/<name>/<version> or models:/<name>@<alias>.")
 
 
 def get(name: str, version: str | int) -> ModelVersion:
@@ -54,9 +51,7 @@ def get(name: str, version: str | int) -> ModelVersion:
     try:
         found = tracking.client().get_model_version(name, version)
     except MlflowException:
-        raise ModelNotFoundError(
-            f"{name!r} has no version {version} (versions: {', '.join(list_numbers(name)) or 'none'})."
-        ) from None
+        raise ModelNotFoundError(f"{name!r} has no version {version} (versions: {', '.join(list_numbers(name)) or 'none'}).") from None
     return _complete(found)
 
 
@@ -68,9 +63,7 @@ def by_alias(name: str, alias: str) -> ModelVersion:
     """
     found = holder(name, alias)
     if found is None:
-        raise ModelNotFoundError(
-            f"No version of {name!r} holds the alias {alias!r}: promote a version to {alias} first."
-        )
+        raise ModelNotFoundError(f"No version of {name!r} holds the alias {alias!r}: promote a version to {alias} first.")
     return _complete(found)
 
 
