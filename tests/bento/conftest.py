@@ -130,7 +130,9 @@ class RequestLoop:
             while not self.stop.is_set():
                 if not self.go.wait(0.1):
                     continue
-                with self._lock:
+                with self._lock:  # counted before go is read again: pause() cannot miss a request it let through
+                    if not self.go.is_set():
+                        continue
                     self.in_flight += 1
                 try:
                     r = http.post("/transcribe", files={"file": ("clip.wav", data, "audio/wav")})
@@ -143,7 +145,8 @@ class RequestLoop:
 
     def pause(self, settle_s: float = 2.0) -> None:
         """Until no request is in flight (and the service has settled)."""
-        self.go.clear()
+        with self._lock:
+            self.go.clear()
         while self.in_flight:
             time.sleep(0.05)
         time.sleep(settle_s)
