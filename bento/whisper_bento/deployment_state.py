@@ -17,12 +17,14 @@ from typing import Any, Optional
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, INVALID_STATE, RESOURCE_DOES_NOT_EXIST
 
-FLAVOR = "faster_whisper"
+from mlflow_faster_whisper.constants import FLAVOR_NAME
+from mlflow_faster_whisper.uris import ADMIN_HEADER
+
+FLAVOR = FLAVOR_NAME
 HOME_ENV = "WHISPER_DEPLOYMENTS_HOME"
 STATE_FILE = "deployment.json"
 LOG_FILE = "serve.log"
 KEY_FILE = "admin.key"
-ADMIN_HEADER = "x-whisper-admin-key"
 # -C keys of the deployment itself; every other key is service configuration (whisper_bento.config).
 DEPLOYMENT_KEYS = {
     "port": "TCP port the service listens on (default 3000)",

@@ -36,8 +36,7 @@ SERVER_PID_ENV = "WHISPER_BENTO_SERVER_PID"
 # Waits between tries of a registry that did not answer: about 15 s in all, then the start fails.
 REGISTRY_BACKOFF_S = (1.0, 2.0, 4.0, 8.0)
 # MLflow's error codes (and our HTTP_<status> ones) for a registry that may answer a moment later.
-_TRANSIENT = {"TEMPORARILY_UNAVAILABLE", "RESOURCE_EXHAUSTED", "REQUEST_LIMIT_EXCEEDED",
-              "HTTP_429", "HTTP_502", "HTTP_503", "HTTP_504"}
+_TRANSIENT = {"TEMPORARILY_UNAVAILABLE", "RESOURCE_EXHAUSTED", "REQUEST_LIMIT_EXCEEDED", "HTTP_429", "HTTP_502", "HTTP_503", "HTTP_504"}
 
 _worker_failed = False  # in the `bentoml serve` process: a worker reported a StartupError
 
@@ -70,8 +69,8 @@ def start() -> tuple[ServiceConfig, ModelChoice]:
 def _start() -> tuple[ServiceConfig, ModelChoice]:
     import bentoml
     from bentoml.exceptions import InvalidArgument
-    from mlflow_faster_whisper.malloc import limit_retained_memory
 
+    from mlflow_faster_whisper.malloc import limit_retained_memory
     from whisper_bento import model_ref, traffic
     from whisper_bento.config import (
         DroppedArgumentsError,
@@ -110,7 +109,6 @@ def resolve_model(config: ServiceConfig) -> ModelChoice:
             registry did not answer after the last wait.
     """
     from mlflow_faster_whisper.errors import FasterWhisperFlavorError
-
     from whisper_bento import auth, model_ref
 
     shown = auth.redact_uri(config.model)
@@ -126,8 +124,7 @@ def resolve_model(config: ServiceConfig) -> ModelChoice:
                     f"Cannot serve {shown}: {message}, {attempt} times over {sum(REGISTRY_BACKOFF_S):g} s. Start the "
                     "registry, or point MLFLOW_TRACKING_URI at one that runs, then start the service again."
                 ) from None
-            _logger.warning("%s; trying again in %g s (try %d of %d)", message, wait_s, attempt,
-                            len(REGISTRY_BACKOFF_S) + 1)
+            _logger.warning("%s; trying again in %g s (try %d of %d)", message, wait_s, attempt, len(REGISTRY_BACKOFF_S) + 1)
             time.sleep(wait_s)
         except (FasterWhisperFlavorError, RuntimeError) as exc:  # not a faster_whisper model; a bento's record
             raise StartupError(f"Cannot serve {shown}: {exc}") from None
@@ -150,15 +147,17 @@ def _check_keys(config: ServiceConfig) -> None:
 def _check_device(config: ServiceConfig) -> None:
     from mlflow_faster_whisper import devices
     from mlflow_faster_whisper.errors import DeviceError
-
     from whisper_bento import model_ref
 
     try:
         devices.place(config.load.device, config.load.compute_type)
     except DeviceError as exc:
         # A built bento keeps the device it was built with: the fix is another host, or another bento.
-        built = (" This bento was built for device=cuda: serve it on a GPU host, or build one with device=cpu."
-                 if model_ref.running_bento_dir() is not None else "")
+        built = (
+            " This bento was built for device=cuda: serve it on a GPU host, or build one with device=cpu."
+            if model_ref.running_bento_dir() is not None
+            else ""
+        )
         raise StartupError(f"{exc}{built}") from None
 
 
@@ -178,17 +177,18 @@ def configuration_problem(exc: BaseException) -> str:
             close = _closest(str(error["loc"][-1]), keys)
             problems.append(f"unknown key {where!r}" + (f" (did you mean {close!r}?)" if close else ""))
         elif error["type"] == "missing":
-            problems.append(f"{where} is required ({ServiceConfig.model_fields[where].description})"
-                            if where in ServiceConfig.model_fields else f"{where} is required")
+            problems.append(
+                f"{where} is required ({ServiceConfig.model_fields[where].description})"
+                if where in ServiceConfig.model_fields
+                else f"{where} is required"
+            )
         else:
             problems.append(f"{where}: {error['msg']}")
-    return (f"Invalid service configuration: {'; '.join(problems)}. The keys are: {', '.join(keys)} "
-            "(bentoml serve ... --arg KEY=VALUE).")
+    return f"Invalid service configuration: {'; '.join(problems)}. The keys are: {', '.join(keys)} (bentoml serve ... --arg KEY=VALUE)."
 
 
 def _configuration_keys() -> list[str]:
     from mlflow_faster_whisper.devices import LoadOptions
-
     from whisper_bento.config import ServiceConfig
 
     # The load options are given flat (--arg device=cuda): list them as such.
@@ -268,7 +268,7 @@ class _ExplainedFailure(logging.Filter):
 
 
 def _role() -> Optional[str]:
-    """"worker" in a BentoML worker, "serve" in the ``bentoml serve`` process, else None."""
+    """ "worker" in a BentoML worker, "serve" in the ``bentoml serve`` process, else None."""
     from bentoml._internal.context import server_context
 
     if server_context.worker_index is not None:
@@ -306,8 +306,7 @@ def _exit_if_a_worker_failed() -> None:
 
 
 def _flush() -> None:
-    for handler in logging.getLogger().handlers + [h for name in ("bentoml", "whisper_bento")
-                                                    for h in logging.getLogger(name).handlers]:
+    for handler in logging.getLogger().handlers + [h for name in ("bentoml", "whisper_bento") for h in logging.getLogger(name).handlers]:
         with contextlib.suppress(OSError, ValueError):  # a closed stream: nothing left to flush
             handler.flush()
     sys.stdout.flush()

@@ -127,8 +127,7 @@ class MissingExtraError(ImportError):
     """
 
     def __init__(self, module: str, extra: str):
-        self.message = (f"{module} is not installed; it comes with the {extra} extra: "
-                        f"pip install '{DISTRIBUTION}[{extra}]'")
+        self.message = f"{module} is not installed; it comes with the {extra} extra: pip install '{DISTRIBUTION}[{extra}]'"
         super().__init__(self.message, name=module)
         self.module = module
         self.extra = extra

@@ -19,6 +19,7 @@ training runs in float32.
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 from dataclasses import asdict, dataclass, field
@@ -109,28 +110,16 @@ def _finetune(base, dataset, output_dir, eval_dataset, options: FinetuneOptions,
     model = _load_model(base_ref)
     peft_model = _with_lora(model, options)
     max_labels = model.config.max_target_positions
-    train = prepare(
-        dataset,
-        processor.tokenizer,
-        generation_config,
+    prepared = functools.partial(
+        prepare,
+        tokenizer=processor.tokenizer,
+        generation_config=generation_config,
         language=options.language,
         task=options.task,
         max_label_tokens=max_labels,
-        split=split,
     )
-    held_out = (
-        None
-        if eval_dataset is None
-        else prepare(
-            eval_dataset,
-            processor.tokenizer,
-            generation_config,
-            language=options.language,
-            task=options.task,
-            max_label_tokens=max_labels,
-            split=eval_split,
-        )
-    )
+    train = prepared(dataset, split=split)
+    held_out = None if eval_dataset is None else prepared(eval_dataset, split=eval_split)
     device, precision = _device(options.device)
     setup = tracking.configure()
     previous_run = training.read_run_record(output_dir) if checkpoint else None

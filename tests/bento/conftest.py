@@ -97,6 +97,17 @@ def bentoml_serve(target: str, args: dict[str, str], env: dict[str, str], log: P
         yield Server(url=url, process=process)
 
 
+def until(condition, what: str, timeout_s: float = 120.0):
+    """Poll ``condition`` until it returns something true, and return that. ``timeout_s`` is only a
+    bound on a failure (a loaded host takes longer), never the property a test checks."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout_s:g} s: {what}")
+        time.sleep(0.2)
+    return value
+
+
 def passes_observed(metrics_text: str, op: str = "encode") -> tuple[float, float]:
     """(forward passes, windows in them) of one CTranslate2 call, from the service's
     whisper_pass_windows histogram."""

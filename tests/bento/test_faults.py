@@ -15,7 +15,7 @@ import pytest
 from whisper_registry.normalize import normalizer_for
 
 from bench import faults
-from tests.bento.conftest import passes_observed, bentoml_serve, make_registry, server_env
+from tests.bento.conftest import bentoml_serve, make_registry, passes_observed, server_env, until
 
 pytestmark = [pytest.mark.server, pytest.mark.real_weights]
 
@@ -55,15 +55,6 @@ def _gauges(server) -> dict[str, float]:
             if line.startswith(("whisper_requests_held{", "whisper_upload_bytes_in_flight"))}
 
 
-def _until(condition, what: str):
-    deadline = time.monotonic() + BOUND_S
-    while time.monotonic() < deadline:
-        if value := condition():
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"not within {BOUND_S} s: {what}")
-
-
 def _hello(response: httpx.Response) -> bool:
     # Words, not the text as written: case and punctuation may differ with the CPU's kernels.
     normalize = normalizer_for("en")
@@ -76,7 +67,7 @@ def test_clients_that_go_away_leave_the_service_serving(server, clip):
     storm = faults.disconnect_storm(server.url, clip, clients=30)  # 15 go mid-upload, 15 after sending
     assert storm["clients"] == 30
     # Whenever the service notices each client gone, it ends holding nothing: no request, no upload.
-    gauges = _until(lambda: (g := _gauges(server)) and not any(g.values()) and g, "the service holds nothing")
+    gauges = until(lambda: (g := _gauges(server)) and not any(g.values()) and g, "the service holds nothing", BOUND_S)
     assert 'whisper_requests_held{role="primary"}' in gauges and "whisper_upload_bytes_in_flight" in gauges, gauges
     after = _transcribe(server, clip)
     assert _hello(after), after.text[:300]
@@ -119,12 +110,12 @@ def test_a_killed_worker_is_restarted_and_only_requests_in_flight_fail(server, c
     for thread in clients:
         thread.start()
     try:
-        _until(lambda: sum(ok for _, ok, _ in sent) >= 3, "three answers before the kill")
+        until(lambda: sum(ok for _, ok, _ in sent) >= 3, "three answers before the kill", BOUND_S)
         os.kill(old, signal.SIGKILL)
-        _until(lambda: _dead(old), "the worker is dead")
+        until(lambda: _dead(old), "the worker is dead", BOUND_S)
         dead_at = time.monotonic()
         # Requests sent once it is dead wait on the listening socket for the new worker's answer.
-        _until(lambda: any(ok for at, ok, _ in list(sent) if at > dead_at), "an answer after the kill")
+        until(lambda: any(ok for at, ok, _ in list(sent) if at > dead_at), "an answer after the kill", BOUND_S)
     finally:
         stop.set()
         for thread in clients:

@@ -8,7 +8,6 @@ import os
 import re
 import signal
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
@@ -17,7 +16,7 @@ import pytest
 from mlflow import MlflowClient
 
 from bench import faults
-from tests.bento.conftest import RequestLoop, bentoml_serve, make_registry, server_env
+from tests.bento.conftest import RequestLoop, bentoml_serve, make_registry, server_env, until
 
 pytestmark = [pytest.mark.real_weights, pytest.mark.server]
 
@@ -41,20 +40,13 @@ def _loaded(http) -> dict[tuple[str, str], float]:
     return found
 
 
-def _until(check: Callable[[], bool], what: str, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout_s} s: {what}")
-        time.sleep(0.2)
-
 
 def _kill_worker(url: str) -> float:
     """SIGKILL the worker; once BentoML's new worker answers, when it was killed."""
     old = faults.worker_pid(url)
     killed = time.monotonic()
     os.kill(old, signal.SIGKILL)
-    _until(lambda: faults.worker_pid(url) not in (None, old), "a new worker answers", timeout_s=240)
+    until(lambda: faults.worker_pid(url) not in (None, old), "a new worker answers", timeout_s=240)
     return killed
 
 
@@ -94,7 +86,7 @@ def test_the_service_follows_its_alias_without_a_failed_request(tmp_path, whispe
                 moves.setdefault(version, []).append(round(loop.first_answer_by(version, after=moved) - moved, 2))
                 # The old version leaves the worker's memory once its last request is answered:
                 # one version loaded, whatever the number of moves (none kept per move).
-                _until(lambda v=version: _loaded(http) == {(NAME, v): 1}, f"version {version} alone is loaded")
+                until(lambda v=version: _loaded(http) == {(NAME, v): 1}, f"version {version} alone is loaded")
 
             # A control call to another model's version 1 is refused and noted as that model's:
             # this alias's own version 1 is still served once the alias names it again.
@@ -108,7 +100,7 @@ def test_the_service_follows_its_alias_without_a_failed_request(tmp_path, whispe
 
             moved = time.monotonic()
             client.set_registered_model_alias(NAME, "production", "3")
-            _until(lambda: http.get("/info").json()["follow"]["failed_version"] == "3", "version 3 is refused")
+            until(lambda: http.get("/info").json()["follow"]["failed_version"] == "3", "version 3 is refused")
             loop.first_answer_by("1", after=time.monotonic())  # the served version still answers
             info = http.get("/info").json()
             metrics = http.get("/metrics").text
@@ -125,12 +117,12 @@ def test_the_service_follows_its_alias_without_a_failed_request(tmp_path, whispe
             # The alias now names a version that cannot be loaded: a worker restarted then still
             # starts, on the version `bentoml serve` resolved, and notes the refused one.
             client.set_registered_model_alias(NAME, "production", "3")
-            _until(lambda: http.get("/info").json()["follow"]["failed_version"] == "3", "version 3 is refused again")
+            until(lambda: http.get("/info").json()["follow"]["failed_version"] == "3", "version 3 is refused again")
             loop.pause()
             killed_again = _kill_worker(server.url)
             loop.go.set()
             loop.first_answer_by("1", after=killed_again, timeout=120)
-            _until(lambda: http.get("/info").json()["follow"]["failed_version"] == "3", "the new worker refuses version 3")
+            until(lambda: http.get("/info").json()["follow"]["failed_version"] == "3", "the new worker refuses version 3")
         answers = loop.answers
 
     failed = [a for a in answers if a[1] != 200]

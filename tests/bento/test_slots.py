@@ -9,8 +9,6 @@ import json
 import re
 import select
 import socket
-import time
-from collections.abc import Callable
 from urllib.parse import urlparse
 
 import numpy as np
@@ -21,6 +19,7 @@ from tests.bento.conftest import (
     make_registry,
     passes_observed,
     server_env,
+    until,
 )
 from devkit import audio
 
@@ -96,13 +95,6 @@ def _metric(http, name: str, role: str | None = None) -> float | None:
     return None
 
 
-def _until(check: Callable[[], bool], what: str, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout_s} s: {what}")
-        time.sleep(0.2)
-
 
 def _start_streams(url: str, body: bytes) -> list[socket.socket]:
     """MAX_REQUESTS streams, each sent whole and answered with its head (200, events to come)."""
@@ -126,13 +118,13 @@ def _generated(http) -> float:
 def test_streams_whose_clients_leave_before_the_first_event_stop_at_once(server, six_minutes, hello):
     body = _multipart(six_minutes, stream="true", temperature="0")
     with server.client() as http:
-        _until(lambda: _metric(http, "whisper_requests_held", "primary") == 0, "the engine is idle")
+        until(lambda: _metric(http, "whisper_requests_held", "primary") == 0, "the engine is idle")
         streams = _start_streams(server.url, body)
-        _until(lambda: _metric(http, "whisper_requests_held", "primary") == MAX_REQUESTS, "the engine holds every stream")
+        until(lambda: _metric(http, "whisper_requests_held", "primary") == MAX_REQUESTS, "the engine holds every stream")
         before = _generated(http)
         for sock in streams:  # no event read: each stream still needs its first window decoded
             sock.close()
-        _until(lambda: _metric(http, "whisper_requests_held", "primary") == 0, "the engine lets go of every stream")
+        until(lambda: _metric(http, "whisper_requests_held", "primary") == 0, "the engine lets go of every stream")
         # Each stream let go at its next model call: at most the pass in flight when the clients
         # left ran (and one that started as they did); decoding on to each stream's first segment
         # would take a generate pass per stream.
@@ -146,12 +138,12 @@ def test_streams_whose_clients_leave_before_the_first_event_stop_at_once(server,
 def test_a_full_engine_is_unready_until_its_clients_leave(server, six_minutes, hello):
     body = _multipart(six_minutes, stream="true", temperature="0")
     with server.client() as http:
-        _until(lambda: _metric(http, "whisper_requests_held", "primary") == 0, "the engine is idle")
+        until(lambda: _metric(http, "whisper_requests_held", "primary") == 0, "the engine is idle")
         assert http.get("/readyz").status_code == 200
         streams = _start_streams(server.url, body)
-        _until(lambda: _metric(http, "whisper_requests_held", "primary") == MAX_REQUESTS, "the engine holds every stream")
+        until(lambda: _metric(http, "whisper_requests_held", "primary") == MAX_REQUESTS, "the engine holds every stream")
         # Admitting no request for longer than unready_after_full_s: not ready.
-        _until(lambda: http.get("/readyz").status_code == 503, "/readyz answers 503 while the engine is full")
+        until(lambda: http.get("/readyz").status_code == 503, "/readyz answers 503 while the engine is full")
         refused = http.post("/transcribe", files={"file": ("a.wav", hello, "audio/wav")})
         assert refused.status_code == 503 and "overloaded" in refused.json()["error"]["message"], refused.text
         # One client reads its first event (mid-stream), the others read nothing: all of them go.
@@ -161,8 +153,8 @@ def test_a_full_engine_is_unready_until_its_clients_leave(server, six_minutes, h
             first += streams[0].recv(65536)
         for sock in streams:
             sock.close()
-        _until(lambda: _metric(http, "whisper_requests_held", "primary") == 0, "the engine lets go of every stream")
-        _until(lambda: http.get("/readyz").status_code == 200, "/readyz answers 200 again")
+        until(lambda: _metric(http, "whisper_requests_held", "primary") == 0, "the engine lets go of every stream")
+        until(lambda: http.get("/readyz").status_code == 200, "/readyz answers 200 again")
     assert "Traceback" not in server.log_text()
 
 
@@ -181,7 +173,7 @@ def test_a_chunked_body_over_the_limit_is_refused_as_it_arrives(server, hello):
     # Answered while the client was still sending: the worker read no more than it had to.
     assert sent < total, sent
     with server.client() as http:
-        _until(lambda: _metric(http, "whisper_upload_bytes_in_flight") == 0, "the refused body holds nothing")
+        until(lambda: _metric(http, "whisper_upload_bytes_in_flight") == 0, "the refused body holds nothing")
 
 
 def test_uploads_in_flight_share_one_budget(server, hello):
@@ -195,14 +187,14 @@ def test_uploads_in_flight_share_one_budget(server, hello):
             sock = _connect(server.url, declared)
             sock.sendall(large[: declared // 2])
             halves.append(sock)
-        _until(lambda: _metric(http, "whisper_upload_bytes_in_flight") == 3 * declared, "the uploads hold their bytes")
+        until(lambda: _metric(http, "whisper_upload_bytes_in_flight") == 3 * declared, "the uploads hold their bytes")
         # A fourth is refused from its head alone, before a byte of its body is sent.
         with _connect(server.url, len(_multipart(hello))) as fourth:
             status, answer = _answer(fourth)
         assert status == 503 and answer["error"]["code"] == "uploads_full", answer
         for sock in halves:  # clients that go mid-upload give their share back
             sock.close()
-        _until(lambda: _metric(http, "whisper_upload_bytes_in_flight") == 0, "the abandoned uploads hold nothing")
+        until(lambda: _metric(http, "whisper_upload_bytes_in_flight") == 0, "the abandoned uploads hold nothing")
         after = http.post("/transcribe", files={"file": ("a.wav", hello, "audio/wav")}, data={"temperature": "0"})
         assert after.status_code == 200, after.text
         assert _metric(http, "whisper_upload_bytes_in_flight") == 0
