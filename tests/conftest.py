@@ -10,6 +10,15 @@ import pytest  # noqa: E402
 pytest_plugins = ["devkit.pytest_plugin"]
 
 
+@pytest.fixture(autouse=True)
+def _experiment_stays_in_its_test(monkeypatch):
+    """``mlflow.set_experiment`` writes MLFLOW_EXPERIMENT_ID into os.environ, past any monkeypatch:
+    a test's experiment id would reach the next test's subprocesses, whose store lacks it. Recorded
+    here as absent, it is absent again after every test."""
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", "")
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID")
+
+
 @pytest.fixture
 def mlflow_store(tmp_path, monkeypatch):
     """A real sqlite-backed tracking store and registry in tmp_path, with artifacts beside it.
