@@ -19,7 +19,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, Optional
 from urllib.parse import urlsplit, urlunsplit
 
 from whisper_bento.errors import ApiError
@@ -34,6 +34,24 @@ WEBHOOK_TOLERANCE_S = 300.0
 WEBHOOK_SKEW_S = 30.0
 _DELIVERY_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")  # MLflow sends a UUID
 REFERENCE = re.compile(r"^(env|file):(.+)$")
+
+
+class Keys(NamedTuple):
+    """The keys a service's configuration names, read once at start-up (None: not configured)."""
+
+    api: Optional[tuple[bytes, ...]]
+    admin: Optional[tuple[bytes, ...]]
+    webhook: Optional[tuple[bytes, ...]]
+
+    @classmethod
+    def load(cls, api_key: Optional[str], admin_key: Optional[str], webhook_secret: Optional[str]) -> Keys:
+        """Raises ValueError, as ``load_keys``: a named variable or file is missing or holds no key.
+        The control key and a webhook secret are one key each, taken whole; API keys are a list."""
+        return cls(
+            load_keys(api_key) if api_key else None,
+            load_keys(admin_key, "admin_key", whole=True) if admin_key else None,
+            load_keys(webhook_secret, "webhook_secret", whole=True) if webhook_secret else None,
+        )
 
 
 def load_keys(reference: str, setting: str = "api_key", *, whole: bool = False) -> tuple[bytes, ...]:

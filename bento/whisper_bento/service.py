@@ -51,14 +51,12 @@ logging.getLogger("whisper_bento").setLevel(logging.INFO)
 
 # The one start-up step (configuration, model, checks); an error it cannot heal ends the server
 # with one line that names the fix, in the `bentoml serve` process and in a worker alike.
-CONFIG, MODEL = startup.start()
+CONFIG, MODEL, KEYS = startup.start()
 # Every response names the version that answered it.
 VERSION_HEADER = "x-whisper-model-version"
-# Loaded at import: a missing variable or file stops the start-up with the reason. The control
-# key and a webhook secret are one key each, taken whole; API keys are a list.
-ADMIN_KEYS = auth.load_keys(CONFIG.admin_key, "admin_key", whole=True) if CONFIG.admin_key else None
+ADMIN_KEYS = KEYS.admin  # read by the start-up, which ends it on a missing variable or file
 ADMIN_HEADER = uris.ADMIN_HEADER
-WEBHOOK_SECRETS = auth.load_keys(CONFIG.webhook_secret, "webhook_secret", whole=True) if CONFIG.webhook_secret else None
+WEBHOOK_SECRETS = KEYS.webhook
 WEBHOOK_MAX_BYTES = 64 * 1024
 WEBHOOK_DELIVERIES = auth.SeenDeliveries()  # refuses a signed delivery sent again
 # What a client connection may hold (whisper_bento.connections). Middleware runs in the order
@@ -357,8 +355,8 @@ _SERVICE.add_asgi_middleware(startup.EndServerOnFailedStart)
 _SERVICE.add_asgi_middleware(page.JsonRoutingErrors)  # BentoML's own 404/405 in the one error shape
 connections.limit_request_heads(CONFIG.header_timeout_s)
 _SERVICE.add_asgi_middleware(connections.BodyDeadline, seconds=CONFIG.body_timeout_s, tighter={auth.WEBHOOK_PATH: WEBHOOK_BODY_TIMEOUT_S})
-if CONFIG.api_key:
-    _SERVICE.add_asgi_middleware(auth.ApiKeyMiddleware, keys=auth.load_keys(CONFIG.api_key))
+if KEYS.api:
+    _SERVICE.add_asgi_middleware(auth.ApiKeyMiddleware, keys=KEYS.api)
 _SERVICE.add_asgi_middleware(
     connections.ConcurrencyLimit, limit=MAX_CONCURRENCY, pools={auth.WEBHOOK_PATH: WEBHOOK_CONCURRENCY}, exempt=auth.PROBES | {"/metrics"}
 )

@@ -25,6 +25,7 @@ import time
 from typing import TYPE_CHECKING, Any, NoReturn, Optional
 
 if TYPE_CHECKING:
+    from whisper_bento.auth import Keys
     from whisper_bento.config import ServiceConfig
     from whisper_bento.model_ref import ModelChoice
 
@@ -49,11 +50,12 @@ class StartupError(Exception):
         super().__init__(" ".join(message.split()))
 
 
-def start() -> tuple[ServiceConfig, ModelChoice]:
+def start() -> tuple[ServiceConfig, ModelChoice, Keys]:
     """Prepare this process to serve: the configuration and the model it serves.
 
     Returns:
-        The service configuration and the BentoML model the service declares.
+        The service configuration, the BentoML model the service declares, and the keys its
+        configuration names.
 
     Raises:
         StartupError: outside a BentoML server only; in one, the process ends (``fail``).
@@ -66,7 +68,7 @@ def start() -> tuple[ServiceConfig, ModelChoice]:
         fail(exc)
 
 
-def _start() -> tuple[ServiceConfig, ModelChoice]:
+def _start() -> tuple[ServiceConfig, ModelChoice, Keys]:
     import bentoml
     from bentoml.exceptions import InvalidArgument
 
@@ -94,10 +96,10 @@ def _start() -> tuple[ServiceConfig, ModelChoice]:
             refuse_dropped_arguments(config, sys.argv)
         except DroppedArgumentsError as exc:
             raise StartupError(str(exc)) from None
-    _check_keys(config)
+    keys = _load_keys(config)
     if _role() == "serve" and config.load.device == "cuda":
         _check_device(config)  # before any worker starts: cheap, and the commonest mistake
-    return config, resolve_model(config)
+    return config, resolve_model(config), keys
 
 
 def resolve_model(config: ServiceConfig) -> ModelChoice:
@@ -131,17 +133,14 @@ def resolve_model(config: ServiceConfig) -> ModelChoice:
     raise AssertionError("unreachable")
 
 
-def _check_keys(config: ServiceConfig) -> None:
-    """The variables or files the key settings name exist and hold a key."""
-    from whisper_bento import auth
+def _load_keys(config: ServiceConfig) -> Keys:
+    """The keys the key settings name, read once; a missing variable or file ends the start-up."""
+    from whisper_bento.auth import Keys
 
-    for setting in ("api_key", "admin_key", "webhook_secret"):
-        reference = getattr(config, setting)
-        if reference:
-            try:
-                auth.load_keys(reference, setting, whole=setting != "api_key")
-            except ValueError as exc:
-                raise StartupError(str(exc)) from None
+    try:
+        return Keys.load(config.api_key, config.admin_key, config.webhook_secret)
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
 
 
 def _check_device(config: ServiceConfig) -> None:
