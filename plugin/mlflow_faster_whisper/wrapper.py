@@ -29,7 +29,6 @@ class FasterWhisperPyfunc:
 
     def __init__(self, model, defaults: DecodingOptions, *, batch_size: Optional[int] = None):  # None: the engine's
         self.version = LoadedVersion(model, defaults, batch_size=batch_size)
-        self.batch_size = batch_size
 
     @property
     def model(self):
