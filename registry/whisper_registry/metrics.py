@@ -128,11 +128,11 @@ def compute_intervals(measurements: Measurements, *, seed: int = bootstrap.SEED)
     out = {}
     for suffix, group in groups.items():
         spaced = [u for u in group if not u.by_characters]
-        for name, units, errors, lengths in (
-            ("wer", spaced, [u.word_errors for u in spaced], [u.words for u in spaced]),
-            ("cer", group, [u.char_errors for u in group], [u.chars for u in group]),
+        for name, errors, lengths in (
+            ("wer", [u.word_errors for u in spaced], [u.words for u in spaced]),
+            ("cer", [u.char_errors for u in group], [u.chars for u in group]),
         ):
-            interval = bootstrap.rate_interval(errors, lengths, seed=seed) if units else None
+            interval = bootstrap.rate_interval(errors, lengths, seed=seed)  # None for no utterances
             if interval is not None:
                 out[f"{name}{suffix}"] = interval
     return out
