@@ -361,21 +361,21 @@ def _move(result: PromotionResult) -> None:
 
 def _check_gate(gate: Gate, version_tags: dict[str, str]) -> GateResult:
     shadow = gate.metric.startswith(tags.SHADOW_PREFIX)
-    raw = version_tags.get(gate.metric if shadow else f"{tags.EVAL_PREFIX}{gate.metric}")
+    key = gate.metric if shadow else f"{tags.EVAL_PREFIX}{gate.metric}"
+    raw = version_tags.get(key)
     if raw is None:
         where = "the version's shadow figures: serve it as shadow= beside production first" if shadow else "the version's evaluation"
         return GateResult(str(gate), None, False, f"no {gate.metric} in {where}")
     value = float(raw)
     if gate.bound:
-        return _check_bound(gate, value, version_tags)
+        return _check_bound(gate, value, version_tags, key, shadow)
     passed = gate.holds(value)
     return GateResult(str(gate), value, passed, f"{gate.metric}={value:.4g} {'holds' if passed else 'fails'}")
 
 
-def _check_bound(gate: Gate, value: float, version_tags: dict[str, str]) -> GateResult:
-    """A gate on one end of the figure's bootstrap interval (``wer.upper<=0.08``)."""
-    shadow = gate.metric.startswith(tags.SHADOW_PREFIX)
-    key = gate.metric if shadow else f"{tags.EVAL_PREFIX}{gate.metric}"
+def _check_bound(gate: Gate, value: float, version_tags: dict[str, str], key: str, shadow: bool) -> GateResult:
+    """A gate on one end of the figure's bootstrap interval (``wer.upper<=0.08``); ``key`` is the
+    figure's tag, ``shadow`` whether the service's shadow wrote it."""
     low, high = version_tags.get(key + metrics.CI_LOW), version_tags.get(key + metrics.CI_HIGH)
     n = version_tags.get(f"{tags.SHADOW_PREFIX}requests" if shadow else f"{tags.EVAL_PREFIX}n_utterances")
     if low is None or high is None or n is None:
