@@ -127,6 +127,10 @@ class Transcriber:
         """The primary version new requests go to."""
         return self.primary.served
 
+    def _slots(self) -> list[Slot]:
+        """The primary slot, and the shadow's when there is one."""
+        return [self.primary] + ([self.shadow.slot] if self.shadow else [])
+
     def _primary_busy(self) -> bool:
         engine = self.primary.served.version.started_engine
         return engine is not None and engine.busy()
@@ -139,8 +143,7 @@ class Transcriber:
     async def __metrics__(self, content: str) -> str:
         """BentoML's /metrics, with gauges read as it is scraped: requests each engine holds, and
         the versions in this worker's memory (a retired one leaves once it is unloaded)."""
-        slots = [self.primary] + ([self.shadow.slot] if self.shadow else [])
-        return metrics.gauges(content, slots, self.uploads.in_flight)
+        return metrics.gauges(content, self._slots(), self.uploads.in_flight)
 
     def _retarget(self, uri: str) -> Served:
         """Serve what the registry URI ``uri`` names, and follow it from now on if it is an alias
@@ -243,8 +246,8 @@ class Transcriber:
             entity, name, alias = event.get("entity"), data.get("name"), data.get("alias")
         except (ValueError, AttributeError, RecursionError):  # RecursionError: JSON nested too deep
             raise bad_request("A signed webhook body must be MLflow's JSON event.") from None
-        slots = [self.primary] + ([self.shadow.slot] if self.shadow else [])
-        woken = [slot for slot in slots if entity == "model_version_alias" and slot.follow.target == uris.alias_uri(str(name), str(alias))]
+        named = uris.alias_uri(str(name), str(alias)) if entity == "model_version_alias" else None
+        woken = [slot for slot in self._slots() if named is not None and slot.follow.target == named]
         if not woken:
             return JSONResponse({"ignored": f"not an event on a followed alias ({self.primary.follow.why})"})
         for slot in woken:
