@@ -25,7 +25,7 @@ from whisper_bento import auth, connections, errors, formats, forms, metrics, mo
 from whisper_bento.config import bound_violation
 from whisper_bento.errors import ApiError, bad_request, invalid_value, overloaded_error, too_large
 from whisper_bento.metrics import QUEUE_WAIT
-from whisper_bento.slots import BoundsError, Served, Slot, load, load_primary
+from whisper_bento.slots import Served, Slot, load, load_primary
 from whisper_bento.streaming import nothing, unless_gone
 
 with bentoml.importing():
@@ -85,10 +85,8 @@ class Transcriber:
     bento_model = MODEL.ref
 
     def __init__(self) -> None:
-        try:
-            primary = load_primary(self.bento_model, MODEL, CONFIG)
-        except BoundsError as exc:  # the configuration's to fix: restarting cannot
-            raise startup.StartupError(str(exc)) from None
+        # A BoundsError is the configuration's to fix: it ends the server (startup.cannot_heal).
+        primary = load_primary(self.bento_model, MODEL, CONFIG)
         self.primary = Slot("primary", primary, CONFIG.model, MODEL.source, CONFIG)
         self.runtime = devices.runtime_facts()
         self.uploads = forms.Uploads(CONFIG.max_upload_bytes, CONFIG.upload_budget_bytes)
@@ -107,10 +105,7 @@ class Transcriber:
                 "max_wait_s": CONFIG.shadow_max_wait_s,
             }
             tag, registered = model_ref.import_from_registry(CONFIG.shadow)
-            try:
-                served = load(bentoml.models.get(tag), registered, CONFIG.shadow, "registry", CONFIG, **options)
-            except BoundsError as exc:
-                raise startup.StartupError(str(exc)) from None
+            served = load(bentoml.models.get(tag), registered, CONFIG.shadow, "registry", CONFIG, **options)
             self.shadow = Shadow(
                 Slot("shadow", served, CONFIG.shadow, "registry", CONFIG, engine_options=options),
                 fraction=CONFIG.shadow_fraction,

@@ -205,16 +205,20 @@ def cannot_heal(exc: Optional[BaseException]) -> Optional[StartupError]:
     """``exc`` as a StartupError when restarting the worker cannot fix it, else None.
 
     A worker's start fails this way when its model cannot be served here: the artifact was
-    modified (checksums), the device cannot run it, its options are invalid, or the registry
-    answered that a model it names (the shadow candidate) does not exist.
+    modified (checksums), the device cannot run it, its options are invalid, its decoding
+    defaults break the service's bounds, or the registry answered that a model it names (the
+    shadow candidate) does not exist.
     """
     from mlflow_faster_whisper.errors import AudioDecodeError, FasterWhisperFlavorError, first_line
     from whisper_bento.model_ref import RegistryError
+    from whisper_bento.slots import BoundsError
 
     if isinstance(exc, StartupError):
         return exc
     if isinstance(exc, FasterWhisperFlavorError) and not isinstance(exc, AudioDecodeError):
         return StartupError(first_line(exc))
+    if isinstance(exc, BoundsError):
+        return StartupError(str(exc))
     if isinstance(exc, RegistryError) and exc.error_code not in _TRANSIENT:
         return StartupError(str(exc))
     return None
