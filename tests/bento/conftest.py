@@ -79,8 +79,10 @@ class Server:
     def log_text(self) -> str:
         return self.process.log_text()
 
-    def client(self, timeout: float = 300) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=timeout)
+    def client(self, timeout: float = 300, key: str | None = None) -> httpx.Client:
+        """A client of the service; with ``key``, every request carries it as its bearer token."""
+        headers = {"Authorization": f"Bearer {key}"} if key else None
+        return httpx.Client(base_url=self.url, timeout=timeout, headers=headers)
 
 
 @contextlib.contextmanager

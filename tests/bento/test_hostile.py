@@ -66,7 +66,7 @@ def server(served):
 
 @pytest.fixture(scope="module")
 def http(server):
-    with httpx.Client(base_url=server.url, timeout=300, headers={"Authorization": f"Bearer {API_KEYS[0]}"}) as client:
+    with server.client(key=API_KEYS[0]) as client:
         yield client
 
 
@@ -273,7 +273,7 @@ def test_a_control_key_that_is_not_ascii_works_as_sent(server, http):
     assert move(ADMIN_KEY.encode("latin-1", "replace")).status_code == 401
     assert move(b"contr").status_code == 401
     # The same for an API key that is not ASCII.
-    with httpx.Client(base_url=server.url, timeout=60) as client:
+    with server.client(60) as client:
         assert client.get("/v1/models", headers={"Authorization": f"Bearer {API_KEYS[1]}".encode()}).status_code == 200
 
 

@@ -56,7 +56,7 @@ def server(tmp_path_factory, whisper_tiny_en_ct2):
 
 @pytest.fixture(scope="module")
 def http(server):
-    with httpx.Client(base_url=server.url, timeout=300, headers={"Authorization": f"Bearer {KEYS[1]}"}) as client:
+    with server.client(key=KEYS[1]) as client:
         yield client
 
 
@@ -218,7 +218,7 @@ def test_malformed_corpus_gets_4xx_json_while_requests_in_flight_succeed(server,
     stop = threading.Event()
 
     def good_requests():  # on the same worker, all through the corpus
-        with httpx.Client(base_url=server.url, timeout=300, headers={"Authorization": f"Bearer {KEYS[0]}"}) as client:
+        with server.client(key=KEYS[0]) as client:
             while not stop.is_set():
                 with open(fox.path, "rb") as f:
                     in_flight.append(client.post(NATIVE, files={"file": f}, data={"temperature": "0"}))
@@ -253,7 +253,7 @@ def test_malformed_corpus_gets_4xx_json_while_requests_in_flight_succeed(server,
 
 
 def test_every_route_but_the_probes_needs_a_key(server, fox):
-    with httpx.Client(base_url=server.url, timeout=300) as anonymous:
+    with server.client() as anonymous:
         assert anonymous.get("/livez").status_code == 200
         assert anonymous.get("/readyz").status_code == 200
         for method, path in [("GET", "/info"), ("GET", "/metrics"), ("GET", "/v1/models"), ("POST", NATIVE), ("POST", OPENAI)]:
