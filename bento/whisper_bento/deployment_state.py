@@ -18,7 +18,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, INVALID_STATE, RESOURCE_DOES_NOT_EXIST
 
 from mlflow_faster_whisper.constants import FLAVOR_NAME
-from mlflow_faster_whisper.uris import ADMIN_HEADER
+from mlflow_faster_whisper.uris import ADMIN_HEADER, version_uri
 
 FLAVOR = FLAVOR_NAME
 HOME_ENV = "WHISPER_DEPLOYMENTS_HOME"
@@ -169,7 +169,7 @@ def resolve_version(model_uri: str):
 
     mlflow.set_tracking_uri(current_tracking_uri())
     registered = registry_version(model_uri)
-    pinned = f"models:/{registered.name}/{registered.version}" if registered else model_uri
+    pinned = version_uri(registered.name, registered.version) if registered else model_uri
     try:
         mlflow_faster_whisper.flavor_config(pinned)
     except FasterWhisperFlavorError as exc:
