@@ -72,8 +72,6 @@ def start_server(directory: Path, bento_tag: str, settings: Settings) -> subproc
 
 
 def await_ready(state: State, process: subprocess.Popen, timeout_s: float) -> None:
-    import httpx
-
     log = deployment_dir(state.name) / LOG_FILE
     deadline = time.monotonic() + timeout_s
     while True:
@@ -87,11 +85,8 @@ def await_ready(state: State, process: subprocess.Popen, timeout_s: float) -> No
         if problem:
             tail = log.read_text(errors="replace")[-3000:]
             raise MlflowException(f"The service of deployment {state.name} {problem}; its log ends:\n{tail}", INVALID_STATE)
-        try:
-            if httpx.get(f"{state.url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
+        if is_ready(state.url, timeout_s=2):
+            return
         time.sleep(0.25)
 
 
@@ -137,13 +132,17 @@ def service_status(state: State) -> str:
     reap(state.pid)
     if not group_alive(state.pid):
         return "exited"
+    return "running" if is_ready(state.url, timeout_s=5) else "not ready"
+
+
+def is_ready(url: str, timeout_s: float) -> bool:
+    """Whether the service at ``url`` answers its readiness route (``/readyz``) with 200."""
     import httpx
 
     try:
-        ready = httpx.get(f"{state.url}/readyz", timeout=5).status_code == 200
+        return httpx.get(f"{url}/readyz", timeout=timeout_s).status_code == 200
     except httpx.HTTPError:
-        ready = False
-    return "running" if ready else "not ready"
+        return False
 
 
 def service_info(state: State) -> Optional[dict[str, Any]]:
