@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from whisper_registry.normalize import normalizer_for
 
 import mlflow_faster_whisper as mfw
 from tests.bento.conftest import RequestLoop, make_registry, server_env
-from devkit.processes import free_port
+from devkit.processes import ServerProcess, free_port
 
 pytestmark = [pytest.mark.real_weights, pytest.mark.server]
 
@@ -162,28 +161,15 @@ def test_deployments_cli_create_predict_update_delete(tmp_path, whisper_tiny_en_
 
     # run-local serves in the foreground until stopped.
     port = free_port()
-    with open(tmp_path / "run-local.log", "w") as log:
-        local = subprocess.Popen([sys.executable, "-m", "mlflow", "deployments", "run-local", "-t", "bentoml", "--name", "dev",
-                                  "-m", f"models:/{NAME}/1", "-C", f"port={port}", "-C", "compute_type=int8"],
-                                 env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
+    local = ServerProcess([sys.executable, "-m", "mlflow", "deployments", "run-local", "-t", "bentoml", "--name", "dev",
+                           "-m", f"models:/{NAME}/1", "-C", f"port={port}", "-C", "compute_type=int8"],
+                          ready_url=f"http://127.0.0.1:{port}/readyz", log_path=tmp_path / "run-local.log",
+                          env=env, cwd=tmp_path, timeout_s=180)
+    with local:
         import httpx
 
-        deadline = time.monotonic() + 180
-        while True:
-            assert local.poll() is None and time.monotonic() < deadline, (tmp_path / "run-local.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
         info = httpx.get(f"http://127.0.0.1:{port}/info", timeout=30).json()
         assert info["model"]["version"] == "1" and info["follow"]["why"] == f"pinned: models:/{NAME}/1 names one version"
-    finally:
-        if local.poll() is None:
-            os.killpg(local.pid, signal.SIGTERM)
-            local.wait(timeout=60)
     assert not (home / "dev").exists()  # nothing managed: run-local keeps no state
 
 
