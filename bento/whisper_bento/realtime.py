@@ -232,6 +232,15 @@ class Session:
                 await self._handle(event)
             except EventError as exc:
                 await self.send(events.error_event(exc.message, exc.code, exc.param, event_id, exc.status))
+            except (WebSocketDisconnect, OSError):
+                raise
+            except Exception as exc:  # the service's fault, not the session's: say so, and go on
+                _logger.exception("A realtime event failed")
+                await self.send(
+                    events.error_event(
+                        f"Internal error ({type(exc).__name__}); see the server log.", "server_error", event_id=event_id, status=500
+                    )
+                )
 
     def _parse(self, message: Any) -> dict:
         text = message.get("text")
