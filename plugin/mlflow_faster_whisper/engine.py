@@ -98,6 +98,9 @@ class Engine:
         on_pass: called after each forward pass with its ``PassStats`` (metrics).
         defer: while it returns True, no pass is run (a shadow engine defers to the engine
             serving production: it uses only the time that one leaves idle).
+
+    Options submitted are taken as checked against the model: the engine belongs to a
+    ``loaded.LoadedVersion``, whose ``resolve`` (every front-end's) has run ``check_options``.
     """
 
     def __init__(
@@ -202,7 +205,7 @@ class Engine:
         ticket = _admitted_ticket(ticket, audio)
         self._admit(computing=True)  # the caller's thread runs it
         try:
-            segments, info = transcription.stream_segments(self._view(ticket), audio, options, batch_size=self.batch_size)
+            segments, info = transcription.stream_segments(self._view(ticket), audio, options, batch_size=self.batch_size, checked=True)
         except BaseException:
             self._release(computing=True)
             raise
@@ -259,7 +262,7 @@ class Engine:
         try:
             if ticket.cancelled:
                 raise Cancelled("the request was cancelled")
-            return transcription.transcribe(self._view(ticket), audio, options, batch_size=self.batch_size)
+            return transcription.transcribe(self._view(ticket), audio, options, batch_size=self.batch_size, checked=True)
         finally:
             ticket.decode_s = time.monotonic() - ticket.submitted
             self._release(computing=True)

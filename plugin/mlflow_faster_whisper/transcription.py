@@ -95,17 +95,19 @@ def _longest_prompt(model, options: DecodingOptions) -> int:
     return (1 if previous or hotwords else 0) + previous + hotwords + start + int(options.without_timestamps) + prefix
 
 
-def stream_segments(model, audio: np.ndarray, options: DecodingOptions, *, batch_size: int = BatchPolicy.batch_size):
+def stream_segments(model, audio: np.ndarray, options: DecodingOptions, *, batch_size: int = BatchPolicy.batch_size, checked: bool = False):
     """Start decoding; returns (segments iterator, faster-whisper TranscriptionInfo).
 
     Segments are decoded lazily as the iterator is consumed, which is what lets the service stream.
     Audio longer than one window with ``long_form="batched"`` is cut at pauses (Silero VAD) and its
     chunks decoded side by side by faster-whisper's batched pipeline, ``batch_size`` per pass.
+    ``checked``: the caller has run ``check_options`` on these options for this model already.
 
     Raises:
         DecodingOptionsError: options this model cannot decode with (``check_options``).
     """
-    check_options(model, options)
+    if not checked:
+        check_options(model, options)
     kwargs = options.to_transcribe_kwargs()
     if not options.pad_to_30s:
         model = _unpadded(model)
@@ -120,9 +122,11 @@ def stream_segments(model, audio: np.ndarray, options: DecodingOptions, *, batch
     return within_audio((to_segment(s) for s in segments), info.duration), info
 
 
-def transcribe(model, audio: np.ndarray, options: DecodingOptions, *, batch_size: int = BatchPolicy.batch_size) -> Transcription:
-    """Transcribe decoded 16 kHz samples with the given options."""
-    segments, info = stream_segments(model, audio, options, batch_size=batch_size)
+def transcribe(
+    model, audio: np.ndarray, options: DecodingOptions, *, batch_size: int = BatchPolicy.batch_size, checked: bool = False
+) -> Transcription:
+    """Transcribe decoded 16 kHz samples with the given options (``checked`` as for ``stream_segments``)."""
+    segments, info = stream_segments(model, audio, options, batch_size=batch_size, checked=checked)
     segments = list(segments)
     return Transcription(
         text=join_text(segments),

@@ -12,11 +12,12 @@ import pandas as pd
 import pytest
 from faster_whisper import WhisperModel
 
-from mlflow_faster_whisper import transcription
+from mlflow_faster_whisper import loaded, transcription
 from mlflow_faster_whisper.audio import decode_audio
 from mlflow_faster_whisper.decoding import DecodingOptions
 from mlflow_faster_whisper.engine import Engine, Ticket
 from mlflow_faster_whisper.errors import Cancelled, DecodingOptionsError, Overloaded
+from mlflow_faster_whisper.loaded import LoadedVersion
 from mlflow_faster_whisper.wrapper import FasterWhisperPyfunc
 from whisper_registry.normalize import normalizer_for
 
@@ -171,16 +172,40 @@ def test_cancelling_frees_capacity_and_a_full_engine_refuses_at_once(tiny_en, cl
 def test_a_request_that_fails_fails_alone(tiny_en, clips):
     engine = Engine(tiny_en)
     good = clips["en/quick_brown_fox"][1]
-    # Options this model cannot decode with: refused inside the request's own decoding.
+    # Options this model cannot decode with, past LoadedVersion.resolve's check: faster-whisper
+    # refuses them inside the request's own decoding.
     bad = DecodingOptions.parse({"max_new_tokens": 448, "initial_prompt": "word " * 300})
     try:
         futures = [engine.submit(good, GREEDY), engine.submit(good, bad), engine.submit(good, GREEDY)]
         assert _same("en", futures[0].result(timeout=120).text, clips["en/quick_brown_fox"][0].text)
-        with pytest.raises(DecodingOptionsError, match="max_new_tokens"):
+        with pytest.raises(ValueError, match="max_new_tokens"):
             futures[1].result(timeout=120)
         assert _same("en", futures[2].result(timeout=120).text, clips["en/quick_brown_fox"][0].text)
     finally:
         engine.close()
+
+
+def test_a_request_checks_its_options_once(tiny_en, clips, monkeypatch):
+    calls = []
+    checked = transcription.check_options
+
+    def counted(model, options):
+        calls.append(options)
+        checked(model, options)
+
+    monkeypatch.setattr(transcription, "check_options", counted)
+    monkeypatch.setattr(loaded, "check_options", counted)
+    version = LoadedVersion(tiny_en, {"beam_size": 1}, {"temperature": 0})
+    try:
+        with pytest.raises(DecodingOptionsError, match="max_new_tokens"):
+            version.resolve({"max_new_tokens": 448, "initial_prompt": "word " * 300})
+        options = version.resolve({"language": "en"})
+        version.engine.transcribe(clips["en/quick_brown_fox"][1], options)
+        segments, _ = version.engine.stream(clips["en/quick_brown_fox"][1], options)
+        list(segments)
+    finally:
+        version.engine.close()
+    assert len(calls) == 2  # one per resolve: neither the engine's decode nor its stream checks again
 
 
 def test_streaming_shares_passes_with_other_requests(tiny_en, clips, long_speech):
