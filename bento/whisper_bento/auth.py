@@ -4,7 +4,8 @@ The configuration names where the keys are, never the keys themselves; ``/info``
 whether each is configured. Requests carry ``Authorization: Bearer KEY`` (what the ``openai``
 SDK sends for ``api_key=``). The middleware wraps BentoML's whole app, so ``/metrics`` and
 ``/docs.json`` are locked too; ``/livez`` and ``/readyz`` stay open for orchestrators' probes,
-and the MLflow webhook, which MLflow signs instead (``delivery_problem``, ``signature_problem``).
+the MLflow webhook, which MLflow signs instead (``delivery_problem``, ``signature_problem``),
+and the service's page, which holds no data: it asks for the key and calls the locked routes.
 Keys are compared as the raw bytes of the header against their UTF-8 encoding.
 """
 
@@ -26,7 +27,8 @@ from whisper_bento.errors import ApiError
 
 PROBES = frozenset({"/livez", "/readyz"})
 WEBHOOK_PATH = "/webhooks/mlflow"
-OPEN_PATHS = PROBES | {WEBHOOK_PATH}
+PAGE_PATH = "/"
+OPEN_PATHS = PROBES | {WEBHOOK_PATH, PAGE_PATH}
 # MLflow's webhook headers (mlflow.webhooks.constants), how old a delivery may be, and how far in
 # the future its timestamp may be (clock skew between MLflow's host and this one).
 MLFLOW_SIGNATURE, MLFLOW_TIMESTAMP, MLFLOW_DELIVERY = "x-mlflow-signature", "x-mlflow-timestamp", "x-mlflow-delivery-id"

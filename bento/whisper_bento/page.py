@@ -1,5 +1,6 @@
-"""What the service says about itself: its OpenAPI document (``/docs.json``, which BentoML's page
-at ``GET /`` renders) and the answer to a path or method it does not have.
+"""What the service says about itself: its own page at ``GET /`` (``page.html``: transcribe a file
+or the microphone, see what is served), its OpenAPI document (``/docs.json``, which BentoML's page,
+moved to ``/docs``, renders) and the answer to a path or method it does not have.
 
 BentoML builds ``/docs.json`` from the service's name, a README it writes itself and the mounted
 FastAPI app's routes, under one "default" tag. ``install`` serves the document from the mounted
@@ -12,19 +13,31 @@ fields typed as ``DecodingOptions`` declares them.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from http import HTTPStatus
-from importlib import metadata
+from importlib import metadata, resources
+from pathlib import Path
 from typing import Any, Optional
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse
 
 from mlflow_faster_whisper.decoding import DecodingOptions
 from mlflow_faster_whisper.errors import DISTRIBUTION
+from whisper_bento.auth import PAGE_PATH
 from whisper_bento.errors import ApiError
 
 TITLE = "Whisper speech-to-text"
+DOCS_PATH = "/docs"  # BentoML's page of the OpenAPI document, moved from / to make room for ours
+# The page holds no data (what it shows comes from keyed routes, called with the key typed into
+# it), so it is served without a key; it may not be framed, where a key is typed.
+PAGE_HEADERS = {
+    "Cache-Control": "no-cache",
+    "Content-Security-Policy": "frame-ancestors 'none'; base-uri 'none'; form-action 'none'; object-src 'none'",
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+}
 TRANSCRIPTION, OPENAI, CONTROL, OPERATIONS = "transcription", "OpenAI-compatible", "registry control", "operations"
 TAGS = [
     {
@@ -169,8 +182,32 @@ def _openapi_30(schema: dict[str, Any], definitions: dict[str, Any]) -> dict[str
     return result
 
 
+@functools.lru_cache(maxsize=1)
+def page_html() -> str:
+    """The service's page, shipped as package data."""
+    return resources.files("whisper_bento").joinpath("page.html").read_text(encoding="utf-8")
+
+
+def bentoml_docs_page() -> Path:
+    """BentoML's Swagger UI page, which renders ``./docs.json`` with ``./static_content``: both
+    resolve to BentoML's routes from ``DOCS_PATH`` as they did from ``/``."""
+    from _bentoml_impl.server import app as bentoml_app
+
+    return Path(bentoml_app.__file__).with_name("main-openapi.html")
+
+
 def install(app: Any) -> None:
-    """Serve the service's OpenAPI document at ``/docs.json`` from the mounted FastAPI ``app``."""
+    """Serve, from the mounted FastAPI ``app``: the service's page at ``/`` (the app's routes are
+    matched before BentoML's own index), BentoML's page at ``DOCS_PATH``, and the service's
+    OpenAPI document at ``/docs.json``."""
+
+    @app.get(PAGE_PATH, include_in_schema=False)
+    async def service_page() -> HTMLResponse:
+        return HTMLResponse(page_html(), headers=PAGE_HEADERS)
+
+    @app.get(DOCS_PATH, include_in_schema=False)
+    async def api_docs() -> FileResponse:
+        return FileResponse(bentoml_docs_page(), media_type="text/html")
 
     @app.get("/docs.json", include_in_schema=False)
     async def openapi_document(request: Request) -> JSONResponse:

@@ -1,7 +1,8 @@
-"""The service's own page: its OpenAPI document (``/docs.json``, rendered by ``GET /``) names the
-project, its version and the served model's, groups the routes by tag, types the decoding fields
-as ``DecodingOptions`` declares them, and its examples work; a path or method the service does not
-have is answered in the JSON error shape. One real ``bentoml serve`` (whisper-tiny.en)."""
+"""What the service says about itself: ``GET /`` is its own page, which links BentoML's page of
+the API; its OpenAPI document (``/docs.json``) names the project, its version and the served
+model's, groups the routes by tag, types the decoding fields as ``DecodingOptions`` declares them,
+and its examples work; a path or method the service does not have is answered in the JSON error
+shape. One real ``bentoml serve`` (whisper-tiny.en). The page in a browser: test_try_page."""
 
 from __future__ import annotations
 
@@ -98,3 +99,20 @@ def test_routing_errors_are_json(server, method, path, status):
     assert re.search(rf"{method} {re.escape(path)}$", error["message"]) and error["type"] == "invalid_request_error"
     if status == 405:  # BentoML's answer and the app's alike keep their Allow header
         assert response.headers["allow"]
+
+
+def test_root_is_the_services_page_and_links_bentomls_api_docs(server):
+    with server.client() as http:
+        page = http.get("/")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert "<title>Whisper speech-to-text</title>" in page.text and "swagger" not in page.text.lower()
+        assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+        (docs_link,) = re.findall(r'<a id="docs-link" href="([^"]+)"', page.text)
+        docs = http.get(f"/{docs_link}")  # relative to the page at /
+        assert docs.status_code == 200 and 'id="swagger-ui"' in docs.text
+        # BentoML's page renders ./docs.json with its ./static_content, relative to where it is served.
+        assets = re.findall(r'(?:src|href)="\./([^"]+)"', docs.text)
+        assert any(a.endswith("swagger-ui-bundle.js") for a in assets)
+        for asset in assets:
+            assert http.get(f"/{asset}").status_code == 200, asset
+        assert http.get("/docs.json").json()["info"]["title"] == "Whisper speech-to-text"
