@@ -5,17 +5,12 @@ count and time, returns what it counted, and never asserts: the tests assert, th
 
 from __future__ import annotations
 
-import base64
 import collections
-import hashlib
-import hmac
-import json
 import os
 import select
 import socket
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Optional
 from urllib.parse import urlparse
@@ -251,13 +246,3 @@ def big_uploads(url: str, *, clients: int, size: int, pid: int, tmp_folder: str,
             "worker_rss_growth_bytes": peak["rss"] - before, "peak_spooled_bytes": peak["spool"]}
 
 
-def signed_webhook(url: str, secret: bytes, event: dict[str, Any], *, delivery: Optional[str] = None,
-                   timestamp: Optional[int] = None, body: Optional[bytes] = None) -> httpx.Response:
-    """POST a webhook delivery signed as MLflow signs one (HMAC-SHA256 of "id.timestamp.body")."""
-    body = body if body is not None else json.dumps(event).encode()
-    delivery = delivery or str(uuid.uuid4())
-    timestamp = int(time.time()) if timestamp is None else timestamp
-    digest = hmac.new(secret, f"{delivery}.{timestamp}.".encode() + body, hashlib.sha256).digest()
-    headers = {"content-type": "application/json", "x-mlflow-signature": "v1," + base64.b64encode(digest).decode(),
-               "x-mlflow-timestamp": str(timestamp), "x-mlflow-delivery-id": delivery}
-    return httpx.post(url + "/webhooks/mlflow", content=body, headers=headers, timeout=30)

@@ -19,6 +19,7 @@ import httpx
 from bench import field
 from bench.common import WORK, log, process_tree_rss
 from bench.server import BentoServer, ServiceUnavailable, service_code_present
+from devkit.webhooks import post_signed
 
 NAME = "bench-field"
 API_KEY = "bench-api-key"
@@ -119,13 +120,13 @@ def _register(ct2_dir) -> None:
 def _webhooks(url: str) -> dict[str, Any]:
     event = {"entity": "model_version_alias", "action": "created",
              "data": {"name": NAME, "alias": "staging", "version": "1"}}
-    whole = field.signed_webhook(url, SECRET.encode(), event)
-    fragment = field.signed_webhook(url, b"bench", event)
+    whole = post_signed(url, SECRET, event)
+    fragment = post_signed(url, "bench", event)
     replay_id = "bench-replayed-delivery"
-    first = field.signed_webhook(url, SECRET.encode(), event, delivery=replay_id)
-    again = field.signed_webhook(url, SECRET.encode(), event, delivery=replay_id)
-    future = field.signed_webhook(url, SECRET.encode(), event, timestamp=int(time.time()) + 280)
-    nested = field.signed_webhook(url, SECRET.encode(), event, body=b"[" * 5000 + b"]" * 5000)
+    first = post_signed(url, SECRET, event, delivery=replay_id)
+    again = post_signed(url, SECRET, event, delivery=replay_id)
+    future = post_signed(url, SECRET, event, timestamp=int(time.time()) + 280)
+    nested = post_signed(url, SECRET, event, body=b"[" * 5000 + b"]" * 5000)
     return {"whole_secret": whole.status_code, "fragment": fragment.status_code, "first": first.status_code,
             "replayed": again.status_code, "future_280s": future.status_code, "nested_10kb": nested.status_code}
 

@@ -60,21 +60,9 @@ def run(settings) -> dict[str, Any]:
 
 
 def _register(url: str, ct2_dir):
-    import mlflow
-    from mlflow import MlflowClient
+    from devkit.registry import log_versions
 
-    import mlflow_faster_whisper as mfw
-
-    previous = mlflow.get_tracking_uri()  # the bench's store: set_tracking_uri(None) would unset it for every child
-    mlflow.set_tracking_uri(url)
-    try:
-        mlflow.set_experiment("bench-promotion")
-        for _ in range(2):
-            with mlflow.start_run():
-                mfw.log_model(str(ct2_dir), name="model", registered_model_name=NAME)
-    finally:
-        mlflow.set_tracking_uri(previous)
-    client = MlflowClient(url)
+    client = log_versions(url, ct2_dir, NAME, 2, experiment="bench-promotion")
     client.set_registered_model_alias(NAME, "production", "1")
     client.set_registered_model_alias(NAME, "staging", "2")
     return client

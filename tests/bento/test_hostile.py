@@ -9,9 +9,6 @@ small so that the cuts happen within the test, and the bounds are failure bounds
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import json
 import selectors
 import socket
@@ -27,6 +24,7 @@ import httpx
 import pytest
 from whisper_registry.normalize import normalizer_for
 
+from devkit.webhooks import post_signed
 from tests.bento.conftest import bentoml_serve, make_registry, server_env
 
 pytestmark = [pytest.mark.server, pytest.mark.real_weights]
@@ -234,32 +232,21 @@ def test_idle_and_half_sent_connections_are_closed(server, http):
     assert http.get("/livez").status_code == 200
 
 
-def _signed(url: str, secret: str, event: dict[str, Any], *, delivery: str | None = None,
-            timestamp: int | None = None, body: bytes | None = None) -> httpx.Response:
-    """A webhook delivery signed as MLflow signs one (HMAC-SHA256 of "id.timestamp.body")."""
-    body = json.dumps(event).encode() if body is None else body
-    delivery, timestamp = delivery or str(uuid.uuid4()), int(time.time()) if timestamp is None else timestamp
-    digest = hmac.new(secret.encode(), f"{delivery}.{timestamp}.".encode() + body, hashlib.sha256).digest()
-    headers = {"content-type": "application/json", "x-mlflow-signature": "v1," + base64.b64encode(digest).decode(),
-               "x-mlflow-timestamp": str(timestamp), "x-mlflow-delivery-id": delivery}
-    return httpx.post(url + "/webhooks/mlflow", content=body, headers=headers, timeout=60)
-
-
 def test_webhook_takes_its_secret_whole_and_each_delivery_once(server):
     event = {"entity": "model_version_alias", "action": "created", "data": {"name": NAME, "alias": "staging", "version": "1"}}
     url = server.url
-    whole = _signed(url, SECRET, event)
+    whole = post_signed(url, SECRET, event)
     assert whole.status_code == 200 and "ignored" in whole.json(), whole.text
     for fragment in ("a", "webhook", "secret"):  # what a split on spaces and commas would have made of it
-        refused = _signed(url, fragment, event)
+        refused = post_signed(url, fragment, event)
         assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_signature", refused.text
-    first = _signed(url, SECRET, event, delivery="delivery-sent-twice")
-    again = _signed(url, SECRET, event, delivery="delivery-sent-twice")
+    first = post_signed(url, SECRET, event, delivery="delivery-sent-twice")
+    again = post_signed(url, SECRET, event, delivery="delivery-sent-twice")
     assert first.status_code == 200 and again.status_code == 401, again.text
     assert "received already" in again.json()["error"]["message"]
-    ahead = _signed(url, SECRET, event, timestamp=int(time.time()) + 280)
+    ahead = post_signed(url, SECRET, event, timestamp=int(time.time()) + 280)
     assert ahead.status_code == 401 and "in the future" in ahead.json()["error"]["message"], ahead.text
-    nested = _signed(url, SECRET, event, body=b"[" * 5000 + b"]" * 5000)  # signed, 10 KB, deeper than Python's recursion
+    nested = post_signed(url, SECRET, event, body=b"[" * 5000 + b"]" * 5000)  # signed, 10 KB, deeper than Python's recursion
     assert nested.status_code == 400 and nested.json()["error"]["type"] == "invalid_request_error", nested.text
     assert "Traceback" not in server.log_text()
 

@@ -4,23 +4,20 @@ whisper-tiny.en. An unsigned, forged or replayed call gets 401 and changes nothi
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import json
 import time
-import uuid
 
 import mlflow
 import pytest
 from mlflow import MlflowClient
 
-import mlflow_faster_whisper as mfw
 
 from whisper_bento import model_ref
 
 from tests.bento.conftest import RequestLoop, bentoml_serve, server_env
 from devkit.processes import mlflow_server
+from devkit.registry import log_versions
+from devkit.webhooks import signed_headers
 
 pytestmark = [pytest.mark.real_weights, pytest.mark.server]
 
@@ -29,25 +26,9 @@ SECRET = "s3cret-webhook-key"
 POLL_S = 600  # the poll alone would take this long: a move sooner is the webhook's
 
 
-def _signed(body: bytes, secret: str, timestamp: int) -> dict[str, str]:
-    delivery = str(uuid.uuid4())
-    content = f"{delivery}.{timestamp}.".encode() + body
-    signature = base64.b64encode(hmac.new(secret.encode(), content, hashlib.sha256).digest()).decode()
-    return {"x-mlflow-signature": f"v1,{signature}", "x-mlflow-timestamp": str(timestamp),
-            "x-mlflow-delivery-id": delivery, "content-type": "application/json"}
-
-
 def test_a_signed_alias_event_moves_the_service_and_a_forged_one_is_refused(tmp_path, whisper_tiny_en_ct2, speech_clips):
     with mlflow_server(tmp_path / "mlflow", webhooks=True) as tracking:
-        mlflow.set_tracking_uri(tracking)
-        try:
-            mlflow.set_experiment("bento")
-            for _ in range(2):  # versions 1 and 2: the same weights, each logged on its own
-                with mlflow.start_run():
-                    mfw.log_model(str(whisper_tiny_en_ct2), name="model", registered_model_name=NAME)
-        finally:
-            mlflow.set_tracking_uri(None)
-        client = MlflowClient(tracking)
+        client = log_versions(tracking, whisper_tiny_en_ct2, NAME, 2)  # versions 1 and 2: the same weights
         client.set_registered_model_alias(NAME, "production", "1")
         _the_service_asks_an_mlflow_server_over_rest(tracking)
 
@@ -64,11 +45,11 @@ def test_a_signed_alias_event_moves_the_service_and_a_forged_one_is_refused(tmp_
                                 "data": {"name": NAME, "alias": "production", "version": "2"}}).encode()
             now = int(time.time())
             for headers in ({"content-type": "application/json"},  # unsigned
-                            _signed(event, "not-the-secret", now),  # forged
-                            _signed(event, SECRET, now - 3600)):  # replayed an hour later
+                            signed_headers("not-the-secret", event, timestamp=now),  # forged
+                            signed_headers(SECRET, event, timestamp=now - 3600)):  # replayed an hour later
                 refused = http.post("/webhooks/mlflow", content=event, headers=headers)
                 assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_signature", refused.text
-            too_big = http.post("/webhooks/mlflow", content=b"{" * (65 * 1024), headers=_signed(b"", SECRET, now))
+            too_big = http.post("/webhooks/mlflow", content=b"{" * (65 * 1024), headers=signed_headers(SECRET, b"", timestamp=now))
             assert too_big.status_code == 413, too_big.text
             time.sleep(2)
             follow = http.get("/info").json()["follow"]
