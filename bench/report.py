@@ -28,6 +28,9 @@ TITLES = {
 }
 
 
+TARGET_HEADER = ["target", "figure", "status", "mode"]
+
+
 def merge(path: Path, run: dict[str, Any]) -> None:
     """Keep the latest result per section; a quick (smoke) result never replaces a full one."""
     merged = json.loads(path.read_text()) if path.is_file() else {"runs": {}, "sections": {}}
@@ -70,6 +73,13 @@ def splice(old: str, merged: dict[str, Any]) -> str:
         at = heads.index(before[-1]) + 1 if before else len(blocks)
         blocks.insert(at, block)
         heads.insert(at, TITLES[name])
+    if "Targets" in heads:  # the measured sections' rows replace theirs; the others' stay
+        at = heads.index("Targets")
+        lines = blocks[at].split("\n")
+        rows = targets(merged["sections"])
+        fresh = {row[0]: line for row, line in zip(rows, table(TARGET_HEADER, rows).split("\n")[2:])}
+        lines = [fresh.pop(line.split(" | ")[0].lstrip("| "), line) for line in lines]
+        blocks[at] = "\n".join(lines + list(fresh.values()))
     machine = heads.index("Machine, versions, command")
     lines = blocks[machine].split("\n")
     present = {line.split(" | ")[0].lstrip("| ") for line in lines}
@@ -173,7 +183,7 @@ def render(merged: dict[str, Any]) -> str:
         out.append("> **Smoke-test figures.** Sections marked *quick* come from `python -m bench --quick` "
                    "(1-2 repetitions, 30 s audio) on a machine shared with other work: they show the "
                    "harness runs, not how fast anything is. Run `make bench` on a quiet machine.")
-    out += ["## Targets", table(["target", "figure", "status", "mode"], targets(sections)) or "(none measured)"]
+    out += ["## Targets", table(TARGET_HEADER, targets(sections)) or "(none measured)"]
     for name in SECTIONS:
         out.append(f"## {TITLES[name]}")
         result = sections.get(name)
