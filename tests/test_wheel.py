@@ -115,6 +115,8 @@ assert "".join(s.text for s in segments).strip() == "Hello world.", "transcript"
                        env=offline_env, cwd=work, fail_marker="Application startup failed"):
         answer = httpx.post(f"http://127.0.0.1:{port}/transcribe", files={"file": hello.path.read_bytes()}, timeout=120)
         assert answer.status_code == 200 and answer.json()["text"].strip() == "Hello world.", answer.text
+        page = httpx.get(f"http://127.0.0.1:{port}/", timeout=60)  # package data of the wheel
+        assert page.status_code == 200 and "<title>Whisper speech-to-text</title>" in page.text, page.text[:300]
 
     # mlflow deployments: its target help, then create, predict, delete.
     assert "Needs this package's serve extra" in _run(python, ["-m", "mlflow", "deployments", "help", "-t", "bentoml"],

@@ -63,6 +63,7 @@ def test_built_bento_serves_the_imported_version_without_the_registry(tmp_path, 
         assert info["model"]["version"] == registry.version and info["model"]["aliases"] == ["production"]
         assert info["config"]["allowed_languages"] == ["en", "zh"]
         assert info["imports"] == {"torch": False, "transformers": False, "mlflow": False}
+        assert "<title>Whisper speech-to-text</title>" in http.get("/").text  # the page ships in the bento
         with open(hello.path, "rb") as f:
             response = http.post("/v1/audio/transcriptions", files={"file": f}, data={"response_format": "text"})
         assert response.status_code == 200 and response.text.strip() == "Hello world."
