@@ -33,6 +33,7 @@ CTranslate2 is only ever called from the scheduler thread: one thread's CUDA and
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import threading
 import time
@@ -66,6 +67,8 @@ class PassStats:
     requests: int
     seconds: float
     tickets: tuple[Ticket, ...] = ()
+    waited_passes: int = 0  # other engines' passes that went while this one waited for its turn (``Turns``)
+    started_at: float = 0.0  # time.monotonic() when it started
 
 
 @dataclass
@@ -98,6 +101,8 @@ class Engine:
         on_pass: called after each forward pass with its ``PassStats`` (metrics).
         defer: while it returns True, no pass is run (a shadow engine defers to the engine
             serving production: it uses only the time that one leaves idle).
+        turns: the device's turn-taker, shared with the engines of other models on it: each
+            pass waits for its turn, so one model's burst cannot starve another's request.
 
     Options submitted are taken as checked against the model: the engine belongs to a
     ``loaded.LoadedVersion``, whose ``resolve`` (every front-end's) has run ``check_options``.
@@ -114,6 +119,7 @@ class Engine:
         encode_batch_size: Optional[int] = None,
         on_pass: Optional[Callable[[PassStats], None]] = None,
         defer: Optional[Callable[[], bool]] = None,
+        turns: Optional[Turns] = None,
     ) -> None:
         given: dict[str, Any] = {"batch_size": batch_size, "gather_s": gather_s, "encode_batch_size": encode_batch_size}
         self.policy = BatchPolicy(**{k: v for k, v in given.items() if v is not None})
@@ -124,6 +130,7 @@ class Engine:
         self.max_wait_s = max_wait_s
         self.on_pass = on_pass
         self.defer = defer
+        self.turns = turns
         self._ct2 = model.model
         self._cond = threading.Condition()
         self._waiting: list[_Call] = []
@@ -298,11 +305,12 @@ class Engine:
                     return
             while self.defer is not None and not self._closed and self.defer():
                 time.sleep(0.005)
-            with self._cond:
-                self._wait_for_company()
-                batch = self._next_batch()
-            if batch:
-                self._execute(batch)
+            with self.turns.turn() if self.turns is not None else contextlib.nullcontext(0) as waited:
+                with self._cond:
+                    self._wait_for_company()
+                    batch = self._next_batch()
+                if batch:
+                    self._execute(batch, waited_passes=waited)
 
     def _wait_for_company(self) -> None:
         """Wait (briefly) for the windows of requests that are about to make their next call."""
@@ -332,7 +340,7 @@ class Engine:
             call.skips += 1
         return batch
 
-    def _execute(self, batch: list[_Call]) -> None:
+    def _execute(self, batch: list[_Call], waited_passes: int = 0) -> None:
         started = time.perf_counter()
         now = time.monotonic()
         tickets = tuple({id(c.ticket): c.ticket for c in batch}.values())
@@ -356,7 +364,7 @@ class Engine:
         for ticket in tickets:
             ticket.pass_s += seconds
         if self.on_pass is not None:
-            stats = PassStats(batch[0].op, sum(c.windows for c in batch), requests, seconds, tickets)
+            stats = PassStats(batch[0].op, sum(c.windows for c in batch), requests, seconds, tickets, waited_passes, now)
             try:
                 self.on_pass(stats)
             except Exception:  # metrics must never stop decoding
@@ -404,6 +412,41 @@ class Engine:
         a = call.args
         features, _ = _rows([a["encoder_output"]])
         return [self._ct2.align(features, a["start_sequence"], a["text_tokens"], a["num_frames"], **a["kwargs"])]
+
+
+class Turns:
+    """Forward passes on one device taken in turn by the engines of several models.
+
+    One pass at a time, in the order the engines asked: an engine asks again after each of its
+    passes, so it goes behind every engine already waiting (round robin among those with work),
+    and a model's lone request waits at most one pass of each other model per pass of its own.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._queue: collections.deque[object] = collections.deque()
+        self._busy = False
+        self.passes = 0  # passes run under a turn, all engines together
+
+    @contextlib.contextmanager
+    def turn(self) -> Iterator[int]:
+        """Hold the device for one pass; yields how many passes went while this one waited."""
+        me = object()
+        with self._cond:
+            asked = self.passes
+            self._queue.append(me)
+            while self._busy or self._queue[0] is not me:
+                self._cond.wait()
+            self._queue.popleft()
+            self._busy = True
+            waited = self.passes - asked
+        try:
+            yield waited
+        finally:
+            with self._cond:
+                self._busy = False
+                self.passes += 1
+                self._cond.notify_all()
 
 
 def _admitted_ticket(ticket: Optional[Ticket], audio: np.ndarray) -> Ticket:
