@@ -19,6 +19,7 @@ from mlflow_faster_whisper.batching import BatchPolicy
 from mlflow_faster_whisper.decoding import DecodingOptions
 from mlflow_faster_whisper.devices import LoadOptions
 from mlflow_faster_whisper.errors import DecodingOptionsError
+from whisper_bento.realtime_events import RealtimeSettings
 
 
 class ServiceConfig(BaseModel):
@@ -29,7 +30,33 @@ class ServiceConfig(BaseModel):
     model: str = Field(
         ...,
         min_length=1,
-        description="The model to serve: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/..., or a path.",
+        description="The model to serve: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/..., or a path; "
+        "with `models`, the first of them (what a request that names no model, or whisper-1, gets).",
+    )
+    models: tuple[str, ...] = Field(
+        (),
+        description="Several models to serve from one worker (models:/whisper-zh@production,models:/whisper-en@production): "
+        "a request's `model` field picks one by registered name (or NAME@ALIAS); each is loaded on first use "
+        "within memory_budget_bytes. Empty: `model` alone.",
+    )
+    memory_budget_bytes: Optional[int] = Field(
+        None,
+        gt=0,
+        description="Memory the loaded models may take together (their artifact size scaled to the compute type "
+        "in force); the least recently used idle model is unloaded to make room, never one with requests in "
+        "flight. Default: half the RAM on a CPU, 80% of the GPU's memory on CUDA.",
+    )
+    model_ttl_s: float = Field(
+        0.0, ge=0, description="A model no request has used this long is unloaded (0: never); the next request loads it again."
+    )
+    preload: Optional[tuple[str, ...]] = Field(
+        None,
+        description="Models loaded at start-up, by registered name or URI (default: the first); the others load on first use.",
+    )
+    model_load_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="How long a request waits for its model to be loaded (and for room in the budget) before it gets 503.",
     )
     load: LoadOptions = Field(
         default_factory=LoadOptions,
@@ -124,6 +151,11 @@ class ServiceConfig(BaseModel):
         description="/readyz answers 503 once the engine has held max_requests requests (it admits no more) for "
         "this long, and 200 again once it admits work; a load balancer then sends new work elsewhere.",
     )
+    realtime: RealtimeSettings = Field(
+        default_factory=RealtimeSettings,
+        description="Bounds of live transcription sessions (/v1/realtime): sessions held, their length, idle time, "
+        """turn and event sizes; --arg 'realtime={"max_sessions": 8}'.""",
+    )
 
     @property
     def upload_budget_bytes(self) -> int:
@@ -137,6 +169,37 @@ class ServiceConfig(BaseModel):
                 f"max_inflight_upload_bytes={self.max_inflight_upload_bytes} is below max_upload_bytes="
                 f"{self.max_upload_bytes}: no upload of the largest size would ever be read. Raise it."
             )
+        return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_list(cls, values: Any) -> Any:
+        # `model` alone is a list of one; `models` alone makes its first the default `model`.
+        if not isinstance(values, dict):
+            return values
+        values = dict(values)
+        models = values.get("models")
+        if isinstance(models, str):
+            models = [m.strip() for m in models.split(",") if m.strip()]
+        if models:
+            models = list(models)
+            model = values.get("model")
+            if model is None:
+                values["model"] = models[0]
+            elif model != models[0]:
+                models = [model, *(m for m in models if m != model)]
+            values["models"] = tuple(models)
+        elif values.get("model") is not None:
+            values["models"] = (values["model"],)
+        for key in ("preload",):
+            if isinstance(values.get(key), str):
+                values[key] = tuple(v.strip() for v in values[key].split(",") if v.strip())
+        return values
+
+    @model_validator(mode="after")
+    def _distinct_models(self) -> ServiceConfig:
+        if len(set(self.models)) != len(self.models):
+            raise ValueError(f"models lists a URI twice ({', '.join(self.models)}): list each model once.")
         return self
 
     @model_validator(mode="before")

@@ -7,7 +7,9 @@ Two request shapes share one resolution path:
 * ``POST /v1/audio/transcriptions|translations``: the OpenAI fields (``file``, ``model``,
   ``language``, ``prompt``, ``temperature``, ``response_format``, ``timestamp_granularities[]``,
   ``stream``), mapped onto ``DecodingOptions``; fields OpenAI clients may send that have no
-  meaning here (``model``, ``chunking_strategy``, ``include[]``) are accepted and ignored.
+  meaning here (``chunking_strategy``, ``include[]``) are accepted and ignored.
+
+Both take ``model``: which of the service's models answers (the service resolves the name).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from whisper_bento.errors import ApiError, bad_request, invalid_value, too_large
 
 FILE_FIELDS = ("file", "audio")
 _MULTIPART_SLACK = 64 * 1024  # boundaries and small fields around the file
-_OPENAI_IGNORED = ("model", "chunking_strategy", "include[]", "include")
+_OPENAI_IGNORED = ("chunking_strategy", "include[]", "include")
 _TRUE = ("1", "true", "yes", "on")
 
 
@@ -108,6 +110,7 @@ class ParsedRequest:
     response_format: str = "json"  # /transcribe: "native" (the full JSON) unless the request says
     stream: bool = False
     word_granularity: bool = False
+    model: str | None = None  # the model it names (None: the service's first)
     upload: Upload | None = None  # its share of the uploads' budget, held until release_upload
 
     def release_upload(self) -> None:
@@ -189,6 +192,8 @@ async def parse_native(request: Request, uploads: Uploads) -> ParsedRequest:
                 parsed.stream = _flag(value)
             elif name == "response_format":
                 parsed.response_format = str(value)
+            elif name == "model":
+                parsed.model = _text(name, value)
             else:
                 parsed.overrides[name] = coerce_text_value(name, _text(name, value))
     return parsed
@@ -221,6 +226,8 @@ def _openai_fields(parsed: ParsedRequest, form: FormData, task: str) -> None:
             parsed.word_granularity |= text == "word"
         elif name == "stream":
             parsed.stream = _flag(text)
+        elif name == "model":
+            parsed.model = text
         else:
             raise invalid_value(
                 f"Unknown field {name!r}. Fields: file, model, language, prompt, temperature, "

@@ -106,17 +106,20 @@ def bento_model_for(model_uri: str, *, follow: bool = False) -> ModelChoice:
     inherited = _resolved_by_parent(model_uri)
     if inherited is not None:
         if follow and alias_of(model_uri):
-            return _alias_now(model_uri, *inherited)
+            return alias_now(model_uri, *inherited)
         tag, registered = inherited
     else:
         tag, registered = import_from_registry(model_uri)
-        os.environ[RESOLVED_ENV] = json.dumps(
-            {"uri": model_uri, "pid": os.getpid(), "tag": tag, "registry": asdict(registered) if registered else None}
-        )
+        # One entry per configured model: a service of several models resolves each in turn.
+        resolved = json.loads(os.environ.get(RESOLVED_ENV) or "null") or {}
+        if resolved.get("pid") != os.getpid():
+            resolved = {"pid": os.getpid(), "models": {}}
+        resolved["models"][model_uri] = {"tag": tag, "registry": asdict(registered) if registered else None}
+        os.environ[RESOLVED_ENV] = json.dumps(resolved)
     return ModelChoice(ref=bentoml.models.BentoModel(tag), source="registry", registry=registered)
 
 
-def _alias_now(model_uri: str, tag: str, registered: Optional[RegistryVersion]) -> ModelChoice:
+def alias_now(model_uri: str, tag: str, registered: Optional[RegistryVersion]) -> ModelChoice:
     """In a worker: the version the alias ``model_uri`` names now, with the serving process's
     resolution (``tag``, ``registered``) as its fallback; that resolution alone, with a warning,
     if the registry cannot say or the new version cannot be imported."""
@@ -153,10 +156,11 @@ def _resolved_by_parent(model_uri: str) -> Optional[tuple[str, Optional[Registry
     """
     from bentoml._internal.context import server_context
 
-    payload = json.loads(os.environ.get(RESOLVED_ENV) or "null")
-    if server_context.worker_index is None or not payload:
+    resolved = json.loads(os.environ.get(RESOLVED_ENV) or "null")
+    if server_context.worker_index is None or not resolved or resolved.get("pid") != os.getppid():
         return None
-    if payload.get("uri") != model_uri or payload.get("pid") != os.getppid():
+    payload = (resolved.get("models") or {}).get(model_uri)
+    if not payload:
         return None
     registered = payload.get("registry")
     _logger.info("Serving %s as resolved by the serving process: %s", model_uri, payload["tag"])

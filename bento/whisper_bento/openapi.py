@@ -37,7 +37,7 @@ _ERROR = {
 _WHY = {
     400: "The audio or the form is malformed (the message names it).",
     401: "An API key is configured and the request has none or a wrong one.",
-    404: "No such path (a path parameter that is not valid UTF-8, say).",
+    404: "No such path (a path parameter that is not valid UTF-8, say), or no such model (code model_not_found).",
     408: "The request body did not arrive within body_timeout_s of its head; the connection is closed.",
     413: "The upload or the audio is longer than this service accepts.",
     422: "A field has a value this service will not use (its name is in error.param).",
@@ -63,11 +63,16 @@ def _form(properties: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# Which of the service's models answers (an unknown one: 404 model_not_found).
+_MODEL = {"type": "string", "description": "A served model's registered name, or NAME@ALIAS; whisper-1 or none: the first."}
+
+
 def transcription_route(native: bool, task: str = "transcribe") -> dict[str, Any]:
     """``responses`` and ``openapi_extra`` for a transcription route (native, or OpenAI's ``task``)."""
     if native:
         properties = {
             "file": _FILE,
+            "model": _MODEL,
             "stream": {"type": "boolean"},
             "response_format": {"type": "string", "enum": formats.names(native=True)},
         }
@@ -76,7 +81,7 @@ def transcription_route(native: bool, task: str = "transcribe") -> dict[str, Any
     else:
         properties = {
             "file": _FILE,
-            "model": {"type": "string"},
+            "model": _MODEL,
             **({"language": {"type": "string"}} if task == "transcribe" else {}),  # translations take none
             "prompt": {"type": "string"},
             "temperature": {"type": "number"},
@@ -87,7 +92,7 @@ def transcription_route(native: bool, task: str = "transcribe") -> dict[str, Any
     return {
         "responses": {
             200: {"description": "The transcription (JSON, text, srt, vtt, or server-sent events)."},
-            **_errors(400, 401, 408, 413, 422, 503),
+            **_errors(400, 401, 404, 408, 413, 422, 503),
         },
         "openapi_extra": _form(properties),
     }

@@ -16,16 +16,17 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import bentoml
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, WebSocket
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
-from whisper_bento import auth, connections, errors, formats, forms, metrics, model_ref, openapi, page, startup, streaming
+from whisper_bento import auth, connections, errors, formats, forms, metrics, model_ref, openapi, page, realtime, startup, streaming
 from whisper_bento.config import bound_violation
 from whisper_bento.errors import ApiError, bad_request, invalid_value, overloaded_error, too_large
 from whisper_bento.metrics import QUEUE_WAIT
-from whisper_bento.slots import Served, Slot, load, load_primary
+from whisper_bento.models import Hosted, Models
+from whisper_bento.slots import Served, Slot, load
 from whisper_bento.streaming import nothing, unless_gone
 
 with bentoml.importing():
@@ -51,9 +52,11 @@ logging.getLogger("whisper_bento").setLevel(logging.INFO)
 
 # The one start-up step (configuration, model, checks); an error it cannot heal ends the server
 # with one line that names the fix, in the `bentoml serve` process and in a worker alike.
-CONFIG, MODEL, KEYS = startup.start()
+CONFIG, MODELS, KEYS = startup.start()
+MODEL = MODELS[0]  # the first: what a request that names no model gets
 # Every response names the version that answered it.
 VERSION_HEADER = "x-whisper-model-version"
+MODEL_HEADER = "x-whisper-model"  # and the model (the name a request's `model` field would give)
 ADMIN_KEYS = KEYS.admin  # read by the start-up, which ends it on a missing variable or file
 ADMIN_HEADER = uris.ADMIN_HEADER
 WEBHOOK_SECRETS = KEYS.webhook
@@ -66,7 +69,7 @@ WEBHOOK_CONCURRENCY = 4  # the webhook needs no API key: its own small pool, so 
 WEBHOOK_BODY_TIMEOUT_S = 10.0  # an MLflow event is a few hundred bytes
 
 app = FastAPI(title=page.TITLE, version=page.package_version(), docs_url=None, redoc_url=None, openapi_url=None)
-page.install(app)  # the service's OpenAPI document, which BentoML's page at GET / renders
+page.install(app)  # the service's page at GET /, BentoML's at /docs, and the OpenAPI document
 errors.install(app)  # every error in the one JSON shape
 
 
@@ -80,19 +83,27 @@ errors.install(app)  # every error in the one JSON shape
 )
 @bentoml.asgi_app(app, path="/")
 class Transcriber:
-    """Whisper speech-to-text on a registered model version, with an optional shadow candidate."""
+    """Whisper speech-to-text on registered model versions (a request's ``model`` picks one), with
+    an optional shadow candidate of the first."""
 
-    bento_model = MODEL.ref
+    bento_model = MODEL.ref  # the others are added to the service's models below the class
 
     def __init__(self) -> None:
+        from mlflow_faster_whisper.engine import Turns
+
+        # One turn-taker for the device: the models' engines take their forward passes in turn.
+        self.models = Models(MODELS, CONFIG, Turns())
         # A BoundsError is the configuration's to fix: it ends the server (startup.cannot_heal).
-        primary = load_primary(self.bento_model, MODEL, CONFIG)
-        self.primary = Slot("primary", primary, CONFIG.model, MODEL.source, CONFIG)
+        self.models.preload()
         self.runtime = devices.runtime_facts()
         self.uploads = forms.Uploads(CONFIG.max_upload_bytes, CONFIG.upload_budget_bytes)
         # A stream's thread is inside its segments while it waits for the model: one per stream the
         # engines admit (the old and the new version's during a move), never anyio's shared pool.
-        self._stream_threads = ThreadPoolExecutor(max_workers=2 * CONFIG.max_requests, thread_name_prefix="whisper-stream")
+        self._stream_threads = ThreadPoolExecutor(
+            max_workers=2 * CONFIG.max_requests * len(CONFIG.models), thread_name_prefix="whisper-stream"
+        )
+        # A request whose model is loading waits on one of these, off the event loop (one per request admitted).
+        self._model_waits = ThreadPoolExecutor(max_workers=MAX_CONCURRENCY, thread_name_prefix="whisper-model-wait")
         self.shadow = None
         if CONFIG.shadow:
             from whisper_bento.shadow import Shadow  # and the registry's scorer: only a shadowing service needs them
@@ -118,31 +129,57 @@ class Transcriber:
             self.shadow.report(write=True)
 
     @property
-    def served(self) -> Served:
-        """The primary version new requests go to."""
-        return self.primary.served
+    def primary(self) -> Slot | None:
+        """The first model's slot while it is loaded."""
+        return self.models.first.slot
+
+    async def hold(self, model: str | None) -> tuple[Hosted, Served]:
+        """The model a request names and the version of it the request holds until
+        ``entry.release(served)``; waits (off the event loop) while that model is loaded.
+
+        Raises:
+            ApiError: 404 model_not_found; 503 when it cannot be loaded (the reason) or not in time.
+        """
+        entry = self.models.select(model)
+        served = self.models.try_acquire(entry)
+        if served is not None:
+            return entry, served
+        pending = asyncio.get_running_loop().run_in_executor(self._model_waits, self.models.acquire, entry)
+        try:
+            return entry, await asyncio.shield(pending)
+        except asyncio.CancelledError:  # the request ended while its model loaded: let go once it has it
+
+            def let_go(done: asyncio.Future[Served]) -> None:
+                if not done.cancelled() and done.exception() is None:
+                    entry.release(done.result())
+
+            pending.add_done_callback(let_go)
+            raise
 
     def _slots(self) -> list[Slot]:
-        """The primary slot, and the shadow's when there is one."""
-        return [self.primary] + ([self.shadow.slot] if self.shadow else [])
+        """The loaded models' slots, and the shadow's when there is one."""
+        return self.models.slots() + ([self.shadow.slot] if self.shadow else [])
 
     def _primary_busy(self) -> bool:
-        engine = self.primary.served.version.started_engine
+        slot = self.primary
+        engine = slot.served.version.started_engine if slot is not None else None
         return engine is not None and engine.busy()
 
     async def __is_ready__(self) -> bool:
-        """BentoML's /readyz: 503 once the primary engine has admitted no request for
+        """BentoML's /readyz: 503 once a loaded model's engine has admitted no request for
         ``unready_after_full_s`` (it holds all it may), 200 again as soon as it admits one."""
-        return self.primary.admits(CONFIG.unready_after_full_s)
+        return all(slot.admits(CONFIG.unready_after_full_s) for slot in self.models.slots())
 
     async def __metrics__(self, content: str) -> str:
-        """BentoML's /metrics, with gauges read as it is scraped: requests each engine holds, and
-        the versions in this worker's memory (a retired one leaves once it is unloaded)."""
-        return metrics.gauges(content, self._slots(), self.uploads.in_flight)
+        """BentoML's /metrics, with gauges read as it is scraped: requests each engine holds, the
+        versions in this worker's memory (a retired one leaves once it is unloaded), and each
+        configured model's state and counts."""
+        return metrics.gauges(content, self._slots(), self.uploads.in_flight, self.models)
 
-    def _retarget(self, uri: str) -> Served:
+    def _retarget(self, uri: str) -> tuple[Hosted, Served]:
         """Serve what the registry URI ``uri`` names, and follow it from now on if it is an alias
-        (the control route); the served version stays if it cannot be served."""
+        (the control route): as the configured model of that name, else as the first; the served
+        version stays if it cannot be served."""
         try:
             holder = model_ref.registry_version(uri)
         except Exception as exc:
@@ -155,15 +192,20 @@ class Transcriber:
             ) from None
         if holder is None:
             raise bad_request(f"{uri!r} is not a registry URI: send models:/NAME/VERSION or models:/NAME@ALIAS.", param="model")
+        entry = next((e for e in self.models.entries if e.name == holder.name), self.models.first)
+        held = self.models.acquire(entry)  # loaded, and not unloaded while it moves
         try:
-            return self.primary.move_to(holder, uri)
+            assert entry.slot is not None, "a held model is loaded"
+            return entry, entry.slot.move_to(holder, uri)
         except Exception as exc:
             raise ApiError(
                 422,
                 f"{holder.name} version {holder.version} was not served ({type(exc).__name__}: "
-                f"{exc}); version {self.served.model_info['version']} still is.",
+                f"{exc}); version {held.model_info['version']} still is.",
                 code="model_not_served",
             ) from None
+        finally:
+            entry.release(held)
 
     @app.post("/transcribe", **openapi.transcription_route(native=True))
     async def transcribe(self, request: Request) -> Response:
@@ -178,40 +220,53 @@ class Transcriber:
     async def openai_translations(self, request: Request) -> Response:
         return await self._serve(request, await forms.parse_openai(request, self.uploads, task="translate"))
 
+    @app.websocket(realtime.PATH)
+    async def realtime_session(self, websocket: WebSocket) -> None:
+        """OpenAI's Realtime API, transcription sessions (whisper_bento.realtime): each turn holds
+        the version of the session's model it started on, as a request does."""
+        await realtime.serve(websocket, realtime.Backend(self.hold, self._resolve, KEYS.api, CONFIG.realtime))
+
     @app.get("/v1/models", **openapi.read_route())
     async def openai_models(self) -> Response:
-        return JSONResponse({"object": "list", "data": [_openai_model(self.served)]})
+        return JSONResponse({"object": "list", "data": [_openai_model(self.models, entry) for entry in self.models.entries]})
 
     @app.get("/v1/models/{model_id}", **openapi.read_route(404))
     async def openai_model(self, model_id: str) -> Response:
-        return JSONResponse(_openai_model(self.served))
+        return JSONResponse(_openai_model(self.models, self.models.select(model_id)))
 
     @app.get("/info", **openapi.read_route())
     async def info(self) -> Response:
-        served = self.served
+        """The first model's version at the top (as for one model), every model under ``models``."""
+        first = self.models.first
+        served = first.slot.served if first.slot is not None else None
         # No place on this machine (checkpoint, key files, libraries) and no process id: an API
         # key holder learns what is served, not how to reach the host.
         return JSONResponse(
             auth.hide_local_paths(
                 {
-                    "model": served.model_info,
-                    "device": served.placement.device,
-                    "compute_type": served.placement.compute_type,
-                    "requested_compute_type": served.placement.requested_compute_type,
-                    "follow": self.primary.follow.report(),
+                    "model": served.model_info if served else first.last_info or first.report(),
+                    "device": served.placement.device if served else None,
+                    "compute_type": served.placement.compute_type if served else None,
+                    "requested_compute_type": served.placement.requested_compute_type if served else None,
+                    "follow": first.slot.follow.report() if first.slot is not None else None,
+                    "models": [entry.report() for entry in self.models.entries],
+                    "memory": {"budget_bytes": self.models.budget_bytes, "loaded_bytes": self.models.used_bytes()},
                     "shadow": self.shadow.report() if self.shadow else None,
                     # What an API key holder may see: whether each secret is configured, not where it is.
                     "config": {
                         **CONFIG.model_dump(mode="json"),
                         "model": auth.public_uri(CONFIG.model),
+                        "models": [auth.public_uri(uri) for uri in CONFIG.models],
                         **{name: getattr(CONFIG, name) is not None for name in ("api_key", "admin_key", "webhook_secret")},
                     },
                     "decoding": {
                         "version_defaults": served.version_defaults.explicit(),
                         "service_defaults": CONFIG.decoding.explicit(),
                         "effective": served.defaults.model_dump(mode="json"),
-                    },
-                    "load_seconds": served.load_seconds,
+                    }
+                    if served
+                    else None,
+                    "load_seconds": served.load_seconds if served else None,
                     "runtime": self.runtime,
                     # Serving needs neither torch, transformers nor (once resolved) MLflow; this shows it live.
                     "imports": {name: name in sys.modules for name in ("torch", "transformers", "mlflow")},
@@ -244,7 +299,8 @@ class Transcriber:
         named = uris.alias_uri(str(name), str(alias)) if entity == "model_version_alias" else None
         woken = [slot for slot in self._slots() if named is not None and slot.follow.target == named]
         if not woken:
-            return JSONResponse({"ignored": f"not an event on a followed alias ({self.primary.follow.why})"})
+            why = "; ".join(f"{slot.role}: {slot.follow.why}" for slot in self._slots()) or "no model is loaded"
+            return JSONResponse({"ignored": f"not an event on a followed alias ({why})"})
         for slot in woken:
             _logger.info("Webhook: %s is now version %s; checking it now", slot.follow.target, data.get("version"))
             slot.follow.webhook_events += 1
@@ -270,13 +326,17 @@ class Transcriber:
         uri = body.get("model") if isinstance(body, dict) else None
         if not isinstance(uri, str) or not uri:
             raise bad_request('Send a JSON body {"model": "models:/NAME/VERSION"} (or models:/NAME@ALIAS).', param="model")
-        served = await run_in_threadpool(self._retarget, uri)
-        return JSONResponse({"model": served.model_info, "follow": self.primary.follow.report()})
+        entry, served = await run_in_threadpool(self._retarget, uri)
+        return JSONResponse({"model": served.model_info, "follow": entry.slot.follow.report() if entry.slot else None})
 
     async def _serve(self, request: Request, parsed: forms.ParsedRequest, *, native: bool = False) -> Response:
         """Every transcription route's request, once parsed: it holds the version it started on
         until it ends, and lets go of that (and of the engine) as soon as its client goes away."""
-        served = self.primary.acquire()
+        try:
+            entry, served = await self.hold(parsed.model)
+        except BaseException:
+            parsed.release_upload()
+            raise
         handed = False  # to the stream, which releases the version once its engine work has ended
         try:
             formats.check_format(parsed.response_format, native=native)
@@ -285,19 +345,20 @@ class Transcriber:
             parsed.release_upload()
             if parsed.stream:
                 handed = True
-                response = await streaming.respond(self.primary, served, request, audio, options, self._stream_threads)
+                response = await streaming.respond(entry, served, request, audio, options, self._stream_threads)
             else:
                 result, ticket = await self._decode(served, request, audio, options)
                 response = formats.render(
                     parsed.response_format, formats.Result(result, options, served.model_info, ticket.max_requests_per_pass)
                 )
-                if self.shadow is not None:
+                if self.shadow is not None and entry.first:  # the candidate is the first model's
                     self.shadow.offer(audio, parsed.overrides, result, ticket, served.model_info)
         finally:
             parsed.release_upload()
             if not handed:
-                self.primary.release(served)
+                entry.release(served)
         response.headers[VERSION_HEADER] = str(served.model_info["version"])
+        response.headers[MODEL_HEADER] = self.models.label(entry)
         return response
 
     def _resolve(self, served: Served, overrides: dict[str, Any]) -> DecodingOptions:
@@ -349,6 +410,8 @@ class Transcriber:
 # BentoML's decorators make Transcriber a bentoml Service; its type stubs do not say so.
 _SERVICE: Any = Transcriber
 # A worker whose service cannot be created for a reason a restart cannot fix ends the server.
+# Built bentos carry every configured model's version (BentoML reads the first from the class).
+_SERVICE.models.extend(bentoml.models.BentoModel(tag) for tag in dict.fromkeys(str(m.ref.tag) for m in MODELS) if tag != str(MODEL.ref.tag))
 _SERVICE.add_asgi_middleware(startup.EndServerOnFailedStart)
 _SERVICE.add_asgi_middleware(page.JsonRoutingErrors)  # BentoML's own 404/405 in the one error shape
 connections.limit_request_heads(CONFIG.header_timeout_s)
@@ -360,8 +423,15 @@ _SERVICE.add_asgi_middleware(
 )
 
 
-def _openai_model(served: Served) -> dict[str, Any]:
-    return {"id": served.model_info["name"], "object": "model", "created": 0, "owned_by": "whisper-bento"}
+def _openai_model(models: Models, entry: Hosted) -> dict[str, Any]:
+    report = entry.report()
+    return {
+        "id": models.label(entry),
+        "object": "model",
+        "created": 0,
+        "owned_by": "whisper-bento",
+        **{key: report[key] for key in ("version", "quantization", "loaded", "state")},
+    }
 
 
 def _decode_audio(data: bytes) -> np.ndarray:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -47,6 +48,9 @@ class Served:
     model_info: dict[str, Any]
     load_seconds: float
     users: int = 0
+    # This process's resident memory growth over the load: what the budget's estimate is checked
+    # against by hand (/info); other threads allocate meanwhile, so it is not what is accounted.
+    rss_growth_bytes: int | None = None
 
     @property
     def engine(self) -> Engine:
@@ -74,6 +78,7 @@ def load(
         BoundsError: its decoding defaults, with the service's, break the service's bounds.
     """
     started = time.perf_counter()
+    rss_before = resident_bytes()
     model_dir = model_ref.model_path(stored)
     conf = mlflow_faster_whisper.flavor_config(model_dir)
     whisper = mlflow_faster_whisper.load_model(model_dir, **config.load.model_dump())
@@ -102,6 +107,8 @@ def load(
     served = Served(
         version, placement, _model_info(stored, conf, placement, registry, uri, source), round(time.perf_counter() - started, 3)
     )
+    rss_after = resident_bytes()
+    served.rss_growth_bytes = rss_after - rss_before if rss_after is not None and rss_before is not None else None
     metrics.LOADED[whisper] = (str(served.model_info["name"]), str(served.model_info["version"]))
     _logger.info(
         "Serving %s (%s) on %s/%s, loaded in %.2fs",
@@ -114,24 +121,37 @@ def load(
     return served
 
 
-def load_primary(stored: bentoml.Model, choice: ModelChoice, config: ServiceConfig) -> Served:
-    """The version the service starts on; in a worker whose alias had moved since the serving
-    process resolved it and whose new version cannot be loaded, that process's version."""
+def load_primary(
+    stored: bentoml.Model, choice: ModelChoice, config: ServiceConfig, uri: str | None = None, **engine_options: Any
+) -> Served:
+    """The version a model ``uri`` (default: the service's first) starts on; in a worker whose alias
+    had moved since the serving process resolved it and whose new version cannot be loaded, that
+    process's version."""
+    uri = uri or config.model
     try:
-        return load(stored, choice.registry, config.model, choice.source, config)
+        return load(stored, choice.registry, uri, choice.source, config, **engine_options)
     except Exception as exc:
         fallback = choice.fallback
         if fallback is None:
             raise
         _logger.warning(
             "%s version %s could not be loaded (%s: %s); serving version %s, as the serving process resolved it at start-up",
-            config.model,
+            uri,
             choice.registry.version if choice.registry else "?",
             type(exc).__name__,
             exc,
             fallback.registry.version if fallback.registry else fallback.ref.tag,
         )
-        return load(bentoml.models.get(fallback.ref.tag), fallback.registry, config.model, fallback.source, config)
+        return load(bentoml.models.get(fallback.ref.tag), fallback.registry, uri, fallback.source, config, **engine_options)
+
+
+def resident_bytes() -> int | None:
+    """This process's resident memory (Linux), else None."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def smoke_decode(served: Served) -> None:
@@ -145,8 +165,9 @@ def smoke_decode(served: Served) -> None:
     served.engine.transcribe(np.zeros(c.SAMPLE_RATE, dtype=np.float32), options)
 
 
-def retire(served: Served) -> None:
-    """Stop a version no request holds any more and give its memory back, off the event loop."""
+def retire(served: Served, *, wait: bool = False) -> None:
+    """Stop a version no request holds any more and give its memory back, off the event loop (or
+    on this thread, with ``wait``: the memory is back when it returns)."""
 
     def unload() -> None:
         engine = served.version.unload()
@@ -157,7 +178,10 @@ def retire(served: Served) -> None:
         release_free_memory()
         _logger.info("Version %s unloaded", served.model_info["version"])
 
-    threading.Thread(target=unload, name="whisper-retire", daemon=True).start()
+    if wait:
+        unload()
+    else:
+        threading.Thread(target=unload, name="whisper-retire", daemon=True).start()
 
 
 class Slot:
@@ -183,6 +207,7 @@ class Slot:
         self._moving = threading.Lock()  # one move at a time: the follower's or the control route's
         self._follower: threading.Thread | None = None
         self._full_since: float | None = None  # when admits() first saw the engine full, since
+        self._closed = False
         self._start_follower()
 
     def acquire(self) -> Served:
@@ -197,6 +222,19 @@ class Slot:
             retired = served is not self.served and served.users == 0
         if retired:
             retire(served)
+
+    def close(self) -> None:
+        """Stop following and unload the served version now (no request may hold it): a model
+        unloaded to make room, or idle past its TTL. Waits for a move in progress."""
+        with self._moving:
+            with self._lock:
+                self._closed = True
+                served = self.served
+                idle = served.users == 0
+            self.follow.wake.set()  # the follower sees _closed and ends
+        if idle:
+            retire(served, wait=True)
+        del served
 
     def held(self) -> int:
         """Requests the served version's engine holds now."""
@@ -226,6 +264,8 @@ class Slot:
         while True:  # MLflow is imported only where the registry needs it (model_ref): not at start-up
             follow.wake.wait(follow.interval_s)
             follow.wake.clear()
+            if self._closed:
+                return
             target = follow.target
             if target is None:  # pinned since, through the control route
                 continue

@@ -50,12 +50,12 @@ class StartupError(Exception):
         super().__init__(" ".join(message.split()))
 
 
-def start() -> tuple[ServiceConfig, ModelChoice, Keys]:
-    """Prepare this process to serve: the configuration and the model it serves.
+def start() -> tuple[ServiceConfig, tuple[ModelChoice, ...], Keys]:
+    """Prepare this process to serve: the configuration and the models it serves.
 
     Returns:
-        The service configuration, the BentoML model the service declares, and the keys its
-        configuration names.
+        The service configuration, the BentoML models the service declares (one per configured
+        model, the first first), and the keys its configuration names.
 
     Raises:
         StartupError: outside a BentoML server only; in one, the process ends (``fail``).
@@ -68,7 +68,7 @@ def start() -> tuple[ServiceConfig, ModelChoice, Keys]:
         fail(exc)
 
 
-def _start() -> tuple[ServiceConfig, ModelChoice, Keys]:
+def _start() -> tuple[ServiceConfig, tuple[ModelChoice, ...], Keys]:
     import bentoml
     from bentoml.exceptions import InvalidArgument
 
@@ -99,12 +99,12 @@ def _start() -> tuple[ServiceConfig, ModelChoice, Keys]:
     keys = _load_keys(config)
     if _role() == "serve" and config.load.device == "cuda":
         _check_device(config)  # before any worker starts: cheap, and the commonest mistake
-    return config, resolve_model(config), keys
+    return config, tuple(resolve_model(config, uri) for uri in config.models), keys
 
 
-def resolve_model(config: ServiceConfig) -> ModelChoice:
-    """The model the service declares for ``config.model``; a registry that did not answer is
-    asked again after each wait of ``REGISTRY_BACKOFF_S``.
+def resolve_model(config: ServiceConfig, uri: Optional[str] = None) -> ModelChoice:
+    """The model the service declares for ``uri`` (default: ``config.model``); a registry that
+    did not answer is asked again after each wait of ``REGISTRY_BACKOFF_S``.
 
     Raises:
         StartupError: the URI names no model, the model is not a faster_whisper model, or the
@@ -113,10 +113,11 @@ def resolve_model(config: ServiceConfig) -> ModelChoice:
     from mlflow_faster_whisper.errors import FasterWhisperFlavorError
     from whisper_bento import auth, model_ref
 
-    shown = auth.redact_uri(config.model)
+    uri = uri or config.model
+    shown = auth.redact_uri(uri)
     for attempt, wait_s in enumerate((*REGISTRY_BACKOFF_S, None), start=1):
         try:
-            return model_ref.bento_model_for(config.model, follow=config.follow_interval_s > 0)
+            return model_ref.bento_model_for(uri, follow=config.follow_interval_s > 0)
         except model_ref.RegistryError as exc:
             message = str(exc)
             if exc.error_code not in _TRANSIENT:

@@ -9,7 +9,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import bentoml
 from fastapi import Request
@@ -26,15 +26,21 @@ if TYPE_CHECKING:
     import numpy as np
 
     from mlflow_faster_whisper.engine import Ticket
-    from whisper_bento.slots import Served, Slot
+    from whisper_bento.slots import Served
 
 _logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 
+class Holder(Protocol):
+    """What a request's hold on a version is given back to (a model's entry, a slot)."""
+
+    def release(self, served: Served) -> None: ...
+
+
 async def respond(
-    slot: Slot, served: Served, request: Request, audio: np.ndarray, options: DecodingOptions, threads: ThreadPoolExecutor
+    slot: Holder, served: Served, request: Request, audio: np.ndarray, options: DecodingOptions, threads: ThreadPoolExecutor
 ) -> Response:
     """Server-sent events as segments are decoded (OpenAI's transcript.text.* events); the
     windows go through the engine's shared passes like every other request's. It owns the
@@ -90,7 +96,7 @@ class Stream:
     (a running generator cannot be closed), closes the segments and releases the version.
     """
 
-    def __init__(self, slot: Slot, served: Served, ticket: Ticket, threads: ThreadPoolExecutor) -> None:
+    def __init__(self, slot: Holder, served: Served, ticket: Ticket, threads: ThreadPoolExecutor) -> None:
         self.slot, self.served, self.ticket = slot, served, ticket
         self._threads = threads
         self._segments: Any = None  # the engine's segments generator, once started

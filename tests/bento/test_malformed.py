@@ -175,7 +175,7 @@ def _request_cases(fox) -> list[Case]:
         Case("vad defaults as {}", NATIVE, 200, "fox", file=good, data={"vad_filter": "true", "vad_parameters": "{}"}),
         Case("unknown option", NATIVE, 422, "beam_size", file=good, data={"beem_size": "1"}),
         Case("word option value", NATIVE, 422, "temperature", file=good, data={"temperature": "hot"}),
-        Case("model field on /transcribe", NATIVE, 422, "model", file=good, data={"model": "/etc/passwd"}),
+        Case("unknown model on /transcribe", NATIVE, 404, "does not exist", file=good, data={"model": "/etc/passwd"}),
         Case("2000 form fields", NATIVE, 400, "", file=good, data=two_thousand),
         Case("file as a text field", NATIVE, 400, "file upload", data={"file": "clip.wav"}),
         Case("no file", NATIVE, 400, "file", data={"language": "en"}),
@@ -185,7 +185,8 @@ def _request_cases(fox) -> list[Case]:
              headers={"content-type": "multipart/form-data; boundary=abc"}),
         Case("multipart without boundary", NATIVE, 400, "", content=b"abc", headers={"content-type": "multipart/form-data"}),
         # The OpenAI endpoint's own fields.
-        Case("openai model path is ignored", OPENAI, 200, "fox", file=good, data={"model": "../../etc/passwd"}),
+        Case("openai unknown model", OPENAI, 404, "does not exist", file=good, data={"model": "../../etc/passwd"}),
+        Case("openai whisper-1 is the first model", OPENAI, 200, "fox", file=good, data={"model": "whisper-1"}),
         Case("openai temperature NaN", OPENAI, 422, "temperature", file=good, data={"temperature": "NaN"}),
         Case("openai language xx", OPENAI, 422, "language", file=good, data={"language": "xx"}),
         Case("openai response_format xml", OPENAI, 422, "response_format", file=good, data={"response_format": "xml"}),
