@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -114,3 +115,63 @@ def server_vad(value: Any) -> Optional[ServerVad]:
             "session.audio.input.turn_detection",
         )
     return ServerVad(threshold, prefix, silence)
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """What a client set with session.update: the input format, transcription, turn detection."""
+
+    rate: int = 24000
+    transcription: dict[str, Any] = field(default_factory=lambda: {"model": None, "language": None, "prompt": None})
+    vad: Optional[ServerVad] = field(default_factory=ServerVad)
+
+    def describe(self, session_id: str, expires_at: float) -> dict[str, Any]:
+        """The session as OpenAI describes a transcription session."""
+        return {
+            "type": "transcription",
+            "object": "realtime.transcription_session",
+            "id": session_id,
+            "expires_at": int(expires_at),
+            "audio": {
+                "input": {
+                    "format": {"type": "audio/pcm", "rate": self.rate},
+                    "transcription": dict(self.transcription),
+                    "turn_detection": self.vad.event_fields() if self.vad else None,
+                    "noise_reduction": None,
+                }
+            },
+            "include": None,
+        }
+
+    def updated(self, session: Any) -> SessionConfig:
+        """This configuration with a session.update's ``session`` applied (fields it leaves out stay).
+
+        Raises:
+            EventError: a field that is not served; nothing is applied.
+        """
+        if not isinstance(session, dict):
+            raise EventError("session.update needs a 'session' object.", "invalid_value", "session")
+        if session.get("type", "transcription") != "transcription":
+            raise EventError("Only transcription sessions are served: send session.type 'transcription'.", "invalid_value", "session.type")
+        audio = session.get("audio") or {}
+        given = audio.get("input") or {} if isinstance(audio, dict) else None
+        if not isinstance(given, dict):
+            raise EventError("session.audio.input must be an object.", "invalid_value", "session.audio.input")
+        changes: dict[str, Any] = {}
+        if "format" in given:
+            changes["rate"] = pcm_rate(given["format"])
+        if given.get("transcription") is not None:
+            asked = given["transcription"]
+            if not isinstance(asked, dict):
+                raise EventError("audio.input.transcription must be an object.", "invalid_value", "session.audio.input.transcription")
+            transcription = dict(self.transcription)
+            for name in ("model", "language", "prompt"):
+                if name in asked:
+                    if asked[name] is not None and not isinstance(asked[name], str):
+                        param = f"session.audio.input.transcription.{name}"
+                        raise EventError(f"transcription.{name} must be a string.", "invalid_value", param)
+                    transcription[name] = asked[name] or None
+            changes["transcription"] = transcription
+        if "turn_detection" in given:
+            changes["vad"] = server_vad(given["turn_detection"])
+        return replace(self, **changes)
