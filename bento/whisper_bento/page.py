@@ -214,8 +214,8 @@ def install(app: Any) -> None:
         import bentoml
 
         instance = bentoml.get_current_service()
-        served = getattr(instance, "served", None)
-        model = served.model_info if served is not None else None
+        primary = getattr(instance, "primary", None)  # the first model's slot, while it is loaded
+        model = primary.served.model_info if primary is not None else None
         return JSONResponse(document(instance.bento_service.openapi_spec.asdict(), model, str(request.base_url)))
 
 
