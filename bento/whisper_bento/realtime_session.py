@@ -143,6 +143,8 @@ class Session:
                 message = await asyncio.wait_for(self.ws.receive(), min(self.settings.idle_timeout_s, max(left, 0.001)))
             except asyncio.TimeoutError:
                 expired = time.time() >= self.expires_at
+                if not expired and self.finishing:  # quiet while it waits for text still owed: not idle
+                    continue
                 why = (
                     f"The session reached its {self.settings.max_session_s:g} s limit; open a new one."
                     if expired
