@@ -75,12 +75,15 @@ class Turn:
     final: Optional[asyncio.Future] = None
     _released: bool = False
 
-    def submit(self, audio: Any) -> asyncio.Future:
-        """Decode ``audio`` through the version's engine (raises Overloaded when it is full)."""
+    def submit(self, audio: Any, *, interim: bool = False) -> asyncio.Future:
+        """Decode ``audio`` through the version's engine (raises Overloaded when it is full). An
+        interim decode tries the first temperature only: its text is provisional, and a fallback
+        would take several passes on the audio of a word cut in half."""
         from mlflow_faster_whisper.engine import Ticket
 
         ticket = Ticket()
-        future = self.served.engine.submit(audio, self.options, ticket)
+        options = self.options.model_copy(update={"temperature": self.options.temperature[:1]}) if interim else self.options
+        future = self.served.engine.submit(audio, options, ticket)
         self.tickets = [t for t in self.tickets if t.decode_s is None] + [ticket]
         return asyncio.wrap_future(future)
 
@@ -370,7 +373,7 @@ class Session:
                 continue
             turn.decoded_to = end
             try:
-                result = await turn.submit(self.buffer.slice(turn.start, end))
+                result = await turn.submit(self.buffer.slice(turn.start, end), interim=True)
             except (Cancelled, Overloaded):
                 continue
             except Exception:
