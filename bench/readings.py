@@ -720,3 +720,53 @@ def field(r: dict[str, Any]) -> str:
 
 def _counts(counts: dict[str, int]) -> str:
     return ", ".join(f"{n} x {status}" for status, n in counts.items()) or "none"
+
+
+def multimodel(r: dict[str, Any]) -> str:
+    names = list(r["models"])
+    rps = r["throughput_rps"]
+    cold, swap = r["cold_load"], r["swap"]
+    memory_rows = [[name, mib(m["size_bytes"]), mib(m["estimate_bytes"]), mib(m.get("loaded_bytes")), mib(m.get("rss_growth_bytes"))]
+                   for name, m in cold["memory"].items()]
+    return "\n\n".join([
+        table(["service", "requests/s (median)", "range", "reps"],
+              [[mode, num(s["median"], 2), f"{num(s['min'], 2)} - {num(s['max'], 2)}", s["n"]] for mode, s in rps.items()]),
+        f"One service holding both over two single-model services: **{num(r['shared_over_separate'], 2)}x** the requests "
+        f"per second. Worker RSS: {mib(r['rss_bytes']['shared_worker'])} for the one service, "
+        f"{' + '.join(mib(b) for b in r['rss_bytes']['separate_workers'])} for the two.",
+        table(["first request to the model not preloaded", "warm request (median)", "its load (service's load_seconds)",
+               "worker RSS growth"],
+              [[sec(cold["first_request_s"]), sec(cold["warm_request_s"]["median"]), sec(cold["load_seconds"]),
+                mib(cold["worker_rss_growth_bytes"])]]),
+        table(["model", "artifact", "budget counts", "loaded (measured)", "RSS growth at its load"], memory_rows),
+        table(["budget", "request (median, alternating models)", "loads"],
+              [[label, sec(swap[label]["request_s"]["median"]), ", ".join(f"{n} {c}" for n, c in swap[label]["loads"].items())]
+               for label in ("holds_one", "holds_both")]),
+        f"**Reading.** {', '.join(names)} {r['compute_type']}, {r['clients']} clients each posting {r['clip']} to the "
+        "models in turn; the two modes interleaved in one run on the same machine. One service takes forward passes "
+        "in turn across its models' engines, where two services' engines compete for the same cores; a budget that "
+        f"holds one model makes every alternating request load the other (swap cost {sec(swap['swap_cost_s'])} a "
+        "request here), so size `memory_budget_bytes` for the models in use.",
+    ])
+
+
+def realtime(r: dict[str, Any]) -> str:
+    rows = []
+    for model, per in r["models"].items():
+        for mode in ("shared", "alone"):
+            m = per[mode]
+            top = m["levels"].get(str(m["max_streams"])) or m["levels"].get(m["max_streams"]) or {}
+            rows.append([model, "shared passes" if mode == "shared" else "one pass per window (batch_size=1)", m["max_streams"],
+                         sec(top.get("first_delta_p95_s")), sec(top.get("final_p95_s")),
+                         f"{num(m['wer_vs_file']['mean'], 3)} / {num(m['wer_vs_file']['max'], 3)}"])
+    ratios = ", ".join(f"{model} {num(per['streams_shared_over_alone'], 2)}x" for model, per in r["models"].items())
+    return "\n\n".join([
+        table(["model", "engine", "streams sustained", "first delta p95", "final text p95", "WER vs file (mean / max)"], rows),
+        f"Streams sustained, shared passes over one pass per window: {ratios}.",
+        f"**Reading.** Each stream sends {r['turn_speech_s']:g} s of speech ({r['turns_per_stream']} turns) at real-time pace "
+        f"over the realtime socket, server VAD cutting turns, interim decodes every 0.5 s; {r['cpu_threads'] or 'default'} "
+        f"CTranslate2 threads. A level is sustained when every turn completes, the final text comes at most "
+        f"{r['final_p95_bound_s']:g} s after its speech ends (p95) and the first delta at most "
+        f"{r['first_delta_p95_bound_s']:g} s after it starts (p95); levels rise until one is not. The word error compares "
+        "each live turn with the same service's file transcription of the same speech.",
+    ])

@@ -25,6 +25,8 @@ TITLES = {
     "field": "6b. Field faults: hostile and unlucky traffic, a killed worker, oversized uploads",
     "batch": "7. Batch transcription: a pyfunc loop vs whisper-registry transcribe, here and on Spark",
     "promotion": "8. Live promotion: alias move to the new version's first answer, and latency with a shadow",
+    "multimodel": "9. Several models in one service: throughput against one service per model, loads and swaps",
+    "realtime": "10. Live streams: concurrent real-time sessions, shared passes against one pass per window",
 }
 
 
@@ -170,6 +172,12 @@ def targets(sections: dict[str, Any]) -> list[list[Any]]:
         rows.append([f"Spark {batch['spark_master']} within {batch['target_spark_over_local_max']}x of local workers (one machine)",
                      num(batch["spark_over_local"], 2), status(batch["spark_over_local"] <= batch["target_spark_over_local_max"]),
                      batch.get("mode")])
+    live = sections.get("realtime") or {}
+    for model, per in (live.get("models") or {}).items():
+        v = per.get("streams_shared_over_alone")
+        rows.append([f"live streams sustained, shared passes >= 2x one pass per window ({model})",
+                     f"{num(v, 2)} ({per['shared']['max_streams']} vs {per['alone']['max_streams']})",
+                     status(v is not None and v >= 2.0), live.get("mode")])
     return rows
 
 

@@ -339,12 +339,12 @@ class Models:
                 self._make_room(entry)
                 served = self._load_version(entry)
             except Exception as exc:
-                _logger.error("The model %s could not be loaded: %s: %s", entry.name, type(exc).__name__, exc)
                 with self._cond:
                     entry.state, entry.error, entry.failed_at = "failed", _public_reason(exc), time.monotonic()
                     self._cond.notify_all()
-                if raise_errors:
+                if raise_errors:  # the start-up's: it says why in one line
                     raise
+                _logger.error("The model %s could not be loaded: %s: %s", entry.name, type(exc).__name__, exc)
                 return
             role = "primary" if entry.first else entry.name
             slot = Slot(role, served, entry.uri, served.model_info["source"], self.config, self._engine_options(entry))
