@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from bench import models
-from bench.common import BEAM_SIZE, log, ratio, summary
+from bench.common import BEAM_SIZE, log, ratio, summary, threads_wall
 from bench.costs import breakdown
 from bench.server import BentoServer, ServiceUnavailable, service_code_present, transcribe_http
 
@@ -97,31 +97,19 @@ def run(settings) -> dict[str, Any]:
         texts: list[str] = [""] * len(requests)
         latencies: list[float] = []
         shared: list[int] = []
-        errors: list[BaseException] = []
         barrier = threading.Barrier(clients)
 
         def client_loop(index: int) -> None:
-            try:
-                with httpx.Client(timeout=1800) as client:
-                    barrier.wait()
-                    for i in range(index, len(requests), clients):
-                        started = time.perf_counter()
-                        body = transcribe_http(client, server.url, requests[i].data, {**options(requests[i], detect), **extra})
-                        latencies.append(time.perf_counter() - started)
-                        shared.append(int(body.get("batch_size", 1)))
-                        texts[i] = body["text"]
-            except BaseException as exc:  # reported after the join
-                errors.append(exc)
+            with httpx.Client(timeout=1800) as client:
+                barrier.wait()
+                for i in range(index, len(requests), clients):
+                    started = time.perf_counter()
+                    body = transcribe_http(client, server.url, requests[i].data, {**options(requests[i], detect), **extra})
+                    latencies.append(time.perf_counter() - started)
+                    shared.append(int(body.get("batch_size", 1)))
+                    texts[i] = body["text"]
 
-        threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(clients)]
-        started = time.perf_counter()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        wall = time.perf_counter() - started
-        if errors:
-            raise errors[0]
+        wall = threads_wall(client_loop, clients)
         return {"texts": texts, "wall": wall, "latency": summary(latencies), "max_requests_per_pass": max(shared)}
 
     def timed(fn, *args, **kwargs) -> tuple[float, Any]:

@@ -15,14 +15,13 @@ memory per loaded model.
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import Any
 
 import httpx
 
 from bench import models
-from bench.common import log, ratio, summary
+from bench.common import log, ratio, summary, threads_wall
 from bench.server import BentoServer, ServiceUnavailable, service_code_present
 from devkit import real
 
@@ -119,27 +118,14 @@ def _cold_load(server: BentoServer, names: list[str], clip: bytes) -> dict[str, 
 def _throughput(targets: list[tuple[str, str | None]], clip: bytes, per_client: int) -> float:
     """Requests per second of ``CLIENTS`` clients, each sending ``per_client`` requests to the
     targets in turn (client i starts at target i mod n)."""
-    errors: list[str] = []
 
     def client(index: int) -> None:
         with httpx.Client(timeout=600) as http:
             for k in range(per_client):
                 url, model = targets[(index + k) % len(targets)]
-                try:
-                    _post(http, url, clip, model)
-                except Exception as exc:
-                    errors.append(str(exc))
+                _post(http, url, clip, model)
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(CLIENTS)]
-    started = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - started
-    if errors:
-        raise RuntimeError(f"{len(errors)} failed requests: {errors[0]}")
-    return CLIENTS * per_client / elapsed
+    return CLIENTS * per_client / threads_wall(client, CLIENTS)
 
 
 def _swaps(settings, uris: list[str], names: list[str], clip: bytes, logged: list) -> dict[str, Any]:

@@ -105,19 +105,10 @@ def _ramp(url: str, speech: np.ndarray, turns: int, levels: tuple[int, ...]) -> 
 def _wer(url: str, speech: np.ndarray, texts: list[str]) -> dict[str, Any]:
     """Each live turn's text against the file transcription of its speech (one turn may come in
     two pieces where server VAD cut it: their texts are joined)."""
-    import io
-    import wave
-
     from whisper_registry.normalize import normalizer_for
 
-    out = io.BytesIO()
-    with wave.open(out, "wb") as f:
-        f.setnchannels(1)
-        f.setsampwidth(2)
-        f.setframerate(16000)
-        f.writeframes(speech.tobytes())
     response = httpx.post(
-        f"{url}/transcribe", files={"file": ("turn.wav", out.getvalue(), "audio/wav")}, data={"language": "en"}, timeout=300
+        f"{url}/transcribe", files={"file": ("turn.wav", audio.pcm16_wav_bytes(speech), "audio/wav")}, data={"language": "en"}, timeout=300
     )
     response.raise_for_status()
     normalize = normalizer_for("en")

@@ -24,7 +24,7 @@ import time
 from typing import Any
 
 from bench import models
-from bench.common import REPO, TRACKING_DB, WORK, decoding_for, log, ratio, summary
+from bench.common import REPO, TRACKING_DB, WORK, decoding_for, log, ratio, summary, threads_wall
 from bench.server import BentoServer, ServiceUnavailable, service_args, service_code_present, transcribe_http
 from devkit.processes import mlflow_server
 
@@ -168,26 +168,16 @@ def _rss_growth(server: BentoServer, checkpoints: tuple[int, ...]) -> dict[str, 
         remaining = target - sent
         counter = iter(range(remaining))
         lock = threading.Lock()
-        errors: list[BaseException] = []
 
-        def client_loop() -> None:
-            try:
-                with httpx.Client(timeout=600) as client:
-                    while True:
-                        with lock:
-                            if next(counter, None) is None:
-                                return
-                        transcribe_http(client, server.url, data, options)
-            except BaseException as exc:
-                errors.append(exc)
+        def client_loop(_: int, counter=counter, lock=lock) -> None:
+            with httpx.Client(timeout=600) as client:
+                while True:
+                    with lock:
+                        if next(counter, None) is None:
+                            return
+                    transcribe_http(client, server.url, data, options)
 
-        threads = [threading.Thread(target=client_loop) for _ in range(min(RSS_CLIENTS, remaining))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        if errors:
-            raise errors[0]
+        threads_wall(client_loop, min(RSS_CLIENTS, remaining))
         sent = target
         rss = server.rss()
         samples.append({"requests": sent, "elapsed_s": round(time.perf_counter() - started, 1),

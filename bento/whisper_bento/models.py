@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import bentoml
 
+from mlflow_faster_whisper import devices
 from whisper_bento import auth, metrics, model_ref
 from whisper_bento.errors import ApiError
 from whisper_bento.slots import Served, Slot, load_primary
@@ -68,27 +69,10 @@ def _weight_bytes(compute_type: str | None) -> int | None:
 def default_budget_bytes(device: str) -> int:
     """The memory the models may take together on ``device`` ("cpu" or "cuda") by default."""
     if device == "cuda":
-        total = _gpu_memory_bytes()
-        if total:
-            return int(total * GPU_BUDGET_SHARE)
+        memory = devices.gpu_memory_bytes(0)
+        if memory:
+            return int(memory[0] * GPU_BUDGET_SHARE)
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * CPU_BUDGET_SHARE)
-
-
-def _gpu_memory_bytes() -> int | None:
-    import ctypes
-
-    from mlflow_faster_whisper.devices import _nvml_session
-
-    class Memory(ctypes.Structure):
-        _fields_ = [("total", ctypes.c_ulonglong), ("free", ctypes.c_ulonglong), ("used", ctypes.c_ulonglong)]
-
-    with _nvml_session() as nvml:
-        if nvml is None:
-            return None
-        handle, memory = ctypes.c_void_p(), Memory()
-        if nvml.nvmlDeviceGetHandleByIndex_v2(0, ctypes.byref(handle)) or nvml.nvmlDeviceGetMemoryInfo(handle, ctypes.byref(memory)):
-            return None
-        return int(memory.total)
 
 
 def _public_reason(exc: BaseException) -> str:

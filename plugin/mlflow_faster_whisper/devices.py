@@ -246,8 +246,8 @@ def _nvml_session() -> Iterator[Optional[ctypes.CDLL]]:
         nvml.nvmlShutdown()
 
 
-def gpu_memory_used_mib(index: int = 0) -> Optional[float]:
-    """Memory in use on GPU ``index`` (all processes), from NVML; None without an NVIDIA driver."""
+def gpu_memory_bytes(index: int = 0) -> Optional[tuple[int, int]]:
+    """(total, in use by all processes) bytes of GPU ``index``, from NVML; None without an NVIDIA driver."""
 
     class Memory(ctypes.Structure):
         _fields_ = [("total", ctypes.c_ulonglong), ("free", ctypes.c_ulonglong), ("used", ctypes.c_ulonglong)]
@@ -258,7 +258,13 @@ def gpu_memory_used_mib(index: int = 0) -> Optional[float]:
         handle, memory = ctypes.c_void_p(), Memory()
         if nvml.nvmlDeviceGetHandleByIndex_v2(index, ctypes.byref(handle)) or nvml.nvmlDeviceGetMemoryInfo(handle, ctypes.byref(memory)):
             return None
-        return memory.used / 2**20
+        return int(memory.total), int(memory.used)
+
+
+def gpu_memory_used_mib(index: int = 0) -> Optional[float]:
+    """Memory in use on GPU ``index`` (all processes); None without an NVIDIA driver."""
+    memory = gpu_memory_bytes(index)
+    return None if memory is None else memory[1] / 2**20
 
 
 def _nvml() -> tuple[Optional[str], list[str]]:

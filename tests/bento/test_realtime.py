@@ -10,13 +10,11 @@ expected equal; the bound allows a pass shared with other windows to round diffe
 from __future__ import annotations
 
 import base64
-import io
 import json
 import queue
 import re
 import threading
 import time
-import wave
 
 import jiwer
 import numpy as np
@@ -86,20 +84,11 @@ def resample(samples: np.ndarray, rate: int) -> np.ndarray:
     return np.concatenate(out).astype("<i2")
 
 
-def wav_bytes(pcm: np.ndarray, rate: int) -> bytes:
-    out = io.BytesIO()
-    with wave.open(out, "wb") as f:
-        f.setnchannels(1)
-        f.setsampwidth(2)
-        f.setframerate(rate)
-        f.writeframes(pcm.tobytes())
-    return out.getvalue()
-
-
 def file_text(http, pcm: np.ndarray, rate: int, start_ms: int, end_ms: int) -> str:
     """The file transcription of the samples a turn holds, with the session's options."""
     piece = pcm[start_ms * rate // 1000 : end_ms * rate // 1000]
-    response = http.post("/transcribe", files={"file": ("turn.wav", wav_bytes(piece, rate), "audio/wav")}, data={"language": "en"})
+    upload = {"file": ("turn.wav", wav.pcm16_wav_bytes(piece, rate), "audio/wav")}
+    response = http.post("/transcribe", files=upload, data={"language": "en"})
     assert response.status_code == 200, response.text
     return response.json()["text"]
 

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import io
-import wave
 
 import numpy as np
 import pytest
@@ -61,13 +60,7 @@ def test_pcm_at_24khz_is_resampled_as_a_file_is(two_sentences):
     from faster_whisper.audio import decode_audio
 
     pcm16k = (two_sentences * 32767).round().astype("<i2")
-    out = io.BytesIO()
-    with wave.open(out, "wb") as f:
-        f.setnchannels(1)
-        f.setsampwidth(2)
-        f.setframerate(16000)
-        f.writeframes(pcm16k.tobytes())
-    at24k = (decode_audio(io.BytesIO(out.getvalue()), sampling_rate=24000) * 32768).round().astype("<i2")
+    at24k = (decode_audio(io.BytesIO(wav.pcm16_wav_bytes(pcm16k)), sampling_rate=24000) * 32768).round().astype("<i2")
     with pytest.raises(ValueError, match="24000 or 16000"):
         Pcm16(44100)
     streamed = Pcm16(24000)

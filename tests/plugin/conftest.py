@@ -57,16 +57,9 @@ def non_whisper_checkpoint():
 @pytest.fixture(scope="session")
 def wav_bytes() -> bytes:
     """One second of a 440 Hz tone as a 16-bit mono wav file."""
-    import io
-    import wave
-
     import numpy as np
 
+    from devkit.audio import pcm16_wav_bytes
+
     samples = (0.1 * np.sin(2 * np.pi * 440 * np.arange(16000) / 16000) * 32767).astype(np.int16)
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(16000)
-        w.writeframes(samples.tobytes())
-    return buffer.getvalue()
+    return pcm16_wav_bytes(samples)
