@@ -35,6 +35,7 @@ _logger = logging.getLogger(__name__)
 
 CLOSE_TRY_LATER, CLOSE_POLICY = 1013, 1008
 _MIN_INTERIM_S = 0.5  # a shorter turn is not worth an interim decode
+_INTERIM_TICK_S = 0.05  # how often the open turn's audio is looked at for a due interim decode
 _MIN_COMMIT_MS = 100  # OpenAI's smallest committed buffer
 
 
@@ -361,17 +362,19 @@ class Session:
         the words two successive decodes agree on."""
         loop = asyncio.get_running_loop()
         interval = self.settings.partial_interval_s
-        next_at = loop.time() + interval
+        last_started = -interval
         while True:
-            await asyncio.sleep(max(next_at - loop.time(), 0))
-            next_at = loop.time() + interval
+            # Due by the audio, not by a clock of its own: the first decode as soon as the turn
+            # holds _MIN_INTERIM_S, the next once it grew by an interval (and an interval later).
+            await asyncio.sleep(min(interval, _INTERIM_TICK_S))
             turn = self.open
             if turn is None:
                 continue
             end = self.buffer.end
-            if end - turn.start < _MIN_INTERIM_S * SAMPLE_RATE or end <= turn.decoded_to:
+            due = turn.decoded_to + interval * SAMPLE_RATE if turn.decoded_to else turn.start + _MIN_INTERIM_S * SAMPLE_RATE
+            if end < due or loop.time() - last_started < interval:
                 continue
-            turn.decoded_to = end
+            turn.decoded_to, last_started = end, loop.time()
             try:
                 result = await turn.submit(self.buffer.slice(turn.start, end), interim=True)
             except (Cancelled, Overloaded):
