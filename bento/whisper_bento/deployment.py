@@ -79,7 +79,8 @@ def target_help() -> str:
   mlflow deployments create -t bentoml --name NAME -m models:/MODEL@ALIAS [-C key=value ...]
       builds a self-contained bento of the version the URI names and starts `bentoml serve` on it
       in the background; returns once it answers. State and log: ${HOME_ENV}/NAME
-      (default ~/.whisper-bento/deployments/NAME).
+      (default ~/.whisper-bento/deployments/NAME). -C models=URI,URI serves several models from
+      one service (the -m model first); the bento carries each.
   mlflow deployments update -t bentoml --name NAME -m models:/MODEL/VERSION
       moves the running service to another version with no failed request (loaded and warmed
       beside the served one, swapped between requests); an alias URI is then followed.

@@ -23,6 +23,7 @@ from devkit.processes import ServerProcess, free_port
 pytestmark = [pytest.mark.real_weights, pytest.mark.server]
 
 NAME = "tiny-deploy"
+OTHER = "tiny-other"
 
 
 class _NotWhisper(mlflow.pyfunc.PythonModel):
@@ -51,6 +52,8 @@ def test_deployments_cli_create_predict_update_delete(tmp_path, whisper_tiny_en_
             mfw.log_model(str(whisper_tiny_en_ct2), name="model", registered_model_name=NAME, decoding={"beam_size": 1})
         with mlflow.start_run():
             mlflow.pyfunc.log_model(name="model", python_model=_NotWhisper(), registered_model_name="not-whisper")
+        with mlflow.start_run():  # a second registered model, for a deployment serving several
+            mfw.log_model(str(whisper_tiny_en_ct2), name="model", registered_model_name=OTHER, decoding={"beam_size": 1})
         hello = next(c for c in speech_clips if c.name == "hello_world").path
         expected = mlflow.pyfunc.load_model(f"models:/{NAME}/1").predict({"audio": [hello.read_bytes()]})[0]
     finally:
@@ -159,17 +162,23 @@ def test_deployments_cli_create_predict_update_delete(tmp_path, whisper_tiny_en_
     assert cli("delete", "--name", "asr").returncode == 0  # idempotent
     assert not list((tmp_path / "bentoml" / "bentos").glob("whisper/asr-*"))
 
-    # run-local serves in the foreground until stopped.
+    # run-local serves in the foreground until stopped; -C models=... serves several models.
     port = free_port()
     local = ServerProcess([sys.executable, "-m", "mlflow", "deployments", "run-local", "-t", "bentoml", "--name", "dev",
-                           "-m", f"models:/{NAME}/1", "-C", f"port={port}", "-C", "compute_type=int8"],
+                           "-m", f"models:/{NAME}/1", "-C", f"port={port}", "-C", "compute_type=int8",
+                           "-C", f"models=models:/{NAME}/1,models:/{OTHER}/1"],
                           ready_url=f"http://127.0.0.1:{port}/readyz", log_path=tmp_path / "run-local.log",
                           env=env, cwd=tmp_path, timeout_s=180)
     with local:
         import httpx
 
-        info = httpx.get(f"http://127.0.0.1:{port}/info", timeout=30).json()
+        url = f"http://127.0.0.1:{port}"
+        info = httpx.get(f"{url}/info", timeout=30).json()
         assert info["model"]["version"] == "1" and info["follow"]["why"] == f"pinned: models:/{NAME}/1 names one version"
+        assert [m["name"] for m in info["models"]] == [NAME, OTHER], info["models"]
+        other = httpx.post(f"{url}/v1/audio/transcriptions", data={"model": OTHER},
+                           files={"file": ("hello.wav", hello.read_bytes(), "audio/wav")}, timeout=300)
+        assert other.status_code == 200 and other.headers["x-whisper-model"] == OTHER, other.text
     assert not (home / "dev").exists()  # nothing managed: run-local keeps no state
 
 
