@@ -120,18 +120,24 @@ def kill_when_in_store(proc, database: Path, query: str, params: tuple = (), tim
     """SIGKILL ``proc`` the moment ``query`` (a count over the sqlite store) finds a row.
 
     Each look is made holding the database's write lock (BEGIN EXCLUSIVE), and the kill happens
-    before it is let go: the process cannot have written anything after the row the test saw, so
-    the kill lands exactly there. Returns False if the process ended first.
+    before it is let go: the process cannot have written anything after the row the test saw.
+    The lock is asked for again at once when the process holds it, not through sqlite's busy
+    handler, whose sleeps (up to 100 ms) would let the process write several transactions past
+    the row before the next look. Returns False if the process ended first.
     """
     import signal
     import sqlite3
     import time
 
     deadline = time.monotonic() + timeout_s  # a failure bound only
-    db = sqlite3.connect(database, timeout=60, isolation_level=None)
+    db = sqlite3.connect(database, timeout=0, isolation_level=None)
     try:
         while proc.poll() is None and time.monotonic() < deadline:
-            db.execute("BEGIN EXCLUSIVE")
+            try:
+                db.execute("BEGIN EXCLUSIVE")
+            except sqlite3.OperationalError:  # the process holds the lock: look again once it lets go
+                time.sleep(0.0002)
+                continue
             try:
                 if db.execute(query, params).fetchone()[0]:
                     proc.send_signal(signal.SIGKILL)
@@ -139,7 +145,7 @@ def kill_when_in_store(proc, database: Path, query: str, params: tuple = (), tim
                     return True
             finally:
                 db.execute("ROLLBACK")
-            time.sleep(0.002)  # let the process reach the database between looks
+            time.sleep(0.0002)  # let the process reach the database between looks
         return False
     finally:
         db.close()

@@ -125,7 +125,12 @@ def test_a_registration_killed_as_its_version_appears_leaves_it_complete_and_the
     mlflow_store, tiny_whisper_hf, tmp_path
 ):
     """SIGKILL the moment the version row exists: the version already has every tag, and the next
-    registration on this host ends the dead one's RUNNING run as KILLED."""
+    registration on this host ends the dead one's RUNNING run as KILLED.
+
+    The kill lands at the first look that finds the row; the few writes that follow it (the
+    description, the run's tags and end) take milliseconds, so a process descheduled watcher may
+    look only once the run has ended: then the version must be complete all the same, and there
+    is no dead run to end (the logging test below kills deterministically mid-run)."""
     command = _register_command(tiny_whisper_hf, "killed")
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     database = tmp_path / "mlflow.db"
@@ -134,10 +139,11 @@ def test_a_registration_killed_as_its_version_appears_leaves_it_complete_and_the
     client = MlflowClient()
     [mv] = client.search_model_versions("name='killed'")
     _assert_complete(mv)
-    assert list(_register_runs(client).values()) == ["RUNNING"]  # killed mid-run
+    killed = list(_register_runs(client).values())
+    assert killed in (["RUNNING"], ["FINISHED"]), killed  # killed mid-run, or just after it ended
 
     register(tiny_whisper_hf, "killed", ["int8"])
-    assert sorted(_register_runs(client).values()) == ["FINISHED", "KILLED"]
+    assert sorted(_register_runs(client).values()) == (["FINISHED", "KILLED"] if killed == ["RUNNING"] else ["FINISHED", "FINISHED"])
     found = client.search_model_versions("name='killed'")
     assert sorted(str(v.version) for v in found) == ["1", "2"]
     for mv in found:
