@@ -107,9 +107,8 @@ def _wer(url: str, speech: np.ndarray, texts: list[str]) -> dict[str, Any]:
     two pieces where server VAD cut it: their texts are joined)."""
     from whisper_registry.normalize import normalizer_for
 
-    response = httpx.post(
-        f"{url}/transcribe", files={"file": ("turn.wav", audio.pcm16_wav_bytes(speech), "audio/wav")}, data={"language": "en"}, timeout=300
-    )
+    upload = {"file": ("turn.wav", audio.pcm16_wav_bytes(speech), "audio/wav")}
+    response = httpx.post(f"{url}/transcribe", files=upload, data={"language": "en"}, timeout=300)
     response.raise_for_status()
     normalize = normalizer_for("en")
     reference = normalize(response.json()["text"])

@@ -169,7 +169,7 @@ def _rss_growth(server: BentoServer, checkpoints: tuple[int, ...]) -> dict[str, 
         counter = iter(range(remaining))
         lock = threading.Lock()
 
-        def client_loop(_: int, counter=counter, lock=lock) -> None:
+        def client_loop(_: int) -> None:  # run by threads_wall before the next checkpoint
             with httpx.Client(timeout=600) as client:
                 while True:
                     with lock:

@@ -70,11 +70,14 @@ class Turn:
     served: Served
     options: DecodingOptions
     end: Optional[int] = None
-    decoded_to: int = 0  # the turn's end at its last interim decode
+    interim_due: int = 0  # the sample the turn's audio must reach for its next interim decode
     agreement: Agreement = field(default_factory=Agreement)
     tickets: list[Ticket] = field(default_factory=list)
     final: Optional[asyncio.Future] = None
     _released: bool = False
+
+    def __post_init__(self) -> None:
+        self.interim_due = self.start + int(_MIN_INTERIM_S * SAMPLE_RATE)
 
     def submit(self, audio: Any, *, interim: bool = False) -> asyncio.Future:
         """Decode ``audio`` through the version's engine (raises Overloaded when it is full). An
@@ -371,10 +374,9 @@ class Session:
             if turn is None:
                 continue
             end = self.buffer.end
-            due = turn.decoded_to + interval * SAMPLE_RATE if turn.decoded_to else turn.start + _MIN_INTERIM_S * SAMPLE_RATE
-            if end < due or loop.time() - last_started < interval:
+            if end < turn.interim_due or loop.time() - last_started < interval:
                 continue
-            turn.decoded_to, last_started = end, loop.time()
+            turn.interim_due, last_started = end + int(interval * SAMPLE_RATE), loop.time()
             try:
                 result = await turn.submit(self.buffer.slice(turn.start, end), interim=True)
             except (Cancelled, Overloaded):
